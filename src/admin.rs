@@ -1,0 +1,281 @@
+//! Admin queries (device list, image list, image export) and the local admin
+//! endpoint that serves them while `serve` holds the database.
+//!
+//! redb admits one process at a time, so a running gateway answers on a Unix
+//! socket (`<data_dir>/admin.sock`, mode 0600); when no gateway runs, the
+//! CLI opens the database itself. Both paths run the same query functions.
+
+use crate::protocol::normalize_device_id;
+use crate::store::{CaptureRecord, DeviceRecord, Store, StoreError};
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::warn;
+
+pub const SOCKET_NAME: &str = "admin.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no complete image {name:?} from device {device}")]
+    NoSuchImage { device: String, name: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("admin socket {path}: {source}")]
+    Socket {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the running gateway answered: {0}")]
+    Remote(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    DeviceList,
+    ImageList { device: Option<String> },
+    ImageExport { device: String, name: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceView {
+    pub mac: String,
+    pub dialect: String,
+    pub site: Option<String>,
+    pub location: Option<String>,
+    pub firmware_version: Option<String>,
+    pub status: String,
+    pub registered_at: DateTime<Utc>,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub next_wake: Option<DateTime<Utc>>,
+    pub battery: Option<f64>,
+    pub pending_reported: u32,
+    pub cert_serial: Option<String>,
+}
+
+impl From<&DeviceRecord> for DeviceView {
+    fn from(d: &DeviceRecord) -> Self {
+        DeviceView {
+            mac: d.mac.clone(),
+            dialect: d.dialect.to_string(),
+            site: d.site.clone(),
+            location: d.location.clone(),
+            firmware_version: d.firmware_version.clone(),
+            status: d.status.clone(),
+            registered_at: d.registered_at,
+            last_seen: d.last_seen,
+            next_wake: d.next_wake,
+            battery: d.battery,
+            pending_reported: d.pending_reported,
+            cert_serial: d.cert_serial.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageView {
+    pub device: String,
+    pub image_name: String,
+    pub version: u32,
+    pub capture_id: u64,
+    pub size: u32,
+    pub sha256: String,
+    pub captured_at: Option<DateTime<Utc>>,
+    pub received_at: DateTime<Utc>,
+    pub acked_at: Option<DateTime<Utc>>,
+    pub origin: String,
+    pub retries: u32,
+}
+
+impl From<&CaptureRecord> for ImageView {
+    fn from(c: &CaptureRecord) -> Self {
+        ImageView {
+            device: c.mac.clone(),
+            image_name: c.image_name.clone(),
+            version: c.version,
+            capture_id: c.id,
+            size: c.image_size().unwrap_or(0),
+            sha256: c.sha256.clone().unwrap_or_default(),
+            captured_at: c.device_time,
+            received_at: c.first_seen_at,
+            acked_at: c.acked_at,
+            origin: match c.origin {
+                crate::store::Origin::Current => "current".into(),
+                crate::store::Origin::Recovery => "recovery".into(),
+            },
+            retries: c.retries,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Exported {
+    pub image: ImageView,
+    /// base64 over the socket; decoded by the client.
+    pub data: String,
+}
+
+fn mac_arg(s: &str) -> Result<String, AdminError> {
+    normalize_device_id(s).map_err(|e| AdminError::Invalid(e.to_string()))
+}
+
+pub fn device_list(store: &Store) -> Result<Vec<DeviceView>, AdminError> {
+    Ok(store.devices()?.iter().map(DeviceView::from).collect())
+}
+
+pub fn image_list(store: &Store, device: Option<&str>) -> Result<Vec<ImageView>, AdminError> {
+    let mac = device.map(mac_arg).transpose()?;
+    Ok(store
+        .images(mac.as_deref())?
+        .iter()
+        .map(ImageView::from)
+        .collect())
+}
+
+pub fn image_export(
+    store: &Store,
+    device: &str,
+    name: &str,
+) -> Result<(ImageView, Vec<u8>), AdminError> {
+    let mac = mac_arg(device)?;
+    let not_found = || AdminError::NoSuchImage {
+        device: mac.clone(),
+        name: name.to_string(),
+    };
+    let cap = store
+        .images(Some(&mac))?
+        .into_iter()
+        .rev()
+        .find(|c| c.image_name == name)
+        .ok_or_else(not_found)?;
+    let bytes = store.image_bytes(cap.id)?.ok_or_else(not_found)?;
+    Ok((ImageView::from(&cap), bytes))
+}
+
+/// Answers one request against the store, as JSON.
+pub fn answer(store: &Store, req: &Request) -> serde_json::Value {
+    let r: Result<serde_json::Value, AdminError> = match req {
+        Request::DeviceList => device_list(store).map(|v| serde_json::json!(v)),
+        Request::ImageList { device } => {
+            image_list(store, device.as_deref()).map(|v| serde_json::json!(v))
+        }
+        Request::ImageExport { device, name } => {
+            image_export(store, device, name).map(|(image, bytes)| {
+                serde_json::json!(Exported {
+                    image,
+                    data: base64::engine::general_purpose::STANDARD.encode(bytes),
+                })
+            })
+        }
+    };
+    match r {
+        Ok(data) => serde_json::json!({"ok": true, "data": data}),
+        Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+    }
+}
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(SOCKET_NAME)
+}
+
+/// Binds the admin socket with 0600 permissions, replacing a stale one.
+pub fn bind(data_dir: &Path) -> Result<UnixListener, AdminError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = socket_path(data_dir);
+    let err = |source| AdminError::Socket {
+        path: path.display().to_string(),
+        source,
+    };
+    let _ = std::fs::remove_file(&path);
+    // Restrictive umask window: the socket is never world-accessible.
+    let listener = UnixListener::bind(&path).map_err(err)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves requests, one JSON line in, one JSON line out, until shutdown.
+pub async fn serve(
+    listener: UnixListener,
+    store: Arc<Store>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let sock = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => { warn!(error = %e, "admin accept failed"); continue; }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let store = store.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = sock.into_split();
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let resp = match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => {
+                        let store = store.clone();
+                        tokio::task::spawn_blocking(move || answer(&store, &req))
+                            .await
+                            .unwrap_or_else(
+                                |e| serde_json::json!({"ok": false, "error": e.to_string()}),
+                            )
+                    }
+                    Err(e) => {
+                        serde_json::json!({"ok": false, "error": format!("bad request: {e}")})
+                    }
+                };
+                let mut out = resp.to_string();
+                out.push('\n');
+                if w.write_all(out.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Sends one request to a running gateway. `Ok(None)` when none is running.
+pub async fn remote(
+    data_dir: &Path,
+    req: &Request,
+) -> Result<Option<serde_json::Value>, AdminError> {
+    let path = socket_path(data_dir);
+    let err = |source| AdminError::Socket {
+        path: path.display().to_string(),
+        source,
+    };
+    let sock = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(err(e)),
+    };
+    let (r, mut w) = sock.into_split();
+    let mut line = serde_json::to_string(req).map_err(|e| AdminError::Invalid(e.to_string()))?;
+    line.push('\n');
+    w.write_all(line.as_bytes()).await.map_err(err)?;
+    let mut lines = BufReader::new(r).lines();
+    let resp = lines.next_line().await.map_err(err)?.unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&resp)
+        .map_err(|e| AdminError::Remote(format!("unreadable answer: {e}")))?;
+    if v["ok"].as_bool() == Some(true) {
+        Ok(Some(v["data"].clone()))
+    } else {
+        Err(AdminError::Remote(
+            v["error"].as_str().unwrap_or("unknown error").to_string(),
+        ))
+    }
+}

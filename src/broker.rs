@@ -1,0 +1,179 @@
+//! The embedded rumqttd broker and the ingest loop on its local link.
+//!
+//! rumqttd listens on loopback only; devices reach it through the gateway's
+//! front (`front`). The ingest subscribes to both dialects' device topics
+//! through a local link (in-process, no polling) and honours the link
+//! contract: on `Notification::Unschedule` it calls `ready()`, or the router
+//! would stop forwarding.
+
+use crate::clock::SharedClock;
+use crate::config::MqttConfig;
+use crate::ingest::{Engine, IngestError};
+use rumqttd::local::{LinkError, LinkRx, LinkTx};
+use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings};
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{error, info};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot reserve a loopback port for the embedded broker: {0}")]
+    Port(std::io::Error),
+    #[error("embedded broker link: {0}")]
+    Link(#[from] LinkError),
+    #[error("cannot start the broker thread: {0}")]
+    Thread(std::io::Error),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+}
+
+/// The topic filters the ingest consumes: both dialects, every channel, so
+/// that publishes to unknown topics are seen (and counted) too.
+pub const INGEST_FILTERS: [&str; 2] = ["ESP32CAM/#", "device/#"];
+
+pub struct EmbeddedBroker {
+    /// Where the broker listens (loopback).
+    pub addr: SocketAddr,
+    pub link_tx: LinkTx,
+    pub link_rx: LinkRx,
+}
+
+fn free_loopback_port() -> Result<SocketAddr, BrokerError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(BrokerError::Port)?;
+    l.local_addr().map_err(BrokerError::Port)
+}
+
+/// Starts rumqttd on a loopback port, on its own threads, and returns the
+/// ingest's local link, already subscribed. `auth_secret`, when given, is
+/// the password every MQTT connection must present (the front supplies it).
+pub fn start(cfg: &MqttConfig, auth_secret: Option<String>) -> Result<EmbeddedBroker, BrokerError> {
+    let addr = free_loopback_port()?;
+    let mut connections = ConnectionSettings {
+        connection_timeout_ms: 60_000,
+        max_payload_size: cfg.max_payload_size,
+        max_inflight_count: 100,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: false,
+    };
+    if let Some(secret) = auth_secret {
+        connections.set_auth_handler(move |_client_id, _user, pass| {
+            let ok = pass == secret;
+            async move { ok }
+        });
+    }
+    let server = ServerSettings {
+        name: "barngate-loopback".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: cfg.max_connections + 16,
+            max_outgoing_packet_count: 200,
+            max_segment_size: cfg.segment_size,
+            max_segment_count: cfg.segment_count,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("loopback".to_string(), server)])),
+        ..Default::default()
+    };
+    let mut broker = Broker::new(config);
+    let (mut link_tx, link_rx) = broker.link("barngate-ingest")?;
+    for f in INGEST_FILTERS {
+        link_tx.subscribe(f)?;
+    }
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                error!(error = %e, "embedded broker stopped");
+            }
+        })
+        .map_err(BrokerError::Thread)?;
+    // The listener binds on the broker thread; wait until it accepts.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+        if Instant::now() > deadline {
+            return Err(BrokerError::Port(std::io::Error::other(format!(
+                "broker did not start listening on {addr}"
+            ))));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    info!(%addr, "embedded broker listening on loopback");
+    Ok(EmbeddedBroker {
+        addr,
+        link_tx,
+        link_rx,
+    })
+}
+
+/// Most messages handled between two commits.
+const MAX_BATCH: usize = 4096;
+
+/// The ingest loop (blocking; run it on its own thread): feeds the engine,
+/// ticks its timers, commits, then publishes what the commit allowed.
+pub fn run_ingest(
+    mut engine: Engine,
+    mut tx: LinkTx,
+    mut rx: LinkRx,
+    clock: SharedClock,
+    stop: Arc<AtomicBool>,
+) -> Result<(), BrokerError> {
+    let tick_every = Duration::from_millis(50);
+    let mut last_tick = Instant::now();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            let out = engine.commit(clock.now())?;
+            for p in out {
+                tx.publish(p.topic, p.payload)?;
+            }
+            return Ok(());
+        }
+        let mut n = 0;
+        let first_deadline = Instant::now() + Duration::from_millis(20);
+        while n < MAX_BATCH {
+            let deadline = if n == 0 {
+                first_deadline
+            } else {
+                Instant::now()
+            };
+            match rx.recv_deadline(deadline) {
+                Ok(Some(Notification::Forward(f))) => {
+                    n += 1;
+                    match std::str::from_utf8(&f.publish.topic) {
+                        Ok(topic) => engine.handle(topic, &f.publish.payload, clock.now()),
+                        Err(_) => engine.reject_topic_bytes(),
+                    }
+                }
+                Ok(Some(Notification::Unschedule)) => rx.ready()?,
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    if n > 0 || Instant::now() >= first_deadline {
+                        break;
+                    }
+                }
+                Err(LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if last_tick.elapsed() >= tick_every {
+            engine.tick(clock.now());
+            last_tick = Instant::now();
+        }
+        if engine.wants_commit() {
+            for p in engine.commit(clock.now())? {
+                tx.publish(p.topic, p.payload)?;
+            }
+        }
+    }
+}

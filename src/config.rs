@@ -1,0 +1,301 @@
+//! The gateway's one TOML configuration file: one struct per section, a
+//! compiled-in default for every key, validation that names the bad key.
+//! `config/barngate.toml` is the commented template (`barngate configfile`).
+
+use crate::protocol::Dialect;
+use chrono::NaiveTime;
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// The commented template, identical to `config/barngate.toml`.
+pub const TEMPLATE: &str = include_str!("../config/barngate.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub site: SiteConfig,
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub ingest: IngestConfig,
+    pub schedule: ScheduleConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SiteConfig {
+    /// Site identifier, used upstream.
+    pub id: String,
+    /// IANA time zone for `5:30PM` wake times and schedules; empty = the system's.
+    pub timezone: String,
+    /// Dialect for devices the registry does not pin.
+    pub default_dialect: Dialect,
+    /// Register unknown devices on first contact.
+    pub auto_register: bool,
+}
+
+impl Default for SiteConfig {
+    fn default() -> Self {
+        SiteConfig {
+            id: "site-1".into(),
+            timezone: String::new(),
+            default_dialect: Dialect::Firmware,
+            auto_register: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Where devices connect.
+    pub listen: SocketAddr,
+    /// Largest MQTT packet accepted from a device, in bytes.
+    pub max_payload_size: usize,
+    /// Most simultaneous device connections.
+    pub max_connections: usize,
+    /// Broker in-memory log per topic filter: segment size (bytes) and count.
+    pub segment_size: usize,
+    pub segment_count: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            listen: "0.0.0.0:1883".parse().expect("valid default"),
+            max_payload_size: 256 * 1024,
+            max_connections: 12_000,
+            segment_size: 4 * 1024 * 1024,
+            segment_count: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Dashboard, /metrics and /healthz.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:8080".parse().expect("valid default"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Quiet time on a stream after which missing chunks are requested.
+    pub quiet_gap_ms: u64,
+    /// Longest wait for a round of chunks before requesting what is missing.
+    pub hard_timeout_s: u64,
+    /// Rounds of `missing_chunks` before a capture is `failed`.
+    pub retry_limit: u32,
+    /// Devices allowed to stream an image at once (back-pressure).
+    pub max_streaming: usize,
+    /// Largest image accepted, in bytes.
+    pub max_image_size: u32,
+    /// Longest time received chunks wait in memory before a commit.
+    pub commit_interval_ms: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            quiet_gap_ms: 2000,
+            hard_timeout_s: 60,
+            retry_limit: 3,
+            max_streaming: 64,
+            max_image_size: 8 * 1024 * 1024,
+            commit_interval_ms: 200,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Capture times of day, site time, `HH:MM`.
+    pub times: Vec<String>,
+    /// Devices' wakes are spread over this many minutes after each time.
+    pub window_minutes: u32,
+    /// Distinct wake slots inside the window.
+    pub slots: u32,
+    /// A device waking this early for its slot (clock drift) still counts for it.
+    pub early_tolerance_minutes: u32,
+    /// Per-device capture times, by MAC.
+    pub devices: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig {
+            times: vec!["08:00".into(), "16:00".into()],
+            window_minutes: 60,
+            slots: 3600,
+            early_tolerance_minutes: 20,
+            devices: BTreeMap::new(),
+        }
+    }
+}
+
+pub fn parse_time_of_day(s: &str) -> Option<NaiveTime> {
+    NaiveTime::parse_from_str(s, "%H:%M").ok()
+}
+
+impl Config {
+    /// Parses TOML text; `origin` names the file in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.timezone()?;
+        if self.site.id.trim().is_empty() {
+            return Err(invalid("site.id", "must not be empty"));
+        }
+        let times = |key: &str, v: &[String]| -> Result<(), ConfigError> {
+            if v.is_empty() {
+                return Err(invalid(key, "needs at least one HH:MM time"));
+            }
+            for t in v {
+                if parse_time_of_day(t).is_none() {
+                    return Err(invalid(key, format!("{t:?} is not a HH:MM time")));
+                }
+            }
+            Ok(())
+        };
+        times("schedule.times", &self.schedule.times)?;
+        for (mac, v) in &self.schedule.devices {
+            crate::protocol::normalize_device_id(mac)
+                .map_err(|e| invalid(format!("schedule.devices.{mac}"), e.to_string()))?;
+            times(&format!("schedule.devices.{mac}"), v)?;
+        }
+        if self.schedule.window_minutes == 0 || self.schedule.window_minutes > 12 * 60 {
+            return Err(invalid("schedule.window_minutes", "must be 1..=720"));
+        }
+        if self.schedule.slots == 0 {
+            return Err(invalid("schedule.slots", "must be at least 1"));
+        }
+        if self.ingest.retry_limit == 0 {
+            return Err(invalid("ingest.retry_limit", "must be at least 1"));
+        }
+        if self.ingest.max_streaming == 0 {
+            return Err(invalid("ingest.max_streaming", "must be at least 1"));
+        }
+        if self.ingest.quiet_gap_ms == 0 {
+            return Err(invalid("ingest.quiet_gap_ms", "must be at least 1"));
+        }
+        if self.ingest.hard_timeout_s == 0 {
+            return Err(invalid("ingest.hard_timeout_s", "must be at least 1"));
+        }
+        if self.ingest.max_image_size == 0 {
+            return Err(invalid("ingest.max_image_size", "must be at least 1"));
+        }
+        if self.mqtt.segment_size < 1024 {
+            return Err(invalid("mqtt.segment_size", "must be at least 1024"));
+        }
+        if self.mqtt.segment_count == 0 {
+            return Err(invalid("mqtt.segment_count", "must be at least 1"));
+        }
+        if self.mqtt.max_connections == 0 {
+            return Err(invalid("mqtt.max_connections", "must be at least 1"));
+        }
+        if self.mqtt.max_payload_size < 1024 {
+            return Err(invalid("mqtt.max_payload_size", "must be at least 1024"));
+        }
+        Ok(())
+    }
+
+    /// The site's time zone: the configured one, else the system's, else UTC.
+    pub fn timezone(&self) -> Result<Tz, ConfigError> {
+        if self.site.timezone.is_empty() {
+            return Ok(iana_time_zone::get_timezone()
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(Tz::UTC));
+        }
+        self.site.timezone.parse().map_err(|_| {
+            invalid(
+                "site.timezone",
+                format!("{:?} is not an IANA time zone", self.site.timezone),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_parses_to_the_defaults() {
+        let t = Config::from_toml(TEMPLATE, "template").unwrap();
+        let d = Config::default();
+        assert_eq!(
+            toml::to_string(&t).unwrap(),
+            toml::to_string(&d).unwrap(),
+            "config/barngate.toml must document exactly the compiled-in defaults"
+        );
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c = Config::from_toml("", "empty").unwrap();
+        assert_eq!(c.ingest.retry_limit, 3);
+        assert_eq!(c.schedule.times, vec!["08:00", "16:00"]);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::from_toml("[ingest]\nretry_limit = 0\n", "x").unwrap_err();
+        assert!(e.to_string().contains("ingest.retry_limit"), "{e}");
+        let e = Config::from_toml("[schedule]\ntimes = [\"25:00\"]\n", "x").unwrap_err();
+        assert!(e.to_string().contains("schedule.times"), "{e}");
+        let e = Config::from_toml("[site]\ntimezone = \"Mars/Base\"\n", "x").unwrap_err();
+        assert!(e.to_string().contains("site.timezone"), "{e}");
+        let e = Config::from_toml("[ingest]\nbogus = 1\n", "x").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = Config::from_toml("[ingest]\nretry_limit = \"three\"\n", "x").unwrap_err();
+        assert!(e.to_string().contains("retry_limit"), "{e}");
+    }
+}

@@ -1,0 +1,1244 @@
+//! The ingest engine: the wake-session flow and the capture state machine of
+//! GATEWAY.md §1 for both dialects. It owns every in-flight capture, the
+//! device sessions and the streaming slots.
+//!
+//! [`Engine`] is synchronous and does no network IO: it is fed
+//! `(topic, payload, now)` and ticks, collects its changes in a
+//! [`Batch`], and queues outbound messages. The runner
+//! (`broker::run_ingest`) commits the batch and only then publishes the
+//! messages — so no ACK_OK ever precedes the durable commit of its image.
+
+use crate::config::{IngestConfig, SiteConfig};
+use crate::metrics::Metrics;
+use crate::protocol::{
+    normalize_device_id, parse_topic, Channel, Chunk, DataMessage, Dialect, Hello, Metadata,
+    Outbound, ProtocolError,
+};
+use crate::schedule::Schedule;
+use crate::store::{
+    AlertRecord, Batch, CaptureRecord, CaptureState, CommandRecord, CommitReport, DeviceRecord,
+    Finalize, Origin, SessionRecord, Store, StoreError, TelemetryRecord,
+};
+use chrono::{DateTime, Duration, Utc};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tracing::{debug, info, warn};
+
+type Key = (String, String);
+
+/// After a round's last chunk id arrives, how long the stream must be quiet
+/// before the missing ids are requested.
+const SETTLE_MS: u64 = 150;
+
+/// A message to publish once the batch it belongs to is committed.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    pub mac: String,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// Send only if this capture's finalisation committed.
+    pub requires_image: Option<u64>,
+}
+
+struct Session {
+    rec: SessionRecord,
+    /// Reported backlog not yet delivered in this session.
+    pending_remaining: u32,
+    last_activity: DateTime<Utc>,
+}
+
+struct Device {
+    rec: DeviceRecord,
+    session: Option<Session>,
+}
+
+struct Active {
+    rec: CaptureRecord,
+    /// Chunk id as sent → byte length.
+    chunks: BTreeMap<u32, u32>,
+    last_chunk_at: Option<DateTime<Utc>>,
+    round_started_at: DateTime<Utc>,
+    /// Ids requested in the current `missing_chunks` round.
+    round_ids: Option<Vec<u32>>,
+    chunks_this_round: u32,
+    /// The round's last chunk id arrived: what is missing is requested as
+    /// soon as the stream settles (reordered chunks may still be in flight).
+    round_end_seen: bool,
+}
+
+impl Active {
+    fn base(&self, device_base: u32) -> u32 {
+        self.rec.chunk_base.unwrap_or(device_base)
+    }
+
+    fn missing(&self, device_base: u32) -> Option<Vec<u32>> {
+        let total = self.rec.total_chunks()?;
+        let base = self.base(device_base);
+        Some(
+            (base..base + total)
+                .filter(|i| !self.chunks.contains_key(i))
+                .collect(),
+        )
+    }
+
+    fn round_last_id(&self, device_base: u32) -> Option<u32> {
+        match &self.round_ids {
+            Some(ids) => ids.iter().max().copied(),
+            None => self
+                .rec
+                .total_chunks()
+                .map(|t| self.base(device_base) + t.saturating_sub(1)),
+        }
+    }
+}
+
+pub struct Engine {
+    cfg: IngestConfig,
+    site: SiteConfig,
+    schedule: Schedule,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    devices: HashMap<String, Device>,
+    active: HashMap<Key, Active>,
+    streaming: HashSet<Key>,
+    waiting: VecDeque<Key>,
+    open_alerts: HashMap<(String, &'static str), AlertRecord>,
+    next_capture_id: u64,
+    next_alert_id: u64,
+    registrations: u64,
+    batch: Batch,
+    outbound: Vec<Publish>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Engine {
+    pub fn new(
+        cfg: IngestConfig,
+        site: SiteConfig,
+        schedule: Schedule,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Engine, IngestError> {
+        let next_capture_id = store.max_capture_id()? + 1;
+        let next_alert_id = store.max_alert_id()? + 1;
+        let registrations = store.device_count()?;
+        let mut open_alerts = HashMap::new();
+        for a in store.alerts()? {
+            if a.resolved_at.is_none() {
+                if let Some(kind) = alert_kind(&a.kind) {
+                    open_alerts.insert((a.mac.clone(), kind), a);
+                }
+            }
+        }
+        Ok(Engine {
+            cfg,
+            site,
+            schedule,
+            store,
+            metrics,
+            devices: HashMap::new(),
+            active: HashMap::new(),
+            streaming: HashSet::new(),
+            waiting: VecDeque::new(),
+            open_alerts,
+            next_capture_id,
+            next_alert_id,
+            registrations,
+            batch: Batch::default(),
+            outbound: Vec::new(),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// True when the batch should be committed now: something waits on it,
+    /// or chunks have waited `commit_interval_ms`.
+    pub fn wants_commit(&self) -> bool {
+        !self.outbound.is_empty()
+            || !self.batch.finalize.is_empty()
+            || self.batch.since.is_some_and(|t| {
+                t.elapsed() >= std::time::Duration::from_millis(self.cfg.commit_interval_ms)
+            })
+            || self.batch.chunks.len() >= 4096
+    }
+
+    /// Takes the pending batch (to commit) and the messages waiting on it.
+    pub fn take(&mut self) -> (Batch, Vec<Publish>) {
+        (
+            std::mem::take(&mut self.batch),
+            std::mem::take(&mut self.outbound),
+        )
+    }
+
+    /// Commits the pending batch and returns the messages that may now be sent.
+    pub fn commit(&mut self, now: DateTime<Utc>) -> Result<Vec<Publish>, IngestError> {
+        let (batch, mut out) = self.take();
+        if batch.is_empty() && out.is_empty() {
+            return Ok(out);
+        }
+        let report = self.store.commit(batch, now)?;
+        Metrics::inc(&self.metrics.commits);
+        if !report.failed.is_empty() {
+            out = self.after_failed_finalize(report, out, now);
+        }
+        self.metrics
+            .commands_sent
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    fn after_failed_finalize(
+        &mut self,
+        report: CommitReport,
+        out: Vec<Publish>,
+        now: DateTime<Utc>,
+    ) -> Vec<Publish> {
+        let failed: HashSet<u64> = report.failed.iter().map(|(id, _)| *id).collect();
+        let kept = out
+            .into_iter()
+            .filter(|p| p.requires_image.is_none_or(|id| !failed.contains(&id)))
+            .collect();
+        for (id, reason) in report.failed {
+            Metrics::inc(&self.metrics.images_failed);
+            self.metrics.images_complete.fetch_sub(1, Ordering::Relaxed);
+            if let Ok(Some(cap)) = self.store.capture(id) {
+                warn!(device = %cap.mac, image = %cap.image_name, %reason, "image failed verification; it will be requested again");
+                self.raise_alert(
+                    &cap.mac,
+                    "image_failed",
+                    "error",
+                    format!("Image {} failed verification: {reason}", cap.image_name),
+                    Some(id),
+                    now,
+                );
+                if let Some(dev) = self.devices.get(&cap.mac) {
+                    let next = dev.rec.next_wake.unwrap_or(now);
+                    self.send(&cap.mac, Outbound::NextWake { at: next }, None, now);
+                }
+            }
+        }
+        kept
+    }
+
+    /// Handles one MQTT publish from a device.
+    pub fn handle(&mut self, topic: &str, payload: &[u8], now: DateTime<Utc>) {
+        Metrics::inc(&self.metrics.messages_in);
+        let t = match parse_topic(topic) {
+            Ok(t) => t,
+            Err(e) => return self.reject(None, &e),
+        };
+        let channel = t.channel;
+        if matches!(channel, Channel::Cmd | Channel::Ack) {
+            // Our own commands, echoed by the broker's wildcard subscription.
+            return;
+        }
+        let mac = match normalize_device_id(t.wire_id) {
+            Ok(m) => m,
+            Err(e) => return self.reject(None, &e),
+        };
+        if !self.ensure_device(&mac, t.wire_id, t.dialect, now) {
+            self.metrics.reject("unknown_device");
+            warn!(device = %mac, "message from an unregistered device dropped");
+            return;
+        }
+        match channel {
+            Channel::Status => match Hello::parse(payload) {
+                Ok(h) => self.on_hello(&mac, h, now),
+                Err(e) => self.reject(Some(&mac), &e),
+            },
+            Channel::Data => match DataMessage::parse(payload, self.cfg.max_image_size) {
+                Ok(DataMessage::Metadata(m)) => self.on_metadata(&mac, *m, payload, now),
+                Ok(DataMessage::Chunk(c)) => self.on_chunk(&mac, c, now),
+                Err(e) => self.reject(Some(&mac), &e),
+            },
+            Channel::Cmd | Channel::Ack => {}
+        }
+    }
+
+    fn reject(&self, mac: Option<&str>, e: &ProtocolError) {
+        self.metrics.reject(e.kind());
+        warn!(device = mac.unwrap_or("?"), error = %e, "message dropped");
+    }
+
+    fn reject_reason(&self, mac: &str, image: &str, reason: &'static str, detail: String) {
+        self.metrics.reject(reason);
+        warn!(device = %mac, image = %image, reason, %detail, "message dropped");
+    }
+
+    /// Loads or registers the device; false if it is unknown and may not register.
+    fn ensure_device(
+        &mut self,
+        mac: &str,
+        wire_id: &str,
+        dialect: Dialect,
+        now: DateTime<Utc>,
+    ) -> bool {
+        if !self.devices.contains_key(mac) {
+            let rec = match self.store.device(mac) {
+                Ok(Some(r)) => r,
+                Ok(None) if self.site.auto_register => {
+                    let idx = self.registrations;
+                    self.registrations += 1;
+                    let rec = DeviceRecord {
+                        mac: mac.to_string(),
+                        wire_id: wire_id.to_string(),
+                        dialect,
+                        dialect_pinned: false,
+                        chunk_base: None,
+                        site: Some(self.site.id.clone()),
+                        location: None,
+                        firmware_version: None,
+                        hardware_version: None,
+                        registered_at: now,
+                        last_seen: None,
+                        next_wake: None,
+                        battery: None,
+                        status: "active".into(),
+                        cert_serial: None,
+                        registration_index: idx,
+                        stagger_slot: self.schedule.slot_for_index(idx),
+                        schedule: None,
+                        last_current_capture_at: None,
+                        pending_reported: 0,
+                        last_error: None,
+                    };
+                    info!(device = %mac, %dialect, slot = rec.stagger_slot, "device registered on first contact");
+                    self.batch.device(&rec);
+                    rec
+                }
+                Ok(None) => return false,
+                Err(e) => {
+                    warn!(device = %mac, error = %e, "cannot read device registry");
+                    return false;
+                }
+            };
+            self.devices
+                .insert(mac.to_string(), Device { rec, session: None });
+        }
+        let Some(dev) = self.devices.get_mut(mac) else {
+            return false;
+        };
+        if dev.rec.status == "revoked" {
+            return false;
+        }
+        let mut changed = false;
+        if !dev.rec.dialect_pinned && dev.rec.dialect != dialect {
+            info!(device = %mac, from = %dev.rec.dialect, to = %dialect, "device dialect learned from its topic");
+            dev.rec.dialect = dialect;
+            changed = true;
+        }
+        if dev.rec.wire_id != wire_id {
+            dev.rec.wire_id = wire_id.to_string();
+            changed = true;
+        }
+        if changed {
+            self.batch.device(&dev.rec);
+        }
+        true
+    }
+
+    fn device_base(&self, mac: &str) -> u32 {
+        self.devices
+            .get(mac)
+            .map(|d| d.rec.chunk_base.unwrap_or(d.rec.dialect.chunk_base()))
+            .unwrap_or(1)
+    }
+
+    /// Queues a message for after the commit, logging it in the commands table.
+    fn send(&mut self, mac: &str, msg: Outbound, requires_image: Option<u64>, now: DateTime<Utc>) {
+        let Some(dev) = self.devices.get(mac) else {
+            return;
+        };
+        let (topic, payload) =
+            msg.render(dev.rec.dialect, &dev.rec.wire_id, self.schedule.timezone());
+        debug!(device = %mac, kind = msg.kind(), %topic, "command queued");
+        self.batch.commands.push(CommandRecord {
+            mac: mac.to_string(),
+            at: now,
+            kind: msg.kind().to_string(),
+            topic: topic.clone(),
+            payload: String::from_utf8_lossy(&payload).into_owned(),
+        });
+        self.outbound.push(Publish {
+            mac: mac.to_string(),
+            topic,
+            payload,
+            requires_image,
+        });
+    }
+
+    fn capture_due(&self, dev: &DeviceRecord, now: DateTime<Utc>) -> bool {
+        let slot_start =
+            self.schedule
+                .slot_start(&dev.mac, dev.schedule.as_deref(), dev.stagger_slot, now);
+        dev.last_current_capture_at
+            .is_none_or(|t| t < slot_start - Duration::minutes(5))
+    }
+
+    /// Computes, stores and returns the device's next wake.
+    fn assign_next_wake(&mut self, mac: &str, now: DateTime<Utc>) -> DateTime<Utc> {
+        let Some(dev) = self.devices.get_mut(mac) else {
+            return now + Duration::hours(12);
+        };
+        let next = self.schedule.next_wake(
+            &dev.rec.mac,
+            dev.rec.schedule.as_deref(),
+            dev.rec.stagger_slot,
+            now,
+        );
+        if dev.rec.next_wake != Some(next) {
+            dev.rec.next_wake = Some(next);
+            self.batch.device(&dev.rec);
+        }
+        if let Some(s) = dev.session.as_mut() {
+            s.rec.next_wake_assigned = Some(next);
+            self.batch.session(&s.rec);
+        }
+        next
+    }
+
+    fn on_hello(&mut self, mac: &str, h: Hello, now: DateTime<Utc>) {
+        Metrics::inc(&self.metrics.hellos);
+        let pending = h.pending();
+        self.park_device_captures(mac, now);
+        let Some(dev) = self.devices.get_mut(mac) else {
+            return;
+        };
+        dev.rec.last_seen = Some(now);
+        dev.rec.pending_reported = pending;
+        if let Some(b) = h.battery {
+            dev.rec.battery = Some(b);
+        }
+        if let Some(v) = h.firmware_version.clone() {
+            dev.rec.firmware_version = Some(v);
+        }
+        let rec = SessionRecord {
+            mac: mac.to_string(),
+            woke_at: now,
+            pending_reported: pending,
+            next_wake_assigned: None,
+            capture_requested: false,
+            images_completed: 0,
+            images_failed: 0,
+        };
+        self.batch.session(&rec);
+        dev.session = Some(Session {
+            rec,
+            pending_remaining: pending,
+            last_activity: now,
+        });
+        self.batch.device(&dev.rec);
+        let dialect = dev.rec.dialect;
+        info!(device = %mac, pending, %dialect, "wake session started");
+        if let Some(err) = h.error.filter(|e| *e > 0) {
+            self.device_error(mac, err, now);
+        }
+        if pending > 0 {
+            match dialect {
+                Dialect::Firmware => {
+                    // The cue to send the oldest pending image.
+                    let next = self.assign_next_wake(mac, now);
+                    self.send(
+                        mac,
+                        Outbound::AckOk {
+                            image_name: String::new(),
+                            next_wake: next,
+                        },
+                        None,
+                        now,
+                    );
+                }
+                Dialect::V1 => match self.oldest_incomplete(mac) {
+                    Some(name) => {
+                        self.send(mac, Outbound::SendImage { image_name: name }, None, now)
+                    }
+                    None => self.request_capture(mac, now),
+                },
+            }
+        } else {
+            let due = self
+                .devices
+                .get(mac)
+                .is_some_and(|d| self.capture_due(&d.rec, now));
+            if due {
+                self.request_capture(mac, now);
+            } else {
+                let next = self.assign_next_wake(mac, now);
+                info!(device = %mac, next_wake = %next, "no capture due; device told its next wake");
+                self.send(mac, Outbound::NextWake { at: next }, None, now);
+            }
+        }
+    }
+
+    fn request_capture(&mut self, mac: &str, now: DateTime<Utc>) {
+        if let Some(s) = self.devices.get_mut(mac).and_then(|d| d.session.as_mut()) {
+            s.rec.capture_requested = true;
+            self.batch.session(&s.rec);
+        }
+        info!(device = %mac, "capture requested");
+        self.send(mac, Outbound::CaptureImage, None, now);
+    }
+
+    fn oldest_incomplete(&self, mac: &str) -> Option<String> {
+        let caps = self.store.captures(Some(mac)).ok()?;
+        caps.into_iter()
+            .filter(|c| c.state != CaptureState::Complete && c.metadata.is_some())
+            .min_by_key(|c| (c.device_time, c.id))
+            .map(|c| c.image_name)
+    }
+
+    /// Removes a device's in-flight captures from memory (they stay in the
+    /// database, resumable) and frees their streaming slots.
+    fn park_device_captures(&mut self, mac: &str, now: DateTime<Utc>) {
+        let keys: Vec<Key> = self.active.keys().filter(|k| k.0 == mac).cloned().collect();
+        for k in keys {
+            self.release_slot(&k, now);
+            if let Some(a) = self.active.remove(&k) {
+                debug!(device = %mac, image = %a.rec.image_name, state = a.rec.state.as_str(), "capture parked");
+            }
+        }
+    }
+
+    /// Brings a capture into memory from the database, with its chunk map.
+    fn activate(&mut self, rec: CaptureRecord, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let key = (rec.mac.clone(), rec.image_name.clone());
+        let mut chunks = BTreeMap::new();
+        for (id, len) in self.store.chunk_lengths(rec.id)? {
+            chunks.insert(id, len);
+        }
+        for (cid, id, bytes) in &self.batch.chunks {
+            if *cid == rec.id {
+                chunks.insert(*id, bytes.len() as u32);
+            }
+        }
+        self.active.insert(
+            key,
+            Active {
+                rec,
+                chunks,
+                last_chunk_at: None,
+                round_started_at: now,
+                round_ids: None,
+                chunks_this_round: 0,
+                round_end_seen: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// The newest capture with this name that is not in memory: from the
+    /// uncommitted batch (just completed or failed) or else the database.
+    fn lookup_capture(&self, mac: &str, name: &str) -> Result<Option<CaptureRecord>, StoreError> {
+        let pending = self
+            .batch
+            .captures
+            .values()
+            .filter(|c| c.mac == mac && c.image_name == name)
+            .max_by_key(|c| c.id);
+        match pending {
+            Some(c) => Ok(Some(c.clone())),
+            None => self.store.latest_capture(mac, name),
+        }
+    }
+
+    fn new_capture(
+        &mut self,
+        mac: &str,
+        name: &str,
+        version: u32,
+        now: DateTime<Utc>,
+    ) -> CaptureRecord {
+        let id = self.next_capture_id;
+        self.next_capture_id += 1;
+        CaptureRecord {
+            id,
+            mac: mac.to_string(),
+            image_name: name.to_string(),
+            version,
+            state: CaptureState::Announced,
+            origin: Origin::Current,
+            metadata: None,
+            raw_metadata: None,
+            device_time: None,
+            first_seen_at: now,
+            metadata_at: None,
+            updated_at: now,
+            retries: 0,
+            chunk_base: None,
+            chunks_received: 0,
+            sha256: None,
+            assembled_at: None,
+            acked_at: None,
+            failed_reason: None,
+        }
+    }
+
+    fn origin_for(&self, mac: &str, meta: &Metadata, now: DateTime<Utc>) -> Origin {
+        let dev = self.devices.get(mac);
+        if let Some(s) = dev.and_then(|d| d.session.as_ref()) {
+            if s.pending_remaining > 0 {
+                return Origin::Recovery;
+            }
+            if s.rec.capture_requested {
+                return Origin::Current;
+            }
+        }
+        match meta.captured_at() {
+            Some(t) if now - t > Duration::hours(2) => Origin::Recovery,
+            _ => Origin::Current,
+        }
+    }
+
+    fn on_metadata(&mut self, mac: &str, meta: Metadata, raw: &[u8], now: DateTime<Utc>) {
+        Metrics::inc(&self.metrics.metadata);
+        let name = meta.image_name.clone();
+        let key = (mac.to_string(), name.clone());
+        if let Some(s) = self.devices.get_mut(mac).and_then(|d| d.session.as_mut()) {
+            s.last_activity = now;
+        }
+        // A device streams one image at a time: a new METADATA parks the others.
+        let others: Vec<Key> = self
+            .active
+            .keys()
+            .filter(|k| k.0 == mac && k.1 != name)
+            .cloned()
+            .collect();
+        for k in others {
+            self.release_slot(&k, now);
+            self.active.remove(&k);
+        }
+
+        let existing = match self.active.get(&key) {
+            Some(a) => Some(a.rec.clone()),
+            None => match self.lookup_capture(mac, &name) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(device = %mac, image = %name, error = %e, "cannot read captures; METADATA dropped");
+                    return;
+                }
+            },
+        };
+        let same = |c: &CaptureRecord| match &c.metadata {
+            None => true,
+            Some(m) => {
+                m.capture_timestamp == meta.capture_timestamp
+                    && m.image_size == meta.image_size
+                    && m.total_chunks_count == meta.total_chunks_count
+            }
+        };
+        let mut rec = match existing {
+            Some(c) if same(&c) && c.state == CaptureState::Complete => {
+                Metrics::inc(&self.metrics.images_reacked);
+                info!(device = %mac, image = %name, "METADATA for an image already stored: re-acknowledged");
+                self.acknowledge(mac, &c, None, now);
+                return;
+            }
+            Some(c) if same(&c) => c,
+            Some(c) => {
+                info!(device = %mac, image = %name, version = c.version + 1, "same name, different image: kept as a new version");
+                self.active.remove(&key);
+                self.release_slot(&key, now);
+                self.new_capture(mac, &name, c.version + 1, now)
+            }
+            None => self.new_capture(mac, &name, 1, now),
+        };
+        let first_metadata = rec.metadata.is_none();
+        if first_metadata {
+            rec.origin = self.origin_for(mac, &meta, now);
+            rec.device_time = meta.captured_at();
+            rec.raw_metadata = Some(String::from_utf8_lossy(raw).into_owned());
+            rec.metadata_at = Some(now);
+            rec.metadata = Some(meta.clone());
+            self.batch.telemetry.push(TelemetryRecord {
+                mac: mac.to_string(),
+                captured_at: meta.captured_at().unwrap_or(now),
+                received_at: now,
+                capture_id: rec.id,
+                temperature: meta.temperature,
+                humidity: meta.humidity,
+                pressure: meta.pressure,
+                gas_resistance: meta.gas_resistance,
+                battery: meta.battery,
+                error: meta.error,
+            });
+            if let Some(dev) = self.devices.get_mut(mac) {
+                if let Some(loc) = &meta.location {
+                    dev.rec.location = Some(loc.clone());
+                }
+                if let Some(b) = meta.battery {
+                    dev.rec.battery = Some(b);
+                }
+                dev.rec.last_error = Some(meta.error);
+                self.batch.device(&dev.rec);
+            }
+        }
+        if rec.state == CaptureState::Failed {
+            info!(device = %mac, image = %name, "failed capture announced again: resuming");
+            rec.retries = 0;
+            rec.failed_reason = None;
+        }
+        rec.updated_at = now;
+        info!(device = %mac, image = %name, capture = rec.id, version = rec.version,
+              size = meta.image_size, chunks = meta.total_chunks_count, origin = ?rec.origin, "image announced");
+        if meta.error > 0 {
+            self.device_error(mac, meta.error, now);
+        } else {
+            self.resolve_alert(mac, "device_error", now);
+        }
+        if !self.active.contains_key(&key) {
+            if let Err(e) = self.activate(rec.clone(), now) {
+                warn!(device = %mac, image = %name, error = %e, "cannot load capture chunks; METADATA dropped");
+                return;
+            }
+        }
+        let device_base = self.device_base(mac);
+        let Some(a) = self.active.get_mut(&key) else {
+            return;
+        };
+        // Chunks that came before METADATA are checked against it now.
+        let total = meta.total_chunks_count;
+        if a.rec.chunk_base.is_none() {
+            if a.chunks.contains_key(&0) {
+                a.rec.chunk_base = Some(0);
+            } else if a.chunks.contains_key(&total) {
+                a.rec.chunk_base = Some(1);
+            }
+        }
+        let base = a.base(device_base);
+        let stray: Vec<u32> = a
+            .chunks
+            .keys()
+            .filter(|id| **id < base || **id >= base + total)
+            .copied()
+            .collect();
+        for id in stray {
+            a.chunks.remove(&id);
+        }
+        a.rec = CaptureRecord {
+            chunks_received: a.chunks.len() as u32,
+            ..rec
+        };
+        a.round_ids = None;
+        a.round_started_at = now;
+        a.chunks_this_round = 0;
+        a.round_end_seen = false;
+        self.batch.capture(&a.rec);
+        self.grant_or_queue(key, now);
+    }
+
+    /// Lets the capture stream if a slot is free, else queues it.
+    fn grant_or_queue(&mut self, key: Key, now: DateTime<Utc>) {
+        if self.streaming.contains(&key) || self.streaming.len() < self.cfg.max_streaming {
+            self.streaming.insert(key.clone());
+            self.go(&key, now);
+        } else if !self.waiting.contains(&key) {
+            info!(device = %key.0, image = %key.1, streaming = self.streaming.len(), "streaming slots full: device waits");
+            self.waiting.push_back(key);
+        }
+        self.update_gauges();
+    }
+
+    /// Tells the device to stream: the whole image, only what is missing,
+    /// or nothing (already complete).
+    fn go(&mut self, key: &Key, now: DateTime<Utc>) {
+        let device_base = self.device_base(&key.0);
+        let Some(a) = self.active.get_mut(key) else {
+            return;
+        };
+        a.round_started_at = now;
+        a.chunks_this_round = 0;
+        a.round_end_seen = false;
+        let missing = a.missing(device_base).unwrap_or_default();
+        if a.chunks.is_empty() {
+            a.round_ids = None;
+            self.send(
+                &key.0,
+                Outbound::SendImage {
+                    image_name: key.1.clone(),
+                },
+                None,
+                now,
+            );
+        } else if missing.is_empty() {
+            self.finalize(key, now);
+        } else {
+            info!(device = %key.0, image = %key.1, missing = missing.len(), "resuming a partly received image: only the missing chunks are requested");
+            a.round_ids = Some(missing.clone());
+            a.rec.state = CaptureState::MissingRequested;
+            self.batch.capture(&a.rec);
+            Metrics::inc(&self.metrics.missing_rounds);
+            self.metrics
+                .missing_chunks_requested
+                .fetch_add(missing.len() as u64, Ordering::Relaxed);
+            self.send(
+                &key.0,
+                Outbound::MissingChunks {
+                    image_name: key.1.clone(),
+                    chunk_ids: missing,
+                },
+                None,
+                now,
+            );
+        }
+    }
+
+    fn release_slot(&mut self, key: &Key, now: DateTime<Utc>) {
+        self.waiting.retain(|k| k != key);
+        if self.streaming.remove(key) {
+            while self.streaming.len() < self.cfg.max_streaming {
+                let Some(next) = self.waiting.pop_front() else {
+                    break;
+                };
+                if self.active.contains_key(&next) {
+                    self.streaming.insert(next.clone());
+                    info!(device = %next.0, image = %next.1, "streaming slot granted");
+                    self.go(&next, now);
+                }
+            }
+        }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        self.metrics
+            .streaming
+            .store(self.streaming.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .waiting
+            .store(self.waiting.len() as u64, Ordering::Relaxed);
+    }
+
+    fn on_chunk(&mut self, mac: &str, c: Chunk, now: DateTime<Utc>) {
+        Metrics::inc(&self.metrics.chunks);
+        let key = (mac.to_string(), c.image_name.clone());
+        if !self.active.contains_key(&key) {
+            let rec = match self.lookup_capture(mac, &c.image_name) {
+                Ok(Some(r)) if r.state == CaptureState::Complete => {
+                    Metrics::inc(&self.metrics.chunk_duplicates);
+                    debug!(device = %mac, image = %c.image_name, chunk = c.chunk_id, "chunk for a complete image ignored");
+                    return;
+                }
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    info!(device = %mac, image = %c.image_name, "chunk before METADATA: kept");
+                    let mut r = self.new_capture(mac, &c.image_name, 1, now);
+                    r.state = CaptureState::Receiving;
+                    r
+                }
+                Err(e) => {
+                    warn!(device = %mac, image = %c.image_name, error = %e, "cannot read captures; chunk dropped");
+                    return;
+                }
+            };
+            if let Err(e) = self.activate(rec, now) {
+                warn!(device = %mac, image = %c.image_name, error = %e, "cannot load capture chunks; chunk dropped");
+                return;
+            }
+        }
+        let device_base = self.device_base(mac);
+        let max_image = self.cfg.max_image_size;
+        let Some(a) = self.active.get_mut(&key) else {
+            return;
+        };
+        let id = c.chunk_id;
+        let len = c.payload.len() as u32;
+        match a
+            .rec
+            .metadata
+            .as_ref()
+            .map(|m| (m.total_chunks_count, m.max_chunk_size))
+        {
+            Some((total, max_chunk)) => {
+                if a.rec.chunk_base.is_none() && (id == 0 || id == total) {
+                    let base = if id == 0 { 0 } else { 1 };
+                    a.rec.chunk_base = Some(base);
+                    if let Some(d) = self.devices.get_mut(mac) {
+                        if d.rec.chunk_base != Some(base) {
+                            info!(device = %mac, base, "chunk-id base revealed");
+                            d.rec.chunk_base = Some(base);
+                            self.batch.device(&d.rec);
+                        }
+                    }
+                }
+                let base = a.base(device_base);
+                if id < base || id >= base + total {
+                    let detail = format!("chunk_id {id} outside {base}..{}", base + total);
+                    return self.reject_reason(mac, &key.1, "chunk_out_of_range", detail);
+                }
+                if len > max_chunk {
+                    let detail = format!("{len} bytes, max_chunk_size is {max_chunk}");
+                    return self.reject_reason(mac, &key.1, "chunk_oversize", detail);
+                }
+            }
+            None => {
+                if id > max_image {
+                    let detail = format!("chunk_id {id} before METADATA is beyond any image");
+                    return self.reject_reason(mac, &key.1, "chunk_out_of_range", detail);
+                }
+                if a.rec.chunk_base.is_none() && id == 0 {
+                    a.rec.chunk_base = Some(0);
+                }
+            }
+        }
+        if a.chunks.insert(id, len).is_some() {
+            Metrics::inc(&self.metrics.chunk_duplicates);
+        }
+        self.metrics
+            .chunk_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+        a.last_chunk_at = Some(now);
+        a.chunks_this_round += 1;
+        a.rec.chunks_received = a.chunks.len() as u32;
+        if a.rec.state == CaptureState::Announced {
+            a.rec.state = CaptureState::Receiving;
+            a.rec.updated_at = now;
+            info!(device = %mac, image = %key.1, "receiving chunks");
+            self.batch.capture(&a.rec);
+        }
+        let rec_id = a.rec.id;
+        self.batch.chunk(rec_id, id, c.payload);
+        self.check_progress(&key, Some(id), now);
+    }
+
+    /// Finalises a complete capture, or requests what is missing when the
+    /// round's last chunk has arrived.
+    fn check_progress(&mut self, key: &Key, last_id: Option<u32>, now: DateTime<Utc>) {
+        let device_base = self.device_base(&key.0);
+        let Some(a) = self.active.get(key) else {
+            return;
+        };
+        let Some(missing) = a.missing(device_base) else {
+            return;
+        };
+        if missing.is_empty() {
+            self.finalize(key, now);
+        } else if last_id.is_some() && last_id == a.round_last_id(device_base) {
+            if let Some(a) = self.active.get_mut(key) {
+                a.round_end_seen = true;
+            }
+        }
+    }
+
+    fn request_missing(&mut self, key: &Key, missing: Vec<u32>, why: &str, now: DateTime<Utc>) {
+        let limit = self.cfg.retry_limit;
+        let Some(a) = self.active.get_mut(key) else {
+            return;
+        };
+        if a.rec.retries >= limit {
+            let reason = format!(
+                "{} of {} chunks still missing after {limit} missing_chunks rounds",
+                missing.len(),
+                a.rec.total_chunks().unwrap_or(0)
+            );
+            return self.fail(key, reason, now);
+        }
+        a.rec.retries += 1;
+        a.rec.state = CaptureState::MissingRequested;
+        a.rec.updated_at = now;
+        a.round_ids = Some(missing.clone());
+        a.round_started_at = now;
+        a.chunks_this_round = 0;
+        a.round_end_seen = false;
+        info!(device = %key.0, image = %key.1, missing = missing.len(), round = a.rec.retries,
+              retries_left = limit - a.rec.retries, why, ids = ?&missing[..missing.len().min(20)], "missing chunks requested");
+        self.batch.capture(&a.rec);
+        Metrics::inc(&self.metrics.missing_rounds);
+        self.metrics
+            .missing_chunks_requested
+            .fetch_add(missing.len() as u64, Ordering::Relaxed);
+        self.send(
+            &key.0,
+            Outbound::MissingChunks {
+                image_name: key.1.clone(),
+                chunk_ids: missing,
+            },
+            None,
+            now,
+        );
+    }
+
+    fn fail(&mut self, key: &Key, reason: String, now: DateTime<Utc>) {
+        let Some(mut a) = self.active.remove(key) else {
+            return;
+        };
+        self.release_slot(key, now);
+        a.rec.state = CaptureState::Failed;
+        a.rec.failed_reason = Some(reason.clone());
+        a.rec.updated_at = now;
+        self.batch.capture(&a.rec);
+        Metrics::inc(&self.metrics.images_failed);
+        warn!(device = %key.0, image = %key.1, %reason, "capture failed; it stays pending on the device");
+        self.raise_alert(
+            &key.0,
+            "image_failed",
+            "error",
+            format!(
+                "Failed to receive image {} from device {} after {} retries: {reason}",
+                key.1, key.0, a.rec.retries
+            ),
+            Some(a.rec.id),
+            now,
+        );
+        if let Some(s) = self
+            .devices
+            .get_mut(&key.0)
+            .and_then(|d| d.session.as_mut())
+        {
+            s.rec.images_failed += 1;
+            self.batch.session(&s.rec);
+        }
+        let next = self.assign_next_wake(&key.0, now);
+        self.send(&key.0, Outbound::NextWake { at: next }, None, now);
+    }
+
+    fn finalize(&mut self, key: &Key, now: DateTime<Utc>) {
+        let device_base = self.device_base(&key.0);
+        let Some(mut a) = self.active.remove(key) else {
+            return;
+        };
+        self.release_slot(key, now);
+        let base = a.base(device_base);
+        let total = a.rec.total_chunks().unwrap_or(0);
+        let size: u64 = a.chunks.values().map(|l| *l as u64).sum();
+        if Some(size) != a.rec.image_size().map(u64::from) {
+            let reason = format!(
+                "chunks add up to {size} bytes, METADATA announced {}",
+                a.rec.image_size().unwrap_or(0)
+            );
+            // Chunk contents disagree with the announcement: start the image over.
+            self.batch.chunks.retain(|(cid, _, _)| *cid != a.rec.id);
+            a.chunks.clear();
+            self.active.insert(key.clone(), a);
+            return self.fail_and_forget_chunks(key, reason, now);
+        }
+        a.rec.chunk_base = Some(base);
+        a.rec.state = CaptureState::Complete;
+        a.rec.chunks_received = total;
+        a.rec.assembled_at = Some(now);
+        a.rec.acked_at = Some(now);
+        a.rec.updated_at = now;
+        self.batch.capture(&a.rec);
+        self.batch.finalize.push(Finalize {
+            capture_id: a.rec.id,
+            chunk_ids: (base..base + total).collect(),
+        });
+        Metrics::inc(&self.metrics.images_complete);
+        info!(device = %key.0, image = %key.1, capture = a.rec.id, bytes = size, retries = a.rec.retries,
+              origin = ?a.rec.origin, "image complete; ACK_OK after commit");
+        self.resolve_alert_for_capture(&key.0, a.rec.id, now);
+        if let Some(dev) = self.devices.get_mut(&key.0) {
+            if a.rec.origin == Origin::Current {
+                dev.rec.last_current_capture_at = Some(now);
+            }
+        }
+        self.acknowledge(&key.0, &a.rec, Some(a.rec.id), now);
+    }
+
+    fn fail_and_forget_chunks(&mut self, key: &Key, reason: String, now: DateTime<Utc>) {
+        if let Some(a) = self.active.get(key) {
+            self.batch.drop_chunks.push(a.rec.id);
+        }
+        self.fail(key, reason, now);
+    }
+
+    /// ACK_OK with the next wake, then the session's next step.
+    fn acknowledge(
+        &mut self,
+        mac: &str,
+        rec: &CaptureRecord,
+        requires: Option<u64>,
+        now: DateTime<Utc>,
+    ) {
+        let mut drained = false;
+        if let Some(s) = self.devices.get_mut(mac).and_then(|d| d.session.as_mut()) {
+            if s.pending_remaining > 0
+                && (rec.origin == Origin::Recovery || !s.rec.capture_requested)
+            {
+                s.pending_remaining -= 1;
+                drained = s.pending_remaining == 0;
+            }
+            s.rec.images_completed += 1;
+            s.last_activity = now;
+            self.batch.session(&s.rec);
+        }
+        let next = self.assign_next_wake(mac, now);
+        self.send(
+            mac,
+            Outbound::AckOk {
+                image_name: rec.image_name.clone(),
+                next_wake: next,
+            },
+            requires,
+            now,
+        );
+        let Some(dev) = self.devices.get(mac) else {
+            return;
+        };
+        let Some(s) = dev.session.as_ref() else {
+            return;
+        };
+        if s.pending_remaining > 0 {
+            return; // the device sends its next pending image
+        }
+        if !s.rec.capture_requested
+            && (drained || rec.origin == Origin::Recovery)
+            && self.capture_due(&dev.rec, now)
+        {
+            info!(device = %mac, "backlog drained; a new capture is due");
+            self.request_capture(mac, now);
+        } else {
+            self.send(mac, Outbound::NextWake { at: next }, None, now);
+        }
+    }
+
+    fn device_error(&mut self, mac: &str, code: i64, now: DateTime<Utc>) {
+        warn!(device = %mac, code, "device reported an error code");
+        self.raise_alert(
+            mac,
+            "device_error",
+            "error",
+            format!("Device {mac} reported error code {code}."),
+            None,
+            now,
+        );
+    }
+
+    fn raise_alert(
+        &mut self,
+        mac: &str,
+        kind: &'static str,
+        severity: &str,
+        message: String,
+        capture_id: Option<u64>,
+        now: DateTime<Utc>,
+    ) {
+        let k = (mac.to_string(), kind);
+        if let Some(open) = self.open_alerts.get(&k) {
+            if open.capture_id == capture_id {
+                return;
+            }
+        }
+        let a = AlertRecord {
+            id: self.next_alert_id,
+            mac: mac.to_string(),
+            kind: kind.to_string(),
+            severity: severity.to_string(),
+            message,
+            triggered_at: now,
+            resolved_at: None,
+            capture_id,
+        };
+        self.next_alert_id += 1;
+        warn!(device = %mac, alert = kind, severity, message = %a.message, "alert raised");
+        self.batch.alert(&a);
+        self.open_alerts.insert(k, a);
+    }
+
+    fn resolve_alert(&mut self, mac: &str, kind: &'static str, now: DateTime<Utc>) {
+        if let Some(mut a) = self.open_alerts.remove(&(mac.to_string(), kind)) {
+            a.resolved_at = Some(now);
+            info!(device = %mac, alert = kind, "alert resolved");
+            self.batch.alert(&a);
+        }
+    }
+
+    fn resolve_alert_for_capture(&mut self, mac: &str, capture_id: u64, now: DateTime<Utc>) {
+        let k = (mac.to_string(), "image_failed");
+        if self
+            .open_alerts
+            .get(&k)
+            .is_some_and(|a| a.capture_id == Some(capture_id))
+        {
+            self.resolve_alert(mac, "image_failed", now);
+        }
+    }
+
+    /// Timers: quiet gaps, hard timeouts, idle sessions.
+    pub fn tick(&mut self, now: DateTime<Utc>) {
+        let gap = Duration::milliseconds(self.cfg.quiet_gap_ms as i64);
+        let settle = Duration::milliseconds(SETTLE_MS.min(self.cfg.quiet_gap_ms) as i64);
+        let hard = Duration::seconds(self.cfg.hard_timeout_s as i64);
+        let mut due: Vec<(Key, &'static str)> = Vec::new();
+        let mut evict: Vec<Key> = Vec::new();
+        for (k, a) in &self.active {
+            let in_play = self.streaming.contains(k) || a.chunks_this_round > 0;
+            if a.rec.metadata.is_none() {
+                if a.last_chunk_at.is_none_or(|t| now - t > hard) {
+                    evict.push(k.clone());
+                }
+                continue;
+            }
+            if !in_play {
+                continue;
+            }
+            let wait = if a.round_end_seen { settle } else { gap };
+            let quiet = a.chunks_this_round > 0 && a.last_chunk_at.is_some_and(|t| now - t >= wait);
+            if quiet {
+                due.push((
+                    k.clone(),
+                    if a.round_end_seen {
+                        "last chunk of the round arrived"
+                    } else {
+                        "stream quiet"
+                    },
+                ));
+            } else if now - a.round_started_at >= hard {
+                due.push((k.clone(), "hard timeout"));
+            }
+        }
+        for k in evict {
+            debug!(device = %k.0, image = %k.1, "chunks without METADATA parked");
+            self.active.remove(&k);
+        }
+        for (k, why) in due {
+            let device_base = self.device_base(&k.0);
+            let missing = self.active.get(&k).and_then(|a| a.missing(device_base));
+            match missing {
+                Some(m) if m.is_empty() => self.finalize(&k, now),
+                Some(m) => self.request_missing(&k, m, why, now),
+                None => {}
+            }
+        }
+        let idle = Duration::minutes(10);
+        for d in self.devices.values_mut() {
+            if d.session
+                .as_ref()
+                .is_some_and(|s| now - s.last_activity > idle)
+            {
+                d.session = None;
+            }
+        }
+    }
+
+    /// Number of captures in memory (bounded by devices streaming, not bytes).
+    pub fn active_captures(&self) -> usize {
+        self.active.len()
+    }
+}
+
+fn alert_kind(s: &str) -> Option<&'static str> {
+    match s {
+        "image_failed" => Some("image_failed"),
+        "device_error" => Some("device_error"),
+        "missed_wake" => Some("missed_wake"),
+        "low_battery" => Some("low_battery"),
+        "offline" => Some("offline"),
+        _ => None,
+    }
+}
+
+impl Engine {
+    /// A publish whose topic is not UTF-8.
+    pub fn reject_topic_bytes(&self) {
+        self.metrics.reject("unknown_topic");
+        warn!("message with a non-UTF-8 topic dropped");
+    }
+}

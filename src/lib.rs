@@ -1,0 +1,16 @@
+//! barngate: an on-site TLS MQTT gateway for sleepy ESP32-CAM camera nodes.
+//!
+//! See `ARCHITECTURE.md` for how a chunk flows from socket to disk to ACK.
+pub mod admin;
+pub mod broker;
+pub mod clock;
+pub mod config;
+pub mod front;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod pki;
+pub mod protocol;
+pub mod schedule;
+pub mod server;
+pub mod store;

@@ -1,0 +1,176 @@
+//! Process-wide counters, rendered in the Prometheus text format by `/metrics`.
+//! Hot-path counters are plain atomics; rejections are labelled by reason.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub messages_in: AtomicU64,
+    pub hellos: AtomicU64,
+    pub metadata: AtomicU64,
+    pub chunks: AtomicU64,
+    pub chunk_duplicates: AtomicU64,
+    pub chunk_bytes: AtomicU64,
+    pub missing_rounds: AtomicU64,
+    pub missing_chunks_requested: AtomicU64,
+    pub images_complete: AtomicU64,
+    pub images_failed: AtomicU64,
+    pub images_reacked: AtomicU64,
+    pub commands_sent: AtomicU64,
+    pub commits: AtomicU64,
+    pub streaming: AtomicU64,
+    pub waiting: AtomicU64,
+    pub connections: AtomicU64,
+    pub connections_refused: AtomicU64,
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Metrics {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one dropped message or refused action, by reason.
+    pub fn reject(&self, reason: &'static str) {
+        if let Ok(mut m) = self.rejected.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
+    }
+
+    pub fn rejected(&self, reason: &str) -> u64 {
+        self.rejected
+            .lock()
+            .map(|m| m.get(reason).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.lock().map(|m| m.values().sum()).unwrap_or(0)
+    }
+
+    /// Prometheus text exposition of every counter.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut c = |name: &str, help: &str, kind: &str, v: &AtomicU64| {
+            let _ = writeln!(out, "# HELP barngate_{name} {help}");
+            let _ = writeln!(out, "# TYPE barngate_{name} {kind}");
+            let _ = writeln!(out, "barngate_{name} {}", v.load(Ordering::Relaxed));
+        };
+        c(
+            "messages_received_total",
+            "MQTT messages received from devices.",
+            "counter",
+            &self.messages_in,
+        );
+        c(
+            "hellos_total",
+            "HELLO messages received.",
+            "counter",
+            &self.hellos,
+        );
+        c(
+            "metadata_total",
+            "METADATA messages received.",
+            "counter",
+            &self.metadata,
+        );
+        c(
+            "chunks_total",
+            "CHUNK messages received.",
+            "counter",
+            &self.chunks,
+        );
+        c(
+            "chunk_duplicates_total",
+            "Chunks received more than once.",
+            "counter",
+            &self.chunk_duplicates,
+        );
+        c(
+            "chunk_bytes_total",
+            "Image bytes received in chunks.",
+            "counter",
+            &self.chunk_bytes,
+        );
+        c(
+            "missing_rounds_total",
+            "missing_chunks requests sent.",
+            "counter",
+            &self.missing_rounds,
+        );
+        c(
+            "missing_chunks_requested_total",
+            "Chunk ids listed in missing_chunks requests.",
+            "counter",
+            &self.missing_chunks_requested,
+        );
+        c(
+            "images_complete_total",
+            "Images durably stored and acknowledged.",
+            "counter",
+            &self.images_complete,
+        );
+        c(
+            "images_failed_total",
+            "Captures failed after the retry limit or verification.",
+            "counter",
+            &self.images_failed,
+        );
+        c(
+            "images_reacked_total",
+            "Repeated METADATA for a complete image, re-acknowledged.",
+            "counter",
+            &self.images_reacked,
+        );
+        c(
+            "commands_sent_total",
+            "Messages sent to devices.",
+            "counter",
+            &self.commands_sent,
+        );
+        c(
+            "commits_total",
+            "Database commits by the ingest.",
+            "counter",
+            &self.commits,
+        );
+        c(
+            "streaming_devices",
+            "Devices streaming an image now.",
+            "gauge",
+            &self.streaming,
+        );
+        c(
+            "waiting_devices",
+            "Devices waiting for a streaming slot.",
+            "gauge",
+            &self.waiting,
+        );
+        c(
+            "connections",
+            "Open device connections.",
+            "gauge",
+            &self.connections,
+        );
+        c(
+            "connections_refused_total",
+            "Device connections refused.",
+            "counter",
+            &self.connections_refused,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP barngate_rejected_total Messages dropped or actions refused, by reason."
+        );
+        let _ = writeln!(out, "# TYPE barngate_rejected_total counter");
+        if let Ok(m) = self.rejected.lock() {
+            for (reason, n) in m.iter() {
+                let _ = writeln!(out, "barngate_rejected_total{{reason=\"{reason}\"}} {n}");
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,843 @@
+//! The firmware wire protocol (GATEWAY.md §1): topics, the two dialects,
+//! inbound HELLO / METADATA / CHUNK parsing and outbound message rendering.
+//!
+//! Pure: no IO, no clock, no state. Field names are exact and case-sensitive.
+
+use base64::Engine as _;
+use chrono::{DateTime, SecondsFormat, Utc};
+use chrono_tz::Tz;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Largest `max_chunk_size` a device may announce.
+pub const MAX_CHUNK_SIZE: u32 = 64 * 1024;
+/// Longest accepted image name, in bytes.
+pub const MAX_IMAGE_NAME: usize = 200;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ProtocolError {
+    #[error("unknown topic {0:?}")]
+    UnknownTopic(String),
+    #[error("malformed JSON: {0}")]
+    Json(String),
+    #[error("missing required field `{0}`")]
+    MissingField(&'static str),
+    #[error("invalid field `{field}`: {reason}")]
+    InvalidField { field: &'static str, reason: String },
+    #[error("message is neither METADATA nor CHUNK (no `total_chunks_count` or `chunk_id`)")]
+    UnknownDataMessage,
+}
+
+impl ProtocolError {
+    /// A short stable label, used as a metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProtocolError::UnknownTopic(_) => "unknown_topic",
+            ProtocolError::Json(_) => "malformed_json",
+            ProtocolError::MissingField(_) => "missing_field",
+            ProtocolError::InvalidField { .. } => "invalid_field",
+            ProtocolError::UnknownDataMessage => "unknown_message",
+        }
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ProtocolError {
+    ProtocolError::InvalidField {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// The two protocol dialects found in the field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dialect {
+    /// firmware-protocol.md: `ESP32CAM/…`, 1-based chunk ids, byte arrays, `5:30PM` times.
+    #[default]
+    Firmware,
+    /// architecture-v1.md: `device/…`, 0-based chunk ids, base64, ISO-8601 UTC times.
+    V1,
+}
+
+impl Dialect {
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Dialect::Firmware => "ESP32CAM",
+            Dialect::V1 => "device",
+        }
+    }
+
+    /// The chunk-id base this dialect uses unless a device reveals otherwise.
+    pub fn chunk_base(self) -> u32 {
+        match self {
+            Dialect::Firmware => 1,
+            Dialect::V1 => 0,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::Firmware => "firmware",
+            Dialect::V1 => "v1",
+        }
+    }
+}
+
+impl std::str::FromStr for Dialect {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "firmware" => Ok(Dialect::Firmware),
+            "v1" => Ok(Dialect::V1),
+            other => Err(format!(
+                "unknown dialect {other:?} (expected firmware or v1)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Dialect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The last topic level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    Status,
+    Data,
+    Cmd,
+    Ack,
+}
+
+impl Channel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Status => "status",
+            Channel::Data => "data",
+            Channel::Cmd => "cmd",
+            Channel::Ack => "ack",
+        }
+    }
+}
+
+/// A parsed device topic, borrowing the device id as it appeared on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topic<'a> {
+    pub dialect: Dialect,
+    pub wire_id: &'a str,
+    pub channel: Channel,
+}
+
+pub fn parse_topic(topic: &str) -> Result<Topic<'_>, ProtocolError> {
+    let unknown = || ProtocolError::UnknownTopic(truncate(topic, 120));
+    let mut parts = topic.split('/');
+    let (Some(prefix), Some(id), Some(last), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(unknown());
+    };
+    let dialect = match prefix {
+        "ESP32CAM" => Dialect::Firmware,
+        "device" => Dialect::V1,
+        _ => return Err(unknown()),
+    };
+    let channel = match last {
+        "status" => Channel::Status,
+        "data" => Channel::Data,
+        "cmd" => Channel::Cmd,
+        "ack" => Channel::Ack,
+        _ => return Err(unknown()),
+    };
+    if id.is_empty() {
+        return Err(unknown());
+    }
+    Ok(Topic {
+        dialect,
+        wire_id: id,
+        channel,
+    })
+}
+
+pub fn topic(dialect: Dialect, wire_id: &str, channel: Channel) -> String {
+    format!("{}/{}/{}", dialect.prefix(), wire_id, channel.as_str())
+}
+
+/// Normalises a MAC-style device id: `B8F862F9CFB8`, lower case, and `:`/`-`
+/// separated forms all become `B8F862F9CFB8`.
+pub fn normalize_mac(s: &str) -> Result<String, ProtocolError> {
+    let hex: String = s
+        .trim()
+        .chars()
+        .filter(|c| *c != ':' && *c != '-')
+        .collect();
+    if hex.len() != 12 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(invalid(
+            "device_id",
+            format!(
+                "{:?} is not a MAC address (12 hex digits, optionally ':'-separated)",
+                truncate(s, 40)
+            ),
+        ));
+    }
+    Ok(hex.to_ascii_uppercase())
+}
+
+/// Like [`normalize_mac`] for device ids that are not MACs (bench-rig names,
+/// `esp32-cam-01`): a MAC is normalised, anything else that is a safe topic
+/// level is kept as is.
+pub fn normalize_device_id(s: &str) -> Result<String, ProtocolError> {
+    if let Ok(mac) = normalize_mac(s) {
+        return Ok(mac);
+    }
+    if s.is_empty()
+        || s.len() > 64
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(invalid(
+            "device_id",
+            format!("{:?} is not a valid device id", truncate(s, 40)),
+        ));
+    }
+    Ok(s.to_string())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.len() <= n {
+        s.to_string()
+    } else {
+        let mut end = n;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &s[..end])
+    }
+}
+
+/// HELLO: `{"device_id","status":"alive","pendingImg":N}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Hello {
+    pub device_id: Option<String>,
+    pub status: Option<String>,
+    #[serde(rename = "pendingImg")]
+    pub pending_img: Option<i64>,
+    /// Optional extras some firmware sends.
+    #[serde(default)]
+    pub battery: Option<f64>,
+    #[serde(default)]
+    pub battery_voltage: Option<f64>,
+    #[serde(default)]
+    pub firmware_version: Option<String>,
+    #[serde(default)]
+    pub error: Option<i64>,
+}
+
+impl Hello {
+    pub fn parse(payload: &[u8]) -> Result<Hello, ProtocolError> {
+        let h: Hello =
+            serde_json::from_slice(payload).map_err(|e| ProtocolError::Json(e.to_string()))?;
+        match h.pending_img {
+            None => Err(ProtocolError::MissingField("pendingImg")),
+            Some(n) if n < 0 => Err(invalid("pendingImg", format!("negative count {n}"))),
+            Some(_) => Ok(h),
+        }
+    }
+
+    pub fn pending(&self) -> u32 {
+        self.pending_img.unwrap_or(0).clamp(0, u32::MAX as i64) as u32
+    }
+}
+
+/// Chunk bytes: either a JSON array of byte values or a base64 string.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Payload(pub Vec<u8>);
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Payload, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Payload;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of byte values (0-255) or a base64 string")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Payload, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(256).min(65536));
+                while let Some(v) = seq.next_element::<i64>()? {
+                    if !(0..=255).contains(&v) {
+                        return Err(de::Error::custom(format_args!(
+                            "byte value {v} at index {} is out of range 0-255",
+                            out.len()
+                        )));
+                    }
+                    out.push(v as u8);
+                }
+                Ok(Payload(out))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Payload, E> {
+                decode_base64(s).map(Payload).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let s = s.trim();
+    for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
+        if let Ok(v) = engine.decode(s) {
+            return Ok(v);
+        }
+    }
+    Err(format!(
+        "invalid base64 payload ({} characters)",
+        s.chars().count()
+    ))
+}
+
+/// Every field that may appear on the data topic; METADATA and CHUNK share it.
+#[derive(Debug, Deserialize)]
+struct RawData {
+    device_id: Option<String>,
+    image_name: Option<String>,
+    capture_timestamp: Option<String>,
+    image_size: Option<i64>,
+    max_chunk_size: Option<i64>,
+    total_chunks_count: Option<i64>,
+    location: Option<String>,
+    error: Option<i64>,
+    temperature: Option<f64>,
+    humidity: Option<f64>,
+    pressure: Option<f64>,
+    gas_resistance: Option<f64>,
+    chunk_id: Option<i64>,
+    payload: Option<Payload>,
+    battery: Option<f64>,
+    sha256: Option<String>,
+}
+
+/// METADATA: announces an image and carries the sensor readings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    pub device_id: String,
+    pub image_name: String,
+    /// As sent (kept verbatim); see [`Metadata::captured_at`].
+    pub capture_timestamp: String,
+    pub image_size: u32,
+    pub max_chunk_size: u32,
+    pub total_chunks_count: u32,
+    pub error: i64,
+    pub location: Option<String>,
+    pub temperature: Option<f64>,
+    pub humidity: Option<f64>,
+    pub pressure: Option<f64>,
+    pub gas_resistance: Option<f64>,
+    pub battery: Option<f64>,
+    /// Optional hex SHA-256 of the whole image, verified after assembly.
+    pub sha256: Option<String>,
+}
+
+impl Metadata {
+    /// The device-reported capture time, when it parses as ISO 8601.
+    pub fn captured_at(&self) -> Option<DateTime<Utc>> {
+        parse_timestamp(&self.capture_timestamp)
+    }
+}
+
+pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    // Firmware without a zone designator: treat as UTC.
+    chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S")
+        .ok()
+        .map(|n| n.and_utc())
+}
+
+/// CHUNK: one slice of an image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chunk {
+    pub device_id: Option<String>,
+    pub image_name: String,
+    /// As sent: 1-based (firmware) or 0-based (v1).
+    pub chunk_id: u32,
+    pub max_chunk_size: Option<u32>,
+    pub payload: Vec<u8>,
+}
+
+/// A message on the `…/data` topic.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataMessage {
+    Metadata(Box<Metadata>),
+    Chunk(Chunk),
+}
+
+fn req<T>(v: Option<T>, field: &'static str) -> Result<T, ProtocolError> {
+    v.ok_or(ProtocolError::MissingField(field))
+}
+
+fn to_u32(v: i64, field: &'static str) -> Result<u32, ProtocolError> {
+    u32::try_from(v).map_err(|_| invalid(field, format!("{v} is out of range")))
+}
+
+fn check_image_name(name: &str) -> Result<(), ProtocolError> {
+    if name.is_empty() {
+        return Err(invalid("image_name", "empty"));
+    }
+    if name.len() > MAX_IMAGE_NAME {
+        return Err(invalid(
+            "image_name",
+            format!("longer than {MAX_IMAGE_NAME} bytes"),
+        ));
+    }
+    if name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == '\\' || c.is_control())
+    {
+        return Err(invalid(
+            "image_name",
+            format!(
+                "{:?} contains a path separator or control character",
+                truncate(name, 40)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl DataMessage {
+    /// Parses and validates a data-topic payload. `max_image_size` bounds
+    /// `image_size`.
+    pub fn parse(payload: &[u8], max_image_size: u32) -> Result<DataMessage, ProtocolError> {
+        let raw: RawData =
+            serde_json::from_slice(payload).map_err(|e| ProtocolError::Json(e.to_string()))?;
+        if raw.chunk_id.is_some() || raw.payload.is_some() {
+            let image_name = req(raw.image_name, "image_name")?;
+            check_image_name(&image_name)?;
+            let chunk_id = to_u32(req(raw.chunk_id, "chunk_id")?, "chunk_id")?;
+            let payload = req(raw.payload, "payload")?.0;
+            let max_chunk_size = match raw.max_chunk_size {
+                Some(v) => Some(to_u32(v, "max_chunk_size")?),
+                None => None,
+            };
+            if payload.len() > MAX_CHUNK_SIZE as usize {
+                return Err(invalid(
+                    "payload",
+                    format!("{} bytes exceeds {MAX_CHUNK_SIZE}", payload.len()),
+                ));
+            }
+            return Ok(DataMessage::Chunk(Chunk {
+                device_id: raw.device_id,
+                image_name,
+                chunk_id,
+                max_chunk_size,
+                payload,
+            }));
+        }
+        if raw.total_chunks_count.is_none() && raw.image_size.is_none() {
+            return Err(ProtocolError::UnknownDataMessage);
+        }
+        let device_id = req(raw.device_id, "device_id")?;
+        let image_name = req(raw.image_name, "image_name")?;
+        check_image_name(&image_name)?;
+        let capture_timestamp = req(raw.capture_timestamp, "capture_timestamp")?;
+        let image_size = to_u32(req(raw.image_size, "image_size")?, "image_size")?;
+        let max_chunk_size = to_u32(req(raw.max_chunk_size, "max_chunk_size")?, "max_chunk_size")?;
+        let total = to_u32(
+            req(raw.total_chunks_count, "total_chunks_count")?,
+            "total_chunks_count",
+        )?;
+        let error = req(raw.error, "error")?;
+        if image_size == 0 {
+            return Err(invalid("image_size", "zero"));
+        }
+        if image_size > max_image_size {
+            return Err(invalid(
+                "image_size",
+                format!("{image_size} bytes exceeds the limit of {max_image_size}"),
+            ));
+        }
+        if max_chunk_size == 0 || max_chunk_size > MAX_CHUNK_SIZE {
+            return Err(invalid(
+                "max_chunk_size",
+                format!("{max_chunk_size} is outside 1..={MAX_CHUNK_SIZE}"),
+            ));
+        }
+        let expected = image_size.div_ceil(max_chunk_size);
+        if total != expected {
+            return Err(invalid(
+                "total_chunks_count",
+                format!(
+                    "{total} contradicts image_size {image_size} / max_chunk_size {max_chunk_size} (expected {expected})"
+                ),
+            ));
+        }
+        Ok(DataMessage::Metadata(Box::new(Metadata {
+            device_id,
+            image_name,
+            capture_timestamp,
+            image_size,
+            max_chunk_size,
+            total_chunks_count: total,
+            error,
+            location: raw.location,
+            temperature: raw.temperature,
+            humidity: raw.humidity,
+            pressure: raw.pressure,
+            gas_resistance: raw.gas_resistance,
+            battery: raw.battery,
+            sha256: raw.sha256,
+        })))
+    }
+}
+
+/// A message the gateway sends to a device.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outbound {
+    CaptureImage,
+    SendImage {
+        image_name: String,
+    },
+    NextWake {
+        at: DateTime<Utc>,
+    },
+    MissingChunks {
+        image_name: String,
+        chunk_ids: Vec<u32>,
+    },
+    AckOk {
+        image_name: String,
+        next_wake: DateTime<Utc>,
+    },
+}
+
+#[derive(Serialize)]
+struct AckOkFirmware<'a> {
+    device_id: &'a str,
+    image_name: &'a str,
+    #[serde(rename = "ACK_OK")]
+    ack_ok: NextWakeTime,
+}
+
+#[derive(Serialize)]
+struct NextWakeTime {
+    next_wake_time: String,
+}
+
+#[derive(Serialize)]
+struct AckOkV1<'a> {
+    device_id: &'a str,
+    image_name: &'a str,
+    #[serde(rename = "ACK_OK")]
+    ack_ok: bool,
+    next_wake_time: String,
+}
+
+#[derive(Serialize)]
+struct CaptureImageMsg<'a> {
+    device_id: &'a str,
+    capture_image: bool,
+}
+
+#[derive(Serialize)]
+struct SendImageMsg<'a> {
+    device_id: &'a str,
+    send_image: &'a str,
+}
+
+#[derive(Serialize)]
+struct NextWakeMsg<'a> {
+    device_id: &'a str,
+    next_wake: String,
+}
+
+#[derive(Serialize)]
+struct MissingChunksMsg<'a> {
+    device_id: &'a str,
+    image_name: &'a str,
+    missing_chunks: &'a [u32],
+}
+
+/// Formats a wake time for the dialect: `5:30PM` in the site's zone, or
+/// ISO-8601 UTC.
+pub fn format_wake(dialect: Dialect, at: DateTime<Utc>, tz: Tz) -> String {
+    match dialect {
+        Dialect::Firmware => at.with_timezone(&tz).format("%-I:%M%p").to_string(),
+        Dialect::V1 => at.to_rfc3339_opts(SecondsFormat::Secs, true),
+    }
+}
+
+impl Outbound {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Outbound::CaptureImage => "capture_image",
+            Outbound::SendImage { .. } => "send_image",
+            Outbound::NextWake { .. } => "next_wake",
+            Outbound::MissingChunks { .. } => "missing_chunks",
+            Outbound::AckOk { .. } => "ack_ok",
+        }
+    }
+
+    pub fn channel(&self, dialect: Dialect) -> Channel {
+        match (self, dialect) {
+            (Outbound::AckOk { .. }, _) => Channel::Ack,
+            (Outbound::MissingChunks { .. }, Dialect::V1) => Channel::Ack,
+            _ => Channel::Cmd,
+        }
+    }
+
+    /// Renders `(topic, payload)` for a device that uses `wire_id` in its topics.
+    pub fn render(&self, dialect: Dialect, wire_id: &str, tz: Tz) -> (String, Vec<u8>) {
+        let device_id = wire_id;
+        let json = match self {
+            Outbound::CaptureImage => serde_json::to_vec(&CaptureImageMsg {
+                device_id,
+                capture_image: true,
+            }),
+            Outbound::SendImage { image_name } => serde_json::to_vec(&SendImageMsg {
+                device_id,
+                send_image: image_name,
+            }),
+            Outbound::NextWake { at } => serde_json::to_vec(&NextWakeMsg {
+                device_id,
+                next_wake: format_wake(dialect, *at, tz),
+            }),
+            Outbound::MissingChunks {
+                image_name,
+                chunk_ids,
+            } => serde_json::to_vec(&MissingChunksMsg {
+                device_id,
+                image_name,
+                missing_chunks: chunk_ids,
+            }),
+            Outbound::AckOk {
+                image_name,
+                next_wake,
+            } => match dialect {
+                Dialect::Firmware => serde_json::to_vec(&AckOkFirmware {
+                    device_id,
+                    image_name,
+                    ack_ok: NextWakeTime {
+                        next_wake_time: format_wake(dialect, *next_wake, tz),
+                    },
+                }),
+                Dialect::V1 => serde_json::to_vec(&AckOkV1 {
+                    device_id,
+                    image_name,
+                    ack_ok: true,
+                    next_wake_time: format_wake(dialect, *next_wake, tz),
+                }),
+            },
+        }
+        .unwrap_or_default();
+        (topic(dialect, wire_id, self.channel(dialect)), json)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    const META: &str = r#"{"device_id":"esp32-cam-01","capture_timestamp":"2025-08-29T14:30:00Z","image_name":"image_001.jpg","image_size":4153,"max_chunk_size":128,"total_chunks_count":33,"location":"Room 101","error":0,"temperature":25.5,"humidity":45.2,"pressure":1010.5,"gas_resistance":15.3,"extra":"kept"}"#;
+
+    #[test]
+    fn topics_parse_for_both_dialects() {
+        let t = parse_topic("ESP32CAM/B8F862F9CFB8/data").unwrap();
+        assert_eq!(
+            (t.dialect, t.wire_id, t.channel),
+            (Dialect::Firmware, "B8F862F9CFB8", Channel::Data)
+        );
+        let t = parse_topic("device/esp32-cam-01/status").unwrap();
+        assert_eq!((t.dialect, t.channel), (Dialect::V1, Channel::Status));
+        for bad in [
+            "ESP32CAM/x",
+            "ESP32CAM//data",
+            "foo/x/data",
+            "ESP32CAM/x/data/y",
+            "ESP32CAM/x/other",
+        ] {
+            assert!(
+                matches!(parse_topic(bad), Err(ProtocolError::UnknownTopic(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn macs_normalise() {
+        for s in [
+            "B8F862F9CFB8",
+            "b8f862f9cfb8",
+            "B8:F8:62:F9:CF:B8",
+            "b8-f8-62-f9-cf-b8",
+        ] {
+            assert_eq!(normalize_mac(s).unwrap(), "B8F862F9CFB8");
+        }
+        assert!(normalize_mac("B8F862F9CF").is_err());
+        assert!(normalize_mac("ZZF862F9CFB8").is_err());
+        assert_eq!(normalize_device_id("esp32-cam-01").unwrap(), "esp32-cam-01");
+        assert!(normalize_device_id("a/b").is_err());
+        assert!(normalize_device_id("+").is_err());
+    }
+
+    #[test]
+    fn hello_parses_exact_field_names() {
+        let h = Hello::parse(br#"{"device_id":"X","status":"alive","pendingImg":3}"#).unwrap();
+        assert_eq!(h.pending(), 3);
+        assert_eq!(
+            Hello::parse(br#"{"device_id":"X","status":"alive","pendingimg":3}"#),
+            Err(ProtocolError::MissingField("pendingImg"))
+        );
+        assert!(matches!(
+            Hello::parse(br#"{"device_id":"X","pendingImg":"3"}"#),
+            Err(ProtocolError::Json(_))
+        ));
+        assert!(Hello::parse(br#"{"pendingImg":-1}"#).is_err());
+        assert!(Hello::parse(b"not json").is_err());
+    }
+
+    #[test]
+    fn metadata_parses_and_validates() {
+        let m = match DataMessage::parse(META.as_bytes(), 1 << 20).unwrap() {
+            DataMessage::Metadata(m) => m,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(m.total_chunks_count, 33);
+        assert_eq!(m.temperature, Some(25.5));
+        assert_eq!(
+            m.captured_at(),
+            Some(Utc.with_ymd_and_hms(2025, 8, 29, 14, 30, 0).unwrap())
+        );
+        // total contradicts size / chunk size
+        let bad = META.replace("\"total_chunks_count\":33", "\"total_chunks_count\":15");
+        assert!(matches!(
+            DataMessage::parse(bad.as_bytes(), 1 << 20),
+            Err(ProtocolError::InvalidField {
+                field: "total_chunks_count",
+                ..
+            })
+        ));
+        let bad = META.replace("\"image_size\":4153", "\"image_size\":-5");
+        assert!(DataMessage::parse(bad.as_bytes(), 1 << 20).is_err());
+        let bad = META.replace("\"error\":0,", "");
+        assert_eq!(
+            DataMessage::parse(bad.as_bytes(), 1 << 20),
+            Err(ProtocolError::MissingField("error"))
+        );
+        assert!(
+            DataMessage::parse(META.as_bytes(), 1000).is_err(),
+            "oversize image"
+        );
+        let bad = META.replace("image_001.jpg", "../etc/passwd");
+        assert!(DataMessage::parse(bad.as_bytes(), 1 << 20).is_err());
+    }
+
+    #[test]
+    fn chunk_payloads_as_byte_arrays_or_base64() {
+        let c = DataMessage::parse(
+            br#"{"device_id":"X","image_name":"a.jpg","chunk_id":1,"max_chunk_size":128,"payload":[255,216,0]}"#,
+            1 << 20,
+        )
+        .unwrap();
+        assert!(
+            matches!(c, DataMessage::Chunk(Chunk { chunk_id: 1, ref payload, .. }) if payload == &[255, 216, 0])
+        );
+        let c = DataMessage::parse(
+            br#"{"device_id":"X","image_name":"a.jpg","chunk_id":0,"max_chunk_size":128,"payload":"/9gA"}"#,
+            1 << 20,
+        )
+        .unwrap();
+        assert!(
+            matches!(c, DataMessage::Chunk(Chunk { chunk_id: 0, ref payload, .. }) if payload == &[255, 216, 0])
+        );
+        for bad in [
+            r#"{"image_name":"a.jpg","chunk_id":1,"payload":[256]}"#,
+            r#"{"image_name":"a.jpg","chunk_id":1,"payload":[-1]}"#,
+            r#"{"image_name":"a.jpg","chunk_id":1,"payload":"!!!"}"#,
+            r#"{"image_name":"a.jpg","chunk_id":-1,"payload":[1]}"#,
+            r#"{"image_name":"a.jpg","chunk_id":99999999999,"payload":[1]}"#,
+            r#"{"image_name":"a.jpg","chunk_id":"1","payload":[1]}"#,
+            r#"{"chunk_id":1,"payload":[1]}"#,
+            r#"{"image_name":"a.jpg","chunk_id":1}"#,
+            r#"{"foo":1}"#,
+            r#"[1,2,3]"#,
+        ] {
+            assert!(
+                DataMessage::parse(bad.as_bytes(), 1 << 20).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn outbound_messages_are_byte_exact() {
+        let tz: Tz = "Europe/Berlin".parse().unwrap();
+        let at = Utc.with_ymd_and_hms(2025, 1, 3, 16, 30, 0).unwrap(); // 17:30 in Berlin
+        let ack = Outbound::AckOk {
+            image_name: "img.jpg".into(),
+            next_wake: at,
+        };
+        let (t, p) = ack.render(Dialect::Firmware, "B8F862F9CFB8", tz);
+        assert_eq!(t, "ESP32CAM/B8F862F9CFB8/ack");
+        assert_eq!(
+            String::from_utf8(p).unwrap(),
+            r#"{"device_id":"B8F862F9CFB8","image_name":"img.jpg","ACK_OK":{"next_wake_time":"5:30PM"}}"#
+        );
+        let (t, p) = ack.render(Dialect::V1, "B8F862F9CFB8", tz);
+        assert_eq!(t, "device/B8F862F9CFB8/ack");
+        assert_eq!(
+            String::from_utf8(p).unwrap(),
+            r#"{"device_id":"B8F862F9CFB8","image_name":"img.jpg","ACK_OK":true,"next_wake_time":"2025-01-03T16:30:00Z"}"#
+        );
+        let miss = Outbound::MissingChunks {
+            image_name: "img.jpg".into(),
+            chunk_ids: vec![5, 10, 23],
+        };
+        let (t, p) = miss.render(Dialect::Firmware, "X1", tz);
+        assert_eq!(t, "ESP32CAM/X1/cmd");
+        assert_eq!(
+            String::from_utf8(p).unwrap(),
+            r#"{"device_id":"X1","image_name":"img.jpg","missing_chunks":[5,10,23]}"#
+        );
+        assert_eq!(miss.render(Dialect::V1, "X1", tz).0, "device/X1/ack");
+        let (t, p) = Outbound::CaptureImage.render(Dialect::Firmware, "X1", tz);
+        assert_eq!(t, "ESP32CAM/X1/cmd");
+        assert_eq!(p, br#"{"device_id":"X1","capture_image":true}"#);
+        let (_, p) = Outbound::SendImage {
+            image_name: "a.jpg".into(),
+        }
+        .render(Dialect::V1, "X1", tz);
+        assert_eq!(p, br#"{"device_id":"X1","send_image":"a.jpg"}"#);
+        let am = Utc.with_ymd_and_hms(2025, 1, 3, 10, 0, 0).unwrap();
+        let (_, p) = Outbound::NextWake { at: am }.render(Dialect::Firmware, "X1", tz);
+        assert_eq!(p, br#"{"device_id":"X1","next_wake":"11:00AM"}"#);
+    }
+
+    proptest! {
+        #[test]
+        fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = DataMessage::parse(&bytes, 1 << 20);
+            let _ = Hello::parse(&bytes);
+        }
+
+        #[test]
+        fn byte_array_and_base64_payloads_agree(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            use base64::engine::general_purpose::STANDARD;
+            let arr = serde_json::to_string(&data).unwrap();
+            let b64 = STANDARD.encode(&data);
+            let a = format!(r#"{{"image_name":"x.jpg","chunk_id":1,"payload":{arr}}}"#);
+            let b = format!(r#"{{"image_name":"x.jpg","chunk_id":1,"payload":"{b64}"}}"#);
+            let pa = DataMessage::parse(a.as_bytes(), 1 << 20).unwrap();
+            let pb = DataMessage::parse(b.as_bytes(), 1 << 20).unwrap();
+            prop_assert_eq!(pa, pb);
+        }
+    }
+}

@@ -1,0 +1,911 @@
+//! The embedded redb database (GATEWAY.md §4): one table per concept, a
+//! versioned schema, and [`Store::commit`], which applies a [`Batch`] of the
+//! ingest's changes — chunks, captures, finalised images with their SHA-256,
+//! and the upstream outbox entries for them — in one durable transaction.
+//!
+//! Records are stored as JSON values (self-describing, so a later release can
+//! migrate them); chunk and image bytes are stored raw.
+
+use crate::protocol::{Dialect, Metadata};
+use chrono::{DateTime, Utc};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Bump when a table or record changes incompatibly; `open` migrates or refuses.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+const SESSIONS: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("wake_sessions");
+const CAPTURES: TableDefinition<u64, &[u8]> = TableDefinition::new("captures");
+const CAPTURE_NAMES: TableDefinition<(&str, &str), u64> = TableDefinition::new("capture_names");
+const DEVICE_CAPTURES: TableDefinition<(&str, u64), ()> = TableDefinition::new("device_captures");
+const CHUNKS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("chunks");
+const IMAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("images");
+const TELEMETRY: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("telemetry");
+const COMMANDS: TableDefinition<u64, &[u8]> = TableDefinition::new("commands");
+const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("alerts");
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path} is in use by another barngate process")]
+    Locked { path: String },
+    #[error("cannot open database {path}: {message} (a truncated or corrupt file? restore it from a backup or move it aside)")]
+    Open { path: String, message: String },
+    #[error("database schema version {found} is newer than this barngate supports ({supported}); upgrade barngate")]
+    SchemaTooNew { found: u64, supported: u64 },
+    #[error("database error: {0}")]
+    Db(String),
+    #[error("corrupt record in table {table}: {message}")]
+    Corrupt {
+        table: &'static str,
+        message: String,
+    },
+}
+
+fn db<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Db(e.into().to_string())
+}
+
+/// The device registry entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceRecord {
+    pub mac: String,
+    /// The id as the device spells it in its topics (replies use it).
+    pub wire_id: String,
+    pub dialect: Dialect,
+    /// Set by an admin: the dialect is not re-learned from topics.
+    #[serde(default)]
+    pub dialect_pinned: bool,
+    /// Chunk-id base, once revealed by a chunk (0 or 1).
+    #[serde(default)]
+    pub chunk_base: Option<u32>,
+    #[serde(default)]
+    pub site: Option<String>,
+    #[serde(default)]
+    pub location: Option<String>,
+    #[serde(default)]
+    pub firmware_version: Option<String>,
+    #[serde(default)]
+    pub hardware_version: Option<String>,
+    pub registered_at: DateTime<Utc>,
+    #[serde(default)]
+    pub last_seen: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub next_wake: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub battery: Option<f64>,
+    /// `active` or `revoked`.
+    pub status: String,
+    #[serde(default)]
+    pub cert_serial: Option<String>,
+    pub registration_index: u64,
+    pub stagger_slot: u32,
+    /// Per-device capture times (`HH:MM`), overriding the site's.
+    #[serde(default)]
+    pub schedule: Option<Vec<String>>,
+    #[serde(default)]
+    pub last_current_capture_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub pending_reported: u32,
+    #[serde(default)]
+    pub last_error: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptureState {
+    Announced,
+    Receiving,
+    MissingRequested,
+    Complete,
+    Failed,
+}
+
+impl CaptureState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureState::Announced => "announced",
+            CaptureState::Receiving => "receiving",
+            CaptureState::MissingRequested => "missing_requested",
+            CaptureState::Complete => "complete",
+            CaptureState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    Current,
+    Recovery,
+}
+
+/// One image a device announced (or started sending), in any state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CaptureRecord {
+    pub id: u64,
+    pub mac: String,
+    pub image_name: String,
+    /// 1 for the first capture of this name; a different image under the
+    /// same name becomes version 2, …
+    pub version: u32,
+    pub state: CaptureState,
+    pub origin: Origin,
+    #[serde(default)]
+    pub metadata: Option<Metadata>,
+    /// The METADATA payload exactly as received, extra fields included.
+    #[serde(default)]
+    pub raw_metadata: Option<String>,
+    /// Device-reported capture time.
+    #[serde(default)]
+    pub device_time: Option<DateTime<Utc>>,
+    /// Gateway time of the first message about this capture.
+    pub first_seen_at: DateTime<Utc>,
+    #[serde(default)]
+    pub metadata_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+    /// `missing_chunks` rounds so far.
+    pub retries: u32,
+    #[serde(default)]
+    pub chunk_base: Option<u32>,
+    #[serde(default)]
+    pub chunks_received: u32,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub assembled_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub acked_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub failed_reason: Option<String>,
+}
+
+impl CaptureRecord {
+    pub fn total_chunks(&self) -> Option<u32> {
+        self.metadata.as_ref().map(|m| m.total_chunks_count)
+    }
+    pub fn image_size(&self) -> Option<u32> {
+        self.metadata.as_ref().map(|m| m.image_size)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SessionRecord {
+    pub mac: String,
+    pub woke_at: DateTime<Utc>,
+    pub pending_reported: u32,
+    #[serde(default)]
+    pub next_wake_assigned: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub capture_requested: bool,
+    #[serde(default)]
+    pub images_completed: u32,
+    #[serde(default)]
+    pub images_failed: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TelemetryRecord {
+    pub mac: String,
+    pub captured_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub capture_id: u64,
+    pub temperature: Option<f64>,
+    pub humidity: Option<f64>,
+    pub pressure: Option<f64>,
+    pub gas_resistance: Option<f64>,
+    pub battery: Option<f64>,
+    pub error: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CommandRecord {
+    pub mac: String,
+    pub at: DateTime<Utc>,
+    pub kind: String,
+    pub topic: String,
+    pub payload: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AlertRecord {
+    pub id: u64,
+    pub mac: String,
+    /// `image_failed`, `device_error`, `missed_wake`, `low_battery`, `offline`.
+    pub kind: String,
+    /// `warning`, `error`, `critical`.
+    pub severity: String,
+    pub message: String,
+    pub triggered_at: DateTime<Utc>,
+    #[serde(default)]
+    pub resolved_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub capture_id: Option<u64>,
+}
+
+/// One item for the upstream forwarder, written in the same transaction as
+/// the data it points at.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutboxItem {
+    pub seq: u64,
+    pub kind: String,
+    pub mac: String,
+    pub key: String,
+    pub queued_at: DateTime<Utc>,
+}
+
+/// A complete image: its capture and how to assemble it.
+#[derive(Debug, Clone)]
+pub struct Finalize {
+    pub capture_id: u64,
+    /// Chunk ids as sent, in image order.
+    pub chunk_ids: Vec<u32>,
+}
+
+/// Changes from the ingest, applied atomically by [`Store::commit`].
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub devices: HashMap<String, DeviceRecord>,
+    pub sessions: HashMap<(String, i64), SessionRecord>,
+    pub captures: HashMap<u64, CaptureRecord>,
+    pub chunks: Vec<(u64, u32, Vec<u8>)>,
+    pub finalize: Vec<Finalize>,
+    pub telemetry: Vec<TelemetryRecord>,
+    pub commands: Vec<CommandRecord>,
+    pub alerts: HashMap<u64, AlertRecord>,
+    /// Captures whose stored chunks are discarded (inconsistent content).
+    pub drop_chunks: Vec<u64>,
+    /// When the oldest change in this batch was made.
+    pub since: Option<std::time::Instant>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+            && self.sessions.is_empty()
+            && self.captures.is_empty()
+            && self.chunks.is_empty()
+            && self.finalize.is_empty()
+            && self.telemetry.is_empty()
+            && self.commands.is_empty()
+            && self.alerts.is_empty()
+            && self.drop_chunks.is_empty()
+    }
+    fn touch(&mut self) {
+        if self.since.is_none() {
+            self.since = Some(std::time::Instant::now());
+        }
+    }
+    pub fn device(&mut self, d: &DeviceRecord) {
+        self.touch();
+        self.devices.insert(d.mac.clone(), d.clone());
+    }
+    pub fn session(&mut self, s: &SessionRecord) {
+        self.touch();
+        self.sessions
+            .insert((s.mac.clone(), s.woke_at.timestamp_millis()), s.clone());
+    }
+    pub fn capture(&mut self, c: &CaptureRecord) {
+        self.touch();
+        self.captures.insert(c.id, c.clone());
+    }
+    pub fn chunk(&mut self, capture_id: u64, chunk_id: u32, bytes: Vec<u8>) {
+        self.touch();
+        self.chunks.push((capture_id, chunk_id, bytes));
+    }
+    pub fn alert(&mut self, a: &AlertRecord) {
+        self.touch();
+        self.alerts.insert(a.id, a.clone());
+    }
+}
+
+/// What a commit did that the caller must know about.
+#[derive(Debug, Default)]
+pub struct CommitReport {
+    /// Captures whose assembly failed verification: (capture id, reason).
+    /// They were stored as `failed`, with no image.
+    pub failed: Vec<(u64, String)>,
+}
+
+/// Summary counts, for status output and metrics.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StoreCounts {
+    pub devices: u64,
+    pub captures: u64,
+    pub images: u64,
+    pub chunks: u64,
+    pub outbox: u64,
+    pub alerts: u64,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn dec<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        table,
+        message: e.to_string(),
+    })
+}
+
+impl Store {
+    /// Opens (creating if absent) the database at `path` and checks its schema.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let p = path.display().to_string();
+        // redb 2 asserts (panics) on some truncated files instead of
+        // returning an error; turn that into the same clear error.
+        let opened =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Database::create(path)))
+                .map_err(|panic| StoreError::Open {
+                    path: p.clone(),
+                    message: panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "storage engine rejected the file".into()),
+                })?;
+        let db = opened.map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked { path: p.clone() },
+            other => StoreError::Open {
+                path: p.clone(),
+                message: other.to_string(),
+            },
+        })?;
+        let store = Store { db };
+        store.init_schema()?;
+        Ok(store)
+    }
+
+    fn init_schema(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut meta = tx.open_table(META).map_err(db)?;
+            let found = meta.get("schema_version").map_err(db)?.map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION).map_err(db)?;
+                }
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(StoreError::SchemaTooNew {
+                        found: v,
+                        supported: SCHEMA_VERSION,
+                    })
+                }
+                // Older versions migrate here, one step at a time.
+                Some(_) => {}
+            }
+            tx.open_table(DEVICES).map_err(db)?;
+            tx.open_table(SESSIONS).map_err(db)?;
+            tx.open_table(CAPTURES).map_err(db)?;
+            tx.open_table(CAPTURE_NAMES).map_err(db)?;
+            tx.open_table(DEVICE_CAPTURES).map_err(db)?;
+            tx.open_table(CHUNKS).map_err(db)?;
+            tx.open_table(IMAGES).map_err(db)?;
+            tx.open_table(TELEMETRY).map_err(db)?;
+            tx.open_table(COMMANDS).map_err(db)?;
+            tx.open_table(ALERTS).map_err(db)?;
+            tx.open_table(OUTBOX).map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(())
+    }
+
+    pub fn schema_version(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let meta = tx.open_table(META).map_err(db)?;
+        Ok(meta
+            .get("schema_version")
+            .map_err(db)?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    /// Applies a batch in one durable transaction.
+    pub fn commit(&self, batch: Batch, now: DateTime<Utc>) -> Result<CommitReport, StoreError> {
+        let mut report = CommitReport::default();
+        let mut captures = batch.captures;
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut outbox = tx.open_table(OUTBOX).map_err(db)?;
+            let mut next_seq = outbox
+                .last()
+                .map_err(db)?
+                .map(|(k, _)| k.value() + 1)
+                .unwrap_or(1);
+            let mut queue = |kind: &str, mac: &str, key: String| -> Result<(), StoreError> {
+                let item = OutboxItem {
+                    seq: next_seq,
+                    kind: kind.to_string(),
+                    mac: mac.to_string(),
+                    key,
+                    queued_at: now,
+                };
+                outbox.insert(next_seq, enc(&item).as_slice()).map_err(db)?;
+                next_seq += 1;
+                Ok(())
+            };
+
+            {
+                let mut chunks = tx.open_table(CHUNKS).map_err(db)?;
+                for (cid, chunk_id, bytes) in &batch.chunks {
+                    chunks
+                        .insert((*cid, *chunk_id), bytes.as_slice())
+                        .map_err(db)?;
+                }
+                for cid in &batch.drop_chunks {
+                    chunks
+                        .retain_in((*cid, 0)..=(*cid, u32::MAX), |_, _| false)
+                        .map_err(db)?;
+                }
+                let mut images = tx.open_table(IMAGES).map_err(db)?;
+                for f in &batch.finalize {
+                    let Some(cap) = captures.get_mut(&f.capture_id) else {
+                        continue;
+                    };
+                    let mut bytes = Vec::with_capacity(cap.image_size().unwrap_or(0) as usize);
+                    let mut missing = None;
+                    for id in &f.chunk_ids {
+                        match chunks.get((f.capture_id, *id)).map_err(db)? {
+                            Some(v) => bytes.extend_from_slice(v.value()),
+                            None => {
+                                missing = Some(*id);
+                                break;
+                            }
+                        }
+                    }
+                    let sha = hex::encode(Sha256::digest(&bytes));
+                    let problem = if let Some(id) = missing {
+                        Some(format!("chunk {id} missing at assembly"))
+                    } else if Some(bytes.len() as u32) != cap.image_size() {
+                        Some(format!(
+                            "assembled {} bytes, METADATA announced {}",
+                            bytes.len(),
+                            cap.image_size().unwrap_or(0)
+                        ))
+                    } else {
+                        match cap.metadata.as_ref().and_then(|m| m.sha256.as_deref()) {
+                            Some(want) if !want.eq_ignore_ascii_case(&sha) => {
+                                Some(format!("SHA-256 {sha} does not match the announced {want}"))
+                            }
+                            _ => None,
+                        }
+                    };
+                    if let Some(reason) = problem {
+                        cap.state = CaptureState::Failed;
+                        cap.failed_reason = Some(reason.clone());
+                        cap.acked_at = None;
+                        report.failed.push((cap.id, reason));
+                        chunks
+                            .retain_in((cap.id, 0)..=(cap.id, u32::MAX), |_, _| false)
+                            .map_err(db)?;
+                        continue;
+                    }
+                    images.insert(cap.id, bytes.as_slice()).map_err(db)?;
+                    cap.sha256 = Some(sha);
+                    cap.assembled_at.get_or_insert(now);
+                    chunks
+                        .retain_in((cap.id, 0)..=(cap.id, u32::MAX), |_, _| false)
+                        .map_err(db)?;
+                    queue("image", &cap.mac, cap.id.to_string())?;
+                }
+            }
+
+            let mut t = tx.open_table(CAPTURES).map_err(db)?;
+            let mut names = tx.open_table(CAPTURE_NAMES).map_err(db)?;
+            let mut by_dev = tx.open_table(DEVICE_CAPTURES).map_err(db)?;
+            for c in captures.values() {
+                t.insert(c.id, enc(c).as_slice()).map_err(db)?;
+                let latest = names
+                    .get((c.mac.as_str(), c.image_name.as_str()))
+                    .map_err(db)?
+                    .map(|v| v.value());
+                if latest.is_none_or(|l| l <= c.id) {
+                    names
+                        .insert((c.mac.as_str(), c.image_name.as_str()), c.id)
+                        .map_err(db)?;
+                }
+                by_dev.insert((c.mac.as_str(), c.id), ()).map_err(db)?;
+            }
+
+            let mut t = tx.open_table(DEVICES).map_err(db)?;
+            for d in batch.devices.values() {
+                t.insert(d.mac.as_str(), enc(d).as_slice()).map_err(db)?;
+                queue("device", &d.mac, d.mac.clone())?;
+            }
+            let mut t = tx.open_table(SESSIONS).map_err(db)?;
+            for ((mac, ms), s) in &batch.sessions {
+                t.insert((mac.as_str(), *ms), enc(s).as_slice())
+                    .map_err(db)?;
+                queue("session", mac, ms.to_string())?;
+            }
+            let mut t = tx.open_table(TELEMETRY).map_err(db)?;
+            for r in &batch.telemetry {
+                let ms = r.captured_at.timestamp_millis();
+                t.insert((r.mac.as_str(), ms), enc(r).as_slice())
+                    .map_err(db)?;
+                queue("telemetry", &r.mac, ms.to_string())?;
+            }
+            let mut t = tx.open_table(COMMANDS).map_err(db)?;
+            let mut seq = t
+                .last()
+                .map_err(db)?
+                .map(|(k, _)| k.value() + 1)
+                .unwrap_or(1);
+            for c in &batch.commands {
+                t.insert(seq, enc(c).as_slice()).map_err(db)?;
+                seq += 1;
+            }
+            let mut t = tx.open_table(ALERTS).map_err(db)?;
+            for a in batch.alerts.values() {
+                t.insert(a.id, enc(a).as_slice()).map_err(db)?;
+                queue("alert", &a.mac, a.id.to_string())?;
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(report)
+    }
+
+    fn get_json<K: redb::Key + 'static, T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<K, &[u8]>,
+        name: &'static str,
+        key: impl std::borrow::Borrow<K::SelfType<'static>>,
+    ) -> Result<Option<T>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(def).map_err(db)?;
+        let v = t.get(key).map_err(db)?;
+        v.map(|g| dec(name, g.value())).transpose()
+    }
+
+    pub fn device(&self, mac: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(DEVICES).map_err(db)?;
+        let v = t.get(mac).map_err(db)?;
+        v.map(|g| dec("devices", g.value())).transpose()
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(DEVICES).map_err(db)?;
+        let mut out = Vec::new();
+        for r in t.iter().map_err(db)? {
+            let (_, v) = r.map_err(db)?;
+            out.push(dec("devices", v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn device_count(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        tx.open_table(DEVICES).map_err(db)?.len().map_err(db)
+    }
+
+    pub fn capture(&self, id: u64) -> Result<Option<CaptureRecord>, StoreError> {
+        self.get_json(CAPTURES, "captures", id)
+    }
+
+    /// The newest version of a device's capture with this name.
+    pub fn latest_capture(
+        &self,
+        mac: &str,
+        name: &str,
+    ) -> Result<Option<CaptureRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let names = tx.open_table(CAPTURE_NAMES).map_err(db)?;
+        let Some(id) = names.get((mac, name)).map_err(db)?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        let t = tx.open_table(CAPTURES).map_err(db)?;
+        let v = t.get(id).map_err(db)?;
+        v.map(|g| dec("captures", g.value())).transpose()
+    }
+
+    pub fn max_capture_id(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(CAPTURES).map_err(db)?;
+        let last = t.last().map_err(db)?.map(|(k, _)| k.value()).unwrap_or(0);
+        Ok(last)
+    }
+
+    pub fn max_alert_id(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(ALERTS).map_err(db)?;
+        let last = t.last().map_err(db)?.map(|(k, _)| k.value()).unwrap_or(0);
+        Ok(last)
+    }
+
+    /// Chunk ids stored for a capture, with their lengths.
+    pub fn chunk_lengths(&self, capture_id: u64) -> Result<Vec<(u32, u32)>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(CHUNKS).map_err(db)?;
+        let mut out = Vec::new();
+        for r in t
+            .range((capture_id, 0)..=(capture_id, u32::MAX))
+            .map_err(db)?
+        {
+            let (k, v) = r.map_err(db)?;
+            out.push((k.value().1, v.value().len() as u32));
+        }
+        Ok(out)
+    }
+
+    /// All captures of one device (or every device), oldest first.
+    pub fn captures(&self, mac: Option<&str>) -> Result<Vec<CaptureRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(CAPTURES).map_err(db)?;
+        let mut out = Vec::new();
+        match mac {
+            Some(mac) => {
+                let idx = tx.open_table(DEVICE_CAPTURES).map_err(db)?;
+                for r in idx.range((mac, 0)..=(mac, u64::MAX)).map_err(db)? {
+                    let (k, _) = r.map_err(db)?;
+                    if let Some(v) = t.get(k.value().1).map_err(db)? {
+                        out.push(dec("captures", v.value())?);
+                    }
+                }
+            }
+            None => {
+                for r in t.iter().map_err(db)? {
+                    let (_, v) = r.map_err(db)?;
+                    out.push(dec("captures", v.value())?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Complete images of one device (or all), oldest first.
+    pub fn images(&self, mac: Option<&str>) -> Result<Vec<CaptureRecord>, StoreError> {
+        Ok(self
+            .captures(mac)?
+            .into_iter()
+            .filter(|c| c.state == CaptureState::Complete)
+            .collect())
+    }
+
+    pub fn image_bytes(&self, capture_id: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(IMAGES).map_err(db)?;
+        Ok(t.get(capture_id).map_err(db)?.map(|v| v.value().to_vec()))
+    }
+
+    pub fn sessions(&self, mac: &str) -> Result<Vec<SessionRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(SESSIONS).map_err(db)?;
+        let mut out = Vec::new();
+        for r in t.range((mac, i64::MIN)..=(mac, i64::MAX)).map_err(db)? {
+            let (_, v) = r.map_err(db)?;
+            out.push(dec("wake_sessions", v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn telemetry(&self, mac: &str) -> Result<Vec<TelemetryRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(TELEMETRY).map_err(db)?;
+        let mut out = Vec::new();
+        for r in t.range((mac, i64::MIN)..=(mac, i64::MAX)).map_err(db)? {
+            let (_, v) = r.map_err(db)?;
+            out.push(dec("telemetry", v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn commands(&self, mac: Option<&str>) -> Result<Vec<CommandRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(COMMANDS).map_err(db)?;
+        let mut out = Vec::new();
+        for r in t.iter().map_err(db)? {
+            let (_, v) = r.map_err(db)?;
+            let c: CommandRecord = dec("commands", v.value())?;
+            if mac.is_none_or(|m| m == c.mac) {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn alerts(&self) -> Result<Vec<AlertRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(ALERTS).map_err(db)?;
+        let mut out = Vec::new();
+        for r in t.iter().map_err(db)? {
+            let (_, v) = r.map_err(db)?;
+            out.push(dec("alerts", v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn outbox(&self, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(OUTBOX).map_err(db)?;
+        let mut out = Vec::new();
+        for r in t.iter().map_err(db)?.take(limit) {
+            let (_, v) = r.map_err(db)?;
+            out.push(dec("outbox", v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn counts(&self) -> Result<StoreCounts, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        Ok(StoreCounts {
+            devices: tx.open_table(DEVICES).map_err(db)?.len().map_err(db)?,
+            captures: tx.open_table(CAPTURES).map_err(db)?.len().map_err(db)?,
+            images: tx.open_table(IMAGES).map_err(db)?.len().map_err(db)?,
+            chunks: tx.open_table(CHUNKS).map_err(db)?.len().map_err(db)?,
+            outbox: tx.open_table(OUTBOX).map_err(db)?.len().map_err(db)?,
+            alerts: tx.open_table(ALERTS).map_err(db)?.len().map_err(db)?,
+        })
+    }
+
+    /// Registers or updates a device record directly (admin commands).
+    pub fn put_device(&self, d: &DeviceRecord, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        b.device(d);
+        self.commit(b, now).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 8, 0, 0).unwrap()
+    }
+
+    fn capture(id: u64, size: u32, chunk: u32) -> CaptureRecord {
+        CaptureRecord {
+            id,
+            mac: "AABBCCDDEEFF".into(),
+            image_name: "a.jpg".into(),
+            version: 1,
+            state: CaptureState::Complete,
+            origin: Origin::Current,
+            metadata: Some(Metadata {
+                device_id: "AABBCCDDEEFF".into(),
+                image_name: "a.jpg".into(),
+                capture_timestamp: "2026-01-01T08:00:00Z".into(),
+                image_size: size,
+                max_chunk_size: chunk,
+                total_chunks_count: size.div_ceil(chunk),
+                error: 0,
+                location: None,
+                temperature: None,
+                humidity: None,
+                pressure: None,
+                gas_resistance: None,
+                battery: None,
+                sha256: None,
+            }),
+            raw_metadata: None,
+            device_time: None,
+            first_seen_at: t0(),
+            metadata_at: None,
+            updated_at: t0(),
+            retries: 0,
+            chunk_base: Some(1),
+            chunks_received: 0,
+            sha256: None,
+            assembled_at: None,
+            acked_at: None,
+            failed_reason: None,
+        }
+    }
+
+    #[test]
+    fn finalize_assembles_in_order_hashes_and_drops_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.redb")).unwrap();
+        let mut b = Batch::default();
+        let mut c = capture(1, 5, 2);
+        c.state = CaptureState::Receiving;
+        b.capture(&c);
+        b.chunk(1, 3, vec![5]);
+        b.chunk(1, 1, vec![1, 2]);
+        s.commit(b, t0()).unwrap();
+        let mut b = Batch::default();
+        b.chunk(1, 2, vec![3, 4]);
+        c.state = CaptureState::Complete;
+        b.capture(&c);
+        b.finalize.push(Finalize {
+            capture_id: 1,
+            chunk_ids: vec![1, 2, 3],
+        });
+        let r = s.commit(b, t0()).unwrap();
+        assert!(r.failed.is_empty());
+        assert_eq!(s.image_bytes(1).unwrap().unwrap(), vec![1, 2, 3, 4, 5]);
+        let c = s.latest_capture("AABBCCDDEEFF", "a.jpg").unwrap().unwrap();
+        assert_eq!(
+            c.sha256.unwrap(),
+            hex::encode(Sha256::digest([1u8, 2, 3, 4, 5]))
+        );
+        assert!(s.chunk_lengths(1).unwrap().is_empty());
+        assert_eq!(
+            s.outbox(10)
+                .unwrap()
+                .iter()
+                .filter(|o| o.kind == "image")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn size_mismatch_fails_the_capture_without_storing_an_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.redb")).unwrap();
+        let mut b = Batch::default();
+        b.capture(&capture(7, 5, 2));
+        b.chunk(7, 1, vec![1, 2]);
+        b.chunk(7, 2, vec![3]);
+        b.chunk(7, 3, vec![5]);
+        b.finalize.push(Finalize {
+            capture_id: 7,
+            chunk_ids: vec![1, 2, 3],
+        });
+        let r = s.commit(b, t0()).unwrap();
+        assert_eq!(r.failed.len(), 1);
+        assert!(s.image_bytes(7).unwrap().is_none());
+        assert_eq!(s.capture(7).unwrap().unwrap().state, CaptureState::Failed);
+    }
+
+    #[test]
+    fn truncated_database_gives_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        {
+            let s = Store::open(&path).unwrap();
+            s.put_device(
+                &DeviceRecord {
+                    mac: "AABBCCDDEEFF".into(),
+                    wire_id: "AABBCCDDEEFF".into(),
+                    dialect: Dialect::Firmware,
+                    dialect_pinned: false,
+                    chunk_base: None,
+                    site: None,
+                    location: None,
+                    firmware_version: None,
+                    hardware_version: None,
+                    registered_at: t0(),
+                    last_seen: None,
+                    next_wake: None,
+                    battery: None,
+                    status: "active".into(),
+                    cert_serial: None,
+                    registration_index: 0,
+                    stagger_slot: 0,
+                    schedule: None,
+                    last_current_capture_at: None,
+                    pending_reported: 0,
+                    last_error: None,
+                },
+                t0(),
+            )
+            .unwrap();
+        }
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len / 3).unwrap();
+        drop(f);
+        match Store::open(&path) {
+            Err(e) => assert!(e.to_string().contains("cannot open database"), "{e}"),
+            // redb may repair a torn tail; then the data must still read.
+            Ok(s) => {
+                let _ = s.devices();
+            }
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Shared helpers for the end-to-end tests: an in-process gateway on
+//! loopback ports and a device driven by a real MQTT client (rumqttc).
+#![allow(dead_code)]
+
+use barngate::clock::SystemClock;
+use barngate::config::Config;
+use barngate::server::{Gateway, GatewayOptions};
+use base64::Engine as _;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A config for tests: short gaps so retries happen in well under a second.
+pub fn test_config() -> Config {
+    let mut c = Config::default();
+    c.site.timezone = "UTC".into();
+    c.ingest.quiet_gap_ms = 300;
+    c.ingest.hard_timeout_s = 5;
+    c.ingest.commit_interval_ms = 20;
+    c
+}
+
+pub async fn start_gateway(dir: &Path, cfg: Config) -> Gateway {
+    Gateway::start(
+        GatewayOptions {
+            data_dir: dir.to_path_buf(),
+            config: cfg,
+            mqtt_listen: Some("127.0.0.1:0".parse().unwrap()),
+            http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        },
+        Arc::new(SystemClock),
+    )
+    .await
+    .expect("gateway starts")
+}
+
+/// A deterministic pseudo-JPEG of `n` bytes.
+pub fn image_bytes(seed: u32, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2654435761).wrapping_add(1);
+    let mut v = Vec::with_capacity(n);
+    v.extend_from_slice(&[0xFF, 0xD8, 0xFF, 0xE0]);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        v.push((x & 0xFF) as u8);
+    }
+    v.truncate(n);
+    v
+}
+
+pub struct Device {
+    pub id: String,
+    pub prefix: &'static str,
+    pub base: u32,
+    pub client: AsyncClient,
+    rx: mpsc::Receiver<(String, Value)>,
+}
+
+impl Device {
+    /// Connects, subscribes to its cmd and ack topics and waits for the SUBACKs.
+    pub async fn connect(addr: std::net::SocketAddr, id: &str, v1: bool) -> Device {
+        let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+        let (tx, rx) = mpsc::channel(1000);
+        let (sub_tx, mut sub_rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        if tx.send((p.topic.clone(), v)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = sub_tx.send(()).await;
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        let prefix = if v1 { "device" } else { "ESP32CAM" };
+        for ch in ["cmd", "ack"] {
+            client
+                .subscribe(format!("{prefix}/{id}/{ch}"), QoS::AtLeastOnce)
+                .await
+                .unwrap();
+        }
+        for _ in 0..2 {
+            tokio::time::timeout(WAIT, sub_rx.recv())
+                .await
+                .expect("suback");
+        }
+        Device {
+            id: id.to_string(),
+            prefix,
+            base: if v1 { 0 } else { 1 },
+            client,
+            rx,
+        }
+    }
+
+    pub async fn publish(&self, channel: &str, payload: Vec<u8>) {
+        self.client
+            .publish(
+                format!("{}/{}/{}", self.prefix, self.id, channel),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn hello(&self, pending: u32) {
+        let p = json!({"device_id": self.id, "status": "alive", "pendingImg": pending});
+        self.publish("status", p.to_string().into_bytes()).await;
+    }
+
+    pub fn metadata(&self, name: &str, image: &[u8], chunk: usize, ts: &str) -> Value {
+        json!({
+            "device_id": self.id,
+            "capture_timestamp": ts,
+            "image_name": name,
+            "image_size": image.len(),
+            "max_chunk_size": chunk,
+            "total_chunks_count": image.len().div_ceil(chunk),
+            "location": "Barn 1",
+            "error": 0,
+            "temperature": 22.5,
+            "humidity": 50.2,
+            "pressure": 1013.2,
+            "gas_resistance": 120.5,
+            "firmware_extra": "kept"
+        })
+    }
+
+    pub async fn send_metadata(&self, name: &str, image: &[u8], chunk: usize, ts: &str) {
+        let m = self.metadata(name, image, chunk, ts);
+        self.publish("data", m.to_string().into_bytes()).await;
+    }
+
+    /// The chunk message for index `i` (0-based position in the image).
+    pub fn chunk_msg(&self, name: &str, image: &[u8], chunk: usize, i: usize) -> Vec<u8> {
+        let part = &image[i * chunk..((i + 1) * chunk).min(image.len())];
+        let payload = if self.base == 0 {
+            json!(base64::engine::general_purpose::STANDARD.encode(part))
+        } else {
+            json!(part)
+        };
+        json!({
+            "device_id": self.id,
+            "image_name": name,
+            "chunk_id": i as u32 + self.base,
+            "max_chunk_size": chunk,
+            "payload": payload
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    pub async fn send_chunks(&self, name: &str, image: &[u8], chunk: usize, positions: &[usize]) {
+        for &i in positions {
+            self.publish("data", self.chunk_msg(name, image, chunk, i))
+                .await;
+        }
+    }
+
+    /// Next message from the gateway, with its topic's last level.
+    pub async fn recv(&mut self) -> (String, Value) {
+        let (topic, v) = tokio::time::timeout(WAIT, self.rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{}: no message from the gateway within {WAIT:?}", self.id))
+            .expect("client alive");
+        let last = topic.rsplit('/').next().unwrap_or("").to_string();
+        (last, v)
+    }
+
+    /// Waits for a message carrying `field`; panics on anything else first.
+    pub async fn expect(&mut self, field: &str) -> (String, Value) {
+        let (ch, v) = self.recv().await;
+        assert!(
+            v.get(field).is_some(),
+            "{}: expected `{field}`, got {ch}: {v}",
+            self.id
+        );
+        (ch, v)
+    }
+
+    /// No message within `d`.
+    pub async fn expect_silence(&mut self, d: Duration) {
+        if let Ok(Some((t, v))) = tokio::time::timeout(d, self.rx.recv()).await {
+            panic!("{}: unexpected message on {t}: {v}", self.id);
+        }
+    }
+
+    /// The full happy path for one image: METADATA → send_image → chunks → ACK_OK.
+    pub async fn deliver(&mut self, name: &str, image: &[u8], chunk: usize, ts: &str) -> Value {
+        self.send_metadata(name, image, chunk, ts).await;
+        let (_, v) = self.expect("send_image").await;
+        assert_eq!(v["send_image"], name);
+        let all: Vec<usize> = (0..image.len().div_ceil(chunk)).collect();
+        self.send_chunks(name, image, chunk, &all).await;
+        let (ch, ack) = self.expect("ACK_OK").await;
+        assert_eq!(ch, "ack");
+        assert_eq!(ack["image_name"], name);
+        ack
+    }
+}
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
