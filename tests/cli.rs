@@ -1,0 +1,267 @@
+//! The real binary: `serve` as a child process, a real mosquitto client, and
+//! the admin commands both through the running gateway and on the database.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_barngate"))
+}
+
+struct Serve {
+    child: Child,
+    mqtt: SocketAddr,
+}
+
+impl Serve {
+    fn start(dir: &Path) -> Serve {
+        let cfg = dir.join("test.toml");
+        std::fs::write(
+            &cfg,
+            "[site]\ntimezone = \"UTC\"\n[ingest]\nquiet_gap_ms = 300\n",
+        )
+        .unwrap();
+        let mut child = bin()
+            .args(["--data-dir"])
+            .arg(dir.join("data"))
+            .arg("--config")
+            .arg(&cfg)
+            .args([
+                "serve",
+                "--mqtt-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line).unwrap();
+        assert!(line.starts_with("barngate ready "), "{line}");
+        let mqtt = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("mqtt="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        Serve { child, mqtt }
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(st.success(), "serve exits cleanly on SIGTERM: {st}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "serve did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn run(dir: &Path, args: &[&str]) -> std::process::Output {
+    bin()
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_mosquitto_client_and_admin_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let port = serve.mqtt.port().to_string();
+
+    // A real mosquitto client: HELLO → capture_image.
+    let mut sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-i",
+            "sub-B8F862F9CFB8",
+            "-t",
+            "ESP32CAM/B8F862F9CFB8/cmd",
+            "-C",
+            "1",
+            "-W",
+            "20",
+            "-q",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (Debian mosquitto-clients) is installed");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Until the subscriber is in place, HELLOs may go unanswered: repeat.
+    loop {
+        let st = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-i",
+                "B8F862F9CFB8",
+                "-q",
+                "1",
+                "-t",
+                "ESP32CAM/B8F862F9CFB8/status",
+                "-m",
+                r#"{"device_id":"B8F862F9CFB8","status":"alive","pendingImg":0}"#,
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if sub.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no capture_image reached mosquitto_sub"
+        );
+    }
+    let sub_out = sub.wait_with_output().unwrap();
+    let msg = String::from_utf8_lossy(&sub_out.stdout);
+    assert_eq!(
+        msg.trim(),
+        r#"{"device_id":"B8F862F9CFB8","capture_image":true}"#
+    );
+
+    // Deliver an image with an MQTT client library.
+    let mut d = Device::connect(serve.mqtt, "B8F862F9CFB8", false).await;
+    let img = image_bytes(42, 4000);
+    d.deliver("img_cli.jpg", &img, 512, "2025-01-03T10:00:00Z")
+        .await;
+
+    // Admin commands while serve runs (through the admin socket).
+    let out = run(dir.path(), &["device", "list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["mac"], "B8F862F9CFB8");
+    let out = run(
+        dir.path(),
+        &["image", "list", "--device", "b8:f8:62:f9:cf:b8", "--json"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(v[0]["sha256"], sha256_hex(&img));
+    let file = dir.path().join("out.jpg");
+    let out = run(
+        dir.path(),
+        &[
+            "image",
+            "export",
+            "--device",
+            "b8f862f9cfb8",
+            "--name",
+            "img_cli.jpg",
+            "--out",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), img);
+    let out = run(
+        dir.path(),
+        &[
+            "image",
+            "export",
+            "--device",
+            "B8F862F9CFB8",
+            "--name",
+            "nope.jpg",
+            "--out",
+            "/dev/null",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no complete image"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    serve.stop();
+
+    // Without a running gateway the same commands read the database.
+    let out = run(dir.path(), &["image", "list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["image_name"], "img_cli.jpg");
+    let out = run(dir.path(), &["image", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("img_cli.jpg"));
+    let out = run(
+        dir.path(),
+        &[
+            "image",
+            "export",
+            "--device",
+            "B8F862F9CFB8",
+            "--name",
+            "img_cli.jpg",
+            "--out",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success());
+    assert_eq!(std::fs::read(&file).unwrap(), img);
+}
+
+#[test]
+fn config_errors_name_the_key_and_configfile_prints_the_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[ingest]\nretry_limit = 0\n").unwrap();
+    let out = bin()
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&bad)
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ingest.retry_limit"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bin().arg("configfile").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        barngate::config::TEMPLATE
+    );
+    let out = run(dir.path(), &["image", "list"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no database"));
+}
