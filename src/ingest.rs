@@ -915,10 +915,12 @@ impl Engine {
         let Some(a) = self.active.get(key) else {
             return;
         };
-        let Some(missing) = a.missing(device_base) else {
+        let Some(total) = a.rec.total_chunks() else {
             return;
         };
-        if missing.is_empty() {
+        // Every stored id is in range (checked on arrival, strays dropped at
+        // METADATA), so a full map means a complete image: O(1) per chunk.
+        if a.chunks.len() as u64 >= total as u64 {
             self.finalize(key, now);
         } else if last_id.is_some() && last_id == a.round_last_id(device_base) {
             if let Some(a) = self.active.get_mut(key) {
