@@ -421,3 +421,51 @@ async fn bad_input_is_counted_and_harms_no_one() {
     );
     gw.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_reconnecting_mid_image_resumes_without_full_reupload() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config();
+    cfg.ingest.quiet_gap_ms = 60_000; // the device vanishes before any retry round
+    let gw = start_gateway(dir.path(), cfg).await;
+    let img = image_bytes(11, 5000);
+    let name = "interrupted.jpg";
+    {
+        let mut d = Device::connect(gw.mqtt_addr, "AABBCCDDEE09", false).await;
+        d.hello(0).await;
+        d.expect("capture_image").await;
+        d.send_metadata(name, &img, 250, "2025-01-03T10:00:00Z")
+            .await;
+        d.expect("send_image").await;
+        d.send_chunks(name, &img, 250, &(0..12).collect::<Vec<_>>())
+            .await;
+        let deadline = std::time::Instant::now() + WAIT;
+        while gw.metrics.chunks.load(std::sync::atomic::Ordering::Relaxed) < 12 {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        d.client.disconnect().await.unwrap();
+    }
+    let mut d = Device::connect(gw.mqtt_addr, "AABBCCDDEE09", false).await;
+    d.hello(1).await;
+    d.expect("ACK_OK").await;
+    d.send_metadata(name, &img, 250, "2025-01-03T10:00:00Z")
+        .await;
+    let (_, v) = d.expect("missing_chunks").await;
+    assert_eq!(v["missing_chunks"], json!((13..=20).collect::<Vec<u32>>()));
+    d.send_chunks(name, &img, 250, &(12..20).collect::<Vec<_>>())
+        .await;
+    d.expect("ACK_OK").await;
+    let cap = gw
+        .store
+        .latest_capture("AABBCCDDEE09", name)
+        .unwrap()
+        .unwrap();
+    assert_eq!(gw.store.image_bytes(cap.id).unwrap().unwrap(), img);
+    assert_eq!(
+        cap.origin,
+        Origin::Current,
+        "a capture requested in its session"
+    );
+    gw.shutdown().await.unwrap();
+}
