@@ -280,7 +280,7 @@ fn set_password(data_dir: &Path, from_stdin: bool) -> Result<()> {
     server::ensure_data_dir(data_dir)?;
     let stdin = std::io::stdin();
     let prompt = !from_stdin && stdin.is_terminal();
-    let mut read = |label: &str| -> Result<String> {
+    let read = |label: &str| -> Result<String> {
         if prompt {
             eprint!("{label}: ");
             std::io::stderr().flush()?;

@@ -110,6 +110,8 @@ fn kinds(v: &[(&str, &str)]) -> Vec<(String, String)> {
 fn missed_wake_and_offline_fire_and_resolve_in_simulated_time() {
     let mut r = Rig::new();
     r.hello();
+    r.metadata("a.jpg", 100, 90.0, 0);
+    r.chunk("a.jpg", 1, 100);
     let next = r.store.device(MAC).unwrap().unwrap().next_wake.expect("next wake assigned");
     r.advance(Duration::seconds(61));
     assert!(r.open().is_empty());
@@ -173,9 +175,11 @@ fn image_failed_after_the_retry_limit_resolves_when_the_image_completes() {
     r.hello();
     r.metadata("lossy.jpg", 300, 90.0, 0);
     r.chunk("lossy.jpg", 1, 100);
-    // Chunks 2 and 3 never come: 3 rounds of missing_chunks, then failed.
-    for _ in 0..8 {
-        r.advance(Duration::seconds(1));
+    // Chunks 2 and 3 never come: 3 rounds of missing_chunks (each waits
+    // out the hard timeout), then failed.
+    r.advance(Duration::seconds(1));
+    for _ in 0..4 {
+        r.advance(Duration::seconds(61));
     }
     assert_eq!(r.open_kinds(), kinds(&[("image_failed", "error")]));
     assert!(r.open()[0].message.contains("after 3 retries"), "{}", r.open()[0].message);
