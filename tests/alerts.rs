@@ -48,13 +48,19 @@ impl Rig {
 
     fn send(&mut self, channel: &str, v: serde_json::Value) {
         let now = self.clock.now();
-        self.engine
-            .handle(&format!("ESP32CAM/{MAC}/{channel}"), v.to_string().as_bytes(), now);
+        self.engine.handle(
+            &format!("ESP32CAM/{MAC}/{channel}"),
+            v.to_string().as_bytes(),
+            now,
+        );
         self.engine.commit(now).unwrap();
     }
 
     fn hello(&mut self) {
-        self.send("status", json!({"device_id": MAC, "status": "alive", "pendingImg": 0}));
+        self.send(
+            "status",
+            json!({"device_id": MAC, "status": "alive", "pendingImg": 0}),
+        );
     }
 
     /// Moves the clock and lets the engine's timers run (alert rules included).
@@ -103,7 +109,9 @@ impl Rig {
 }
 
 fn kinds(v: &[(&str, &str)]) -> Vec<(String, String)> {
-    v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    v.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
 }
 
 #[test]
@@ -112,7 +120,13 @@ fn missed_wake_and_offline_fire_and_resolve_in_simulated_time() {
     r.hello();
     r.metadata("a.jpg", 100, 90.0, 0);
     r.chunk("a.jpg", 1, 100);
-    let next = r.store.device(MAC).unwrap().unwrap().next_wake.expect("next wake assigned");
+    let next = r
+        .store
+        .device(MAC)
+        .unwrap()
+        .unwrap()
+        .next_wake
+        .expect("next wake assigned");
     r.advance(Duration::seconds(61));
     assert!(r.open().is_empty());
     // Just past next wake + 1 h: missed.
@@ -120,7 +134,10 @@ fn missed_wake_and_offline_fire_and_resolve_in_simulated_time() {
     r.advance(until);
     assert_eq!(r.open_kinds(), kinds(&[("missed_wake", "warning")]));
     let upstream = r.store.outbox(10_000).unwrap();
-    assert!(upstream.iter().any(|o| o.kind == "alert"), "queued upstream");
+    assert!(
+        upstream.iter().any(|o| o.kind == "alert"),
+        "queued upstream"
+    );
     // Five days of silence: offline too, each raised once.
     for _ in 0..(5 * 24) {
         r.advance(Duration::hours(1));
@@ -134,7 +151,12 @@ fn missed_wake_and_offline_fire_and_resolve_in_simulated_time() {
     r.hello();
     r.advance(Duration::seconds(61));
     assert!(r.open().is_empty(), "{:?}", r.open());
-    assert!(r.store.alerts().unwrap().iter().all(|a| a.resolved_at.is_some()));
+    assert!(r
+        .store
+        .alerts()
+        .unwrap()
+        .iter()
+        .all(|a| a.resolved_at.is_some()));
 }
 
 #[test]
@@ -182,7 +204,11 @@ fn image_failed_after_the_retry_limit_resolves_when_the_image_completes() {
         r.advance(Duration::seconds(61));
     }
     assert_eq!(r.open_kinds(), kinds(&[("image_failed", "error")]));
-    assert!(r.open()[0].message.contains("after 3 retries"), "{}", r.open()[0].message);
+    assert!(
+        r.open()[0].message.contains("after 3 retries"),
+        "{}",
+        r.open()[0].message
+    );
     // The device sends it again at its next wake, completely.
     r.advance(Duration::hours(8));
     r.hello();

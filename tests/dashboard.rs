@@ -72,23 +72,45 @@ async fn screenshot(url: &str, name: &str) {
 }
 
 /// A minimal HTTP/1.1 exchange: (status, headers, body).
-async fn http(addr: SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> (u16, String, Vec<u8>) {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", addr.port())).await.unwrap();
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String, Vec<u8>) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", addr.port()))
+        .await
+        .unwrap();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n{headers}\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await.unwrap().unwrap();
-    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP head");
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP head");
     let head = String::from_utf8_lossy(&buf[..split]).into_owned();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, head, buf[split + 4..].to_vec())
 }
 
 /// Delivers one image with the given temperature (and error code).
-async fn deliver(d: &mut Device, name: &str, img: &[u8], ts: &str, temp: f64, error: i64, lose: Option<usize>) {
+async fn deliver(
+    d: &mut Device,
+    name: &str,
+    img: &[u8],
+    ts: &str,
+    temp: f64,
+    error: i64,
+    lose: Option<usize>,
+) {
     let chunk = 1024;
     let mut m = d.metadata(name, img, chunk, ts);
     m["temperature"] = json!(temp);
@@ -121,9 +143,36 @@ async fn dashboard_pages_and_metrics_with_real_devices() {
     // Back from an outage with three pending images, then a quiet second device.
     d.hello(3).await;
     d.expect("ACK_OK").await;
-    deliver(&mut d, "img_20250101_080000.jpg", DISH, "2025-01-01T08:00:00Z", 18.0, 0, None).await;
-    deliver(&mut d, "img_20250101_160000.jpg", DISH, "2025-01-01T16:00:00Z", 23.5, 0, Some(2)).await;
-    deliver(&mut d, "img_20250102_080000.jpg", DISH, "2025-01-02T08:00:00Z", 20.0, 7, None).await;
+    deliver(
+        &mut d,
+        "img_20250101_080000.jpg",
+        DISH,
+        "2025-01-01T08:00:00Z",
+        18.0,
+        0,
+        None,
+    )
+    .await;
+    deliver(
+        &mut d,
+        "img_20250101_160000.jpg",
+        DISH,
+        "2025-01-01T16:00:00Z",
+        23.5,
+        0,
+        Some(2),
+    )
+    .await;
+    deliver(
+        &mut d,
+        "img_20250102_080000.jpg",
+        DISH,
+        "2025-01-02T08:00:00Z",
+        20.0,
+        7,
+        None,
+    )
+    .await;
     let mut other = Device::connect(gw.mqtt_addr, "AABBCCDDEE10", false).await;
     other.hello(0).await;
     other.expect("capture_image").await;
@@ -131,11 +180,26 @@ async fn dashboard_pages_and_metrics_with_real_devices() {
     // Overview.
     let dom = dump_dom(&format!("{base}/")).await;
     assert!(dom.contains("<title>Overview · barngate</title>"), "{dom}");
-    assert!(dom.contains(r#"id="registered">Devices registered<b>2</b>"#), "{dom}");
-    assert!(dom.contains(r#"id="online">Online (seen &lt; 2 h)<b>2</b>"#), "{dom}");
-    assert!(dom.contains(r#"id="with-alerts">With active alerts<b>1</b>"#), "{dom}");
-    assert!(dom.contains(r#"id="images-today">Images today<b>3</b>"#), "{dom}");
-    assert!(dom.contains(r#"id="last-sync">Last sync<b>never</b>"#), "{dom}");
+    assert!(
+        dom.contains(r#"id="registered">Devices registered<b>2</b>"#),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(r#"id="online">Online (seen &lt; 2 h)<b>2</b>"#),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(r#"id="with-alerts">With active alerts<b>1</b>"#),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(r#"id="images-today">Images today<b>3</b>"#),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(r#"id="last-sync">Last sync<b>never</b>"#),
+        "{dom}"
+    );
     assert!(dom.contains(&format!(r#"<a href="/devices/{mac}">{mac}</a>"#)));
     screenshot(&format!("{base}/"), "overview.png").await;
 
@@ -143,25 +207,44 @@ async fn dashboard_pages_and_metrics_with_real_devices() {
     let url = format!("{base}/devices/{mac}");
     let dom = dump_dom(&url).await;
     assert!(dom.contains(&format!("Device {mac}")), "{dom}");
-    assert!(dom.contains(r#"<td id="success-rate">100.0 %</td>"#), "{dom}");
+    assert!(
+        dom.contains(r#"<td id="success-rate">100.0 %</td>"#),
+        "{dom}"
+    );
     assert!(dom.contains("<th>Dialect</th><td>firmware</td>"), "{dom}");
     assert!(dom.contains("<th>Battery</th><td>87.0 %</td>"), "{dom}");
     for c in ["temperature", "humidity", "pressure", "gas"] {
-        let at = dom.find(&format!("id=\"chart-{c}\"")).unwrap_or_else(|| panic!("chart {c}: {dom}"));
+        let at = dom
+            .find(&format!("id=\"chart-{c}\""))
+            .unwrap_or_else(|| panic!("chart {c}: {dom}"));
         let svg = &dom[at..at + dom[at..].find("</svg>").unwrap()];
         assert!(svg.contains("<polyline"), "chart {c} has a line: {svg}");
     }
-    assert!(dom.contains(">23.5</text>"), "temperature max labelled: {dom}");
+    assert!(
+        dom.contains(">23.5</text>"),
+        "temperature max labelled: {dom}"
+    );
     let images = gw.store.images(Some(mac)).unwrap();
     assert_eq!(images.len(), 3);
     for i in &images {
-        assert!(dom.contains(&format!(r#"<img src="/images/{}/raw""#, i.id)), "thumbnail {}", i.id);
+        assert!(
+            dom.contains(&format!(r#"<img src="/images/{}/raw""#, i.id)),
+            "thumbnail {}",
+            i.id
+        );
     }
-    assert!(dom.contains("reported error code 7"), "active alert shown: {dom}");
+    assert!(
+        dom.contains("reported error code 7"),
+        "active alert shown: {dom}"
+    );
     screenshot(&url, "device.png").await;
 
     // Images: browse by device and day; full view; raw bytes and download.
-    let dom = dump_dom(&format!("{base}/images?device={mac}&day={}", chrono::Utc::now().format("%Y-%m-%d"))).await;
+    let dom = dump_dom(&format!(
+        "{base}/images?device={mac}&day={}",
+        chrono::Utc::now().format("%Y-%m-%d")
+    ))
+    .await;
     assert_eq!(dom.matches("/download\">download</a>").count(), 3, "{dom}");
     let dom = dump_dom(&format!("{base}/images?device=AABBCCDDEE10")).await;
     assert!(dom.contains("No images."), "{dom}");
@@ -171,12 +254,29 @@ async fn dashboard_pages_and_metrics_with_real_devices() {
     screenshot(&format!("{base}/images/{id}"), "image.png").await;
     let (st, head, body) = http(gw.http_addr, "GET", &format!("/images/{id}/raw"), "", "").await;
     assert_eq!(st, 200);
-    assert!(head.to_ascii_lowercase().contains("content-type: image/jpeg"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: image/jpeg"),
+        "{head}"
+    );
     assert_eq!(body, DISH);
-    let (_, head, body) = http(gw.http_addr, "GET", &format!("/images/{id}/download"), "", "").await;
-    assert!(head.contains("attachment; filename=\"B8F862F9CFB8_img_20250101_080000.jpg\""), "{head}");
+    let (_, head, body) = http(
+        gw.http_addr,
+        "GET",
+        &format!("/images/{id}/download"),
+        "",
+        "",
+    )
+    .await;
+    assert!(
+        head.contains("attachment; filename=\"B8F862F9CFB8_img_20250101_080000.jpg\""),
+        "{head}"
+    );
     assert_eq!(body, DISH);
-    assert_eq!(http(gw.http_addr, "GET", "/images/999999", "", "").await.0, 404);
+    assert_eq!(
+        http(gw.http_addr, "GET", "/images/999999", "", "").await.0,
+        404
+    );
 
     // Alerts: the device error is active.
     let dom = dump_dom(&format!("{base}/alerts")).await;
@@ -189,7 +289,8 @@ async fn dashboard_pages_and_metrics_with_real_devices() {
     assert_eq!(st, 200);
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     let text = String::from_utf8(body).unwrap();
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid exposition");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("valid exposition");
     let value = |name: &str, device: Option<&str>| -> f64 {
         let s = scrape
             .samples
@@ -197,7 +298,9 @@ async fn dashboard_pages_and_metrics_with_real_devices() {
             .find(|s| s.metric == name && device.is_none_or(|d| s.labels.get("device") == Some(d)))
             .unwrap_or_else(|| panic!("{name} {device:?} in:\n{text}"));
         match s.value {
-            prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v) => v,
             _ => panic!("{name}: unexpected type"),
         }
     };
@@ -265,31 +368,74 @@ async fn login_is_required_when_not_on_loopback() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    cli.stdin.take().unwrap().write_all(b"barn door 42\n").await.unwrap();
+    cli.stdin
+        .take()
+        .unwrap()
+        .write_all(b"barn door 42\n")
+        .await
+        .unwrap();
     let out = cli.wait_with_output().await.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stored = std::fs::read_to_string(dir.path().join("admin.passwd")).unwrap();
     assert!(stored.starts_with("$argon2id$") && !stored.contains("barn door"));
 
     let form = "Content-Type: application/x-www-form-urlencoded\r\n";
-    let (st, _, _) = http(gw.http_addr, "POST", "/login", form, "password=wrong+password").await;
+    let (st, _, _) = http(
+        gw.http_addr,
+        "POST",
+        "/login",
+        form,
+        "password=wrong+password",
+    )
+    .await;
     assert_eq!(st, 401);
-    let (st, head, _) = http(gw.http_addr, "POST", "/login", form, "password=barn+door+42").await;
+    let (st, head, _) = http(
+        gw.http_addr,
+        "POST",
+        "/login",
+        form,
+        "password=barn+door+42",
+    )
+    .await;
     assert_eq!(st, 303, "{head}");
     let cookie_line = head
         .lines()
         .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
         .expect("session cookie");
-    assert!(cookie_line.contains("HttpOnly") && cookie_line.contains("SameSite=Strict") && cookie_line.contains("Max-Age="));
-    let token = cookie_line.split_once('=').unwrap().1.split(';').next().unwrap();
+    assert!(
+        cookie_line.contains("HttpOnly")
+            && cookie_line.contains("SameSite=Strict")
+            && cookie_line.contains("Max-Age=")
+    );
+    let token = cookie_line
+        .split_once('=')
+        .unwrap()
+        .1
+        .split(';')
+        .next()
+        .unwrap();
     let cookie = format!("Cookie: barngate_session={token}\r\n");
     let (st, _, body) = http(gw.http_addr, "GET", "/", &cookie, "").await;
     assert_eq!(st, 200);
     assert!(String::from_utf8_lossy(&body).contains("Devices registered"));
-    let (st, _, _) = http(gw.http_addr, "GET", "/", "Cookie: barngate_session=forged\r\n", "").await;
+    let (st, _, _) = http(
+        gw.http_addr,
+        "GET",
+        "/",
+        "Cookie: barngate_session=forged\r\n",
+        "",
+    )
+    .await;
     assert_eq!(st, 303);
     // Logging out ends the session.
-    assert_eq!(http(gw.http_addr, "POST", "/logout", &cookie, "").await.0, 303);
+    assert_eq!(
+        http(gw.http_addr, "POST", "/logout", &cookie, "").await.0,
+        303
+    );
     assert_eq!(http(gw.http_addr, "GET", "/", &cookie, "").await.0, 303);
     screenshot(&format!("{base}/"), "login.png").await;
     gw.shutdown().await.unwrap();

@@ -77,7 +77,11 @@ impl HttpState {
 
 fn unavailable(msg: &str) -> Response {
     tracing::warn!(error = %msg, "HTTP read failed");
-    (StatusCode::SERVICE_UNAVAILABLE, format!("database unavailable: {msg}\n")).into_response()
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("database unavailable: {msg}\n"),
+    )
+        .into_response()
 }
 
 /// Runs a blocking store read off the async threads.
@@ -257,9 +261,5 @@ async fn metrics(State(s): State<HttpState>) -> Response {
             &mut stats.iter().filter_map(|s| f(s).map(|v| (dev(&s.mac), v))),
         );
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        body,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

@@ -64,12 +64,17 @@ fn page(s: &HttpState, title: &str, body: &str) -> Html<String> {
 }
 
 fn fmt_time(s: &HttpState, t: Option<DateTime<Utc>>) -> String {
-    t.map(|t| t.with_timezone(&s.tz).format("%Y-%m-%d %H:%M:%S %Z").to_string())
-        .unwrap_or_else(|| "never".into())
+    t.map(|t| {
+        t.with_timezone(&s.tz)
+            .format("%Y-%m-%d %H:%M:%S %Z")
+            .to_string()
+    })
+    .unwrap_or_else(|| "never".into())
 }
 
 fn fmt_opt(v: Option<f64>, unit: &str) -> String {
-    v.map(|v| format!("{v:.1}{unit}")).unwrap_or_else(|| "–".into())
+    v.map(|v| format!("{v:.1}{unit}"))
+        .unwrap_or_else(|| "–".into())
 }
 
 fn not_found(s: &HttpState, what: &str) -> Response {
@@ -97,12 +102,37 @@ pub async fn overview(State(s): State<HttpState>) -> Response {
         );
     };
     b.push_str("<div class=\"cards\">");
-    card(&mut b, "registered", "Devices registered", snap.devices.len().to_string());
+    card(
+        &mut b,
+        "registered",
+        "Devices registered",
+        snap.devices.len().to_string(),
+    );
     card(&mut b, "online", "Online (seen < 2 h)", online.to_string());
-    card(&mut b, "offline", "Offline", (snap.devices.len() - online).to_string());
-    card(&mut b, "with-alerts", "With active alerts", with_alerts.to_string());
-    card(&mut b, "images-today", "Images today", snap.images_today.to_string());
-    card(&mut b, "backlog", "Upstream backlog", snap.upstream_backlog.to_string());
+    card(
+        &mut b,
+        "offline",
+        "Offline",
+        (snap.devices.len() - online).to_string(),
+    );
+    card(
+        &mut b,
+        "with-alerts",
+        "With active alerts",
+        with_alerts.to_string(),
+    );
+    card(
+        &mut b,
+        "images-today",
+        "Images today",
+        snap.images_today.to_string(),
+    );
+    card(
+        &mut b,
+        "backlog",
+        "Upstream backlog",
+        snap.upstream_backlog.to_string(),
+    );
     // The upstream forwarder records its syncs once it exists.
     card(&mut b, "last-sync", "Last sync", "never".into());
     b.push_str("</div><h2>Devices</h2>");
@@ -122,7 +152,11 @@ pub async fn overview(State(s): State<HttpState>) -> Response {
             } else {
                 ("warn", "offline")
             };
-            let alerts = snap.active_alerts_by_device.get(&d.mac).copied().unwrap_or(0);
+            let alerts = snap
+                .active_alerts_by_device
+                .get(&d.mac)
+                .copied()
+                .unwrap_or(0);
             let _ = write!(
                 b,
                 "<tr><td><a href=\"/devices/{m}\">{m}</a></td><td>{loc}</td><td class=\"{cls}\">{status}</td>\
@@ -162,7 +196,11 @@ pub fn chart(id: &str, title: &str, unit: &str, points: &[(DateTime<Utc>, f64)])
         .map(|(t, v)| (t.timestamp() as f64, *v))
         .collect();
     if pts.is_empty() {
-        let _ = write!(o, "<text x=\"{L}\" y=\"{}\" font-size=\"12\" fill=\"#888\">no data</text></svg>", H / 2.0);
+        let _ = write!(
+            o,
+            "<text x=\"{L}\" y=\"{}\" font-size=\"12\" fill=\"#888\">no data</text></svg>",
+            H / 2.0
+        );
         return o;
     }
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
@@ -308,7 +346,9 @@ pub async fn device(State(s): State<HttpState>, Path(mac): Path<String>) -> Resp
         return not_found(&s, &format!("Device {mac} is not registered."));
     };
     let st = snap.stats.get(&mac).cloned().unwrap_or_default();
-    let online = d.last_seen.is_some_and(|t| s.clock.now() - t < crate::alerts::ONLINE_WITHIN);
+    let online = d
+        .last_seen
+        .is_some_and(|t| s.clock.now() - t < crate::alerts::ONLINE_WITHIN);
     let mut b = String::new();
     let _ = write!(
         b,
@@ -374,10 +414,25 @@ pub async fn device(State(s): State<HttpState>, Path(mac): Path<String>) -> Resp
             .filter_map(|r| f(r).map(|v| (r.captured_at, v)))
             .collect()
     };
-    b.push_str(&chart("temperature", "Temperature", "°C", &series(|r| r.temperature)));
+    b.push_str(&chart(
+        "temperature",
+        "Temperature",
+        "°C",
+        &series(|r| r.temperature),
+    ));
     b.push_str(&chart("humidity", "Humidity", "%", &series(|r| r.humidity)));
-    b.push_str(&chart("pressure", "Pressure", "hPa", &series(|r| r.pressure)));
-    b.push_str(&chart("gas", "Gas resistance", "kΩ", &series(|r| r.gas_resistance)));
+    b.push_str(&chart(
+        "pressure",
+        "Pressure",
+        "hPa",
+        &series(|r| r.pressure),
+    ));
+    b.push_str(&chart(
+        "gas",
+        "Gas resistance",
+        "kΩ",
+        &series(|r| r.gas_resistance),
+    ));
     b.push_str("<h2>Recent wake sessions</h2>");
     if sessions.is_empty() {
         b.push_str("<p>No wakes yet.</p>");
@@ -417,7 +472,10 @@ pub async fn images(State(s): State<HttpState>, Query(q): Query<ImagesQuery>) ->
         .filter(|d| !d.is_empty())
         .and_then(|d| NaiveDate::parse_from_str(&d, "%Y-%m-%d").ok());
     let dev = device.clone();
-    let data = read(&s, move |st| Ok((st.devices()?, st.images(dev.as_deref())?))).await;
+    let data = read(&s, move |st| {
+        Ok((st.devices()?, st.images(dev.as_deref())?))
+    })
+    .await;
     let (devices, images) = match data {
         Ok(v) => v,
         Err(r) => return r,
@@ -439,7 +497,11 @@ pub async fn images(State(s): State<HttpState>, Query(q): Query<ImagesQuery>) ->
         let _ = write!(
             b,
             "<option{} value=\"{m}\">{m}</option>",
-            if device.as_deref() == Some(m) { " selected" } else { "" },
+            if device.as_deref() == Some(m) {
+                " selected"
+            } else {
+                ""
+            },
             m = esc(m)
         );
     }
@@ -538,7 +600,10 @@ async fn image_response(s: HttpState, id: u64, download: bool) -> Response {
         Err(r) => return r,
     };
     let mut h = HeaderMap::new();
-    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("image/jpeg"));
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("image/jpeg"),
+    );
     // Stored images never change: let the browser keep them.
     h.insert(
         header::CACHE_CONTROL,
@@ -548,7 +613,13 @@ async fn image_response(s: HttpState, id: u64, download: bool) -> Response {
         // Device-sent names: keep a safe subset for the header.
         let name: String = format!("{}_{}", c.mac, c.image_name)
             .chars()
-            .map(|ch| if ch.is_ascii_alphanumeric() || "._-".contains(ch) { ch } else { '_' })
+            .map(|ch| {
+                if ch.is_ascii_alphanumeric() || "._-".contains(ch) {
+                    ch
+                } else {
+                    '_'
+                }
+            })
             .collect();
         if let Ok(v) = header::HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
             h.insert(header::CONTENT_DISPOSITION, v);
@@ -570,7 +641,11 @@ pub async fn alerts(State(s): State<HttpState>) -> Response {
         Ok(v) => v,
         Err(r) => return r,
     };
-    let active: Vec<&AlertRecord> = all.iter().rev().filter(|a| a.resolved_at.is_none()).collect();
+    let active: Vec<&AlertRecord> = all
+        .iter()
+        .rev()
+        .filter(|a| a.resolved_at.is_none())
+        .collect();
     let resolved: Vec<&AlertRecord> = all
         .iter()
         .rev()
@@ -651,14 +726,24 @@ mod tests {
 
     #[test]
     fn escaping_covers_markup_and_quotes() {
-        assert_eq!(esc("<a href=\"x\">'&'</a>"), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+        assert_eq!(
+            esc("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
     }
 
     #[test]
     fn chart_draws_a_polyline_or_says_no_data() {
         let t = Utc.with_ymd_and_hms(2026, 1, 1, 8, 0, 0).unwrap();
-        let svg = chart("t", "Temp <x>", "°C", &[(t, 20.0), (t + chrono::Duration::hours(8), 22.5)]);
-        assert!(svg.contains("<polyline") && svg.contains("22.5") && svg.contains("Temp &lt;x&gt;"));
+        let svg = chart(
+            "t",
+            "Temp <x>",
+            "°C",
+            &[(t, 20.0), (t + chrono::Duration::hours(8), 22.5)],
+        );
+        assert!(
+            svg.contains("<polyline") && svg.contains("22.5") && svg.contains("Temp &lt;x&gt;")
+        );
         assert!(chart("t", "T", "°C", &[]).contains("no data"));
         // One point and NaN do not divide by zero.
         let one = chart("t", "T", "°C", &[(t, 5.0), (t, f64::NAN)]);

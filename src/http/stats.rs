@@ -89,7 +89,12 @@ pub struct StatsCache {
 impl StatsCache {
     /// The cached snapshot, recomputed when older than [`CACHE_FOR`].
     /// Blocking: call from `spawn_blocking`.
-    pub fn get(&self, store: &Store, now: DateTime<Utc>, tz: Tz) -> Result<Arc<Snapshot>, StoreError> {
+    pub fn get(
+        &self,
+        store: &Store,
+        now: DateTime<Utc>,
+        tz: Tz,
+    ) -> Result<Arc<Snapshot>, StoreError> {
         if let Ok(g) = self.snapshot.lock() {
             if let Some(s) = g.as_ref() {
                 if now >= s.computed_at && now - s.computed_at < CACHE_FOR {
@@ -121,7 +126,11 @@ impl StatsCache {
                 }
                 let n = serde_json::from_str::<serde_json::Value>(&c.payload)
                     .ok()
-                    .and_then(|v| v.get("missing_chunks").and_then(|a| a.as_array()).map(|a| a.len()))
+                    .and_then(|v| {
+                        v.get("missing_chunks")
+                            .and_then(|a| a.as_array())
+                            .map(|a| a.len())
+                    })
                     .unwrap_or(0);
                 *f.rerequested.entry(c.mac).or_default() += n as u64;
             }
@@ -152,7 +161,9 @@ impl StatsCache {
         // Oldest known capture time of an unfinished image, per device.
         let mut oldest_open: HashMap<String, DateTime<Utc>> = HashMap::new();
         for c in store.captures(None)? {
-            let Some(s) = stats.get_mut(&c.mac) else { continue };
+            let Some(s) = stats.get_mut(&c.mac) else {
+                continue;
+            };
             s.chunks_announced += c.total_chunks().unwrap_or(0) as u64;
             match c.state {
                 CaptureState::Complete => {
@@ -175,7 +186,9 @@ impl StatsCache {
             }
         }
         for d in &devices {
-            let Some(s) = stats.get_mut(&d.mac) else { continue };
+            let Some(s) = stats.get_mut(&d.mac) else {
+                continue;
+            };
             if d.pending_reported == 0 {
                 continue;
             }
@@ -203,7 +216,9 @@ impl StatsCache {
         let mut active_alerts_by_device = HashMap::new();
         for a in store.alerts()? {
             if a.resolved_at.is_none() {
-                *active_alerts.entry((a.kind.clone(), a.severity.clone())).or_default() += 1;
+                *active_alerts
+                    .entry((a.kind.clone(), a.severity.clone()))
+                    .or_default() += 1;
                 *active_alerts_by_device.entry(a.mac.clone()).or_default() += 1;
             }
         }
