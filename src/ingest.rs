@@ -109,6 +109,8 @@ pub struct Engine {
     registrations: u64,
     batch: Batch,
     outbound: Vec<Publish>,
+    /// When `crate::alerts` rules last ran (clock time).
+    alerts_evaluated_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +154,7 @@ impl Engine {
             registrations,
             batch: Batch::default(),
             outbound: Vec::new(),
+            alerts_evaluated_at: None,
         })
     }
 
@@ -1218,6 +1221,7 @@ impl Engine {
                 d.session = None;
             }
         }
+        self.evaluate_alerts(now);
     }
 
     /// Number of captures in memory (bounded by devices streaming, not bytes).
@@ -1242,5 +1246,44 @@ impl Engine {
     pub fn reject_topic_bytes(&self) {
         self.metrics.reject("unknown_topic");
         warn!("message with a non-UTF-8 topic dropped");
+    }
+}
+
+// --- Periodic alert rules (src/alerts.rs) -----------------------------------
+impl Engine {
+    /// Every `alerts::EVAL_INTERVAL_S` of clock time: runs the state rules
+    /// over the registry (with this thread's newer in-memory records) and
+    /// raises / resolves alerts in the pending batch.
+    pub fn evaluate_alerts(&mut self, now: DateTime<Utc>) {
+        let interval = Duration::seconds(crate::alerts::EVAL_INTERVAL_S);
+        if self
+            .alerts_evaluated_at
+            .is_some_and(|t| now >= t && now - t < interval)
+        {
+            return;
+        }
+        self.alerts_evaluated_at = Some(now);
+        let mut devices: HashMap<String, DeviceRecord> = match self.store.devices() {
+            Ok(v) => v.into_iter().map(|d| (d.mac.clone(), d)).collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot read the registry for alert rules");
+                return;
+            }
+        };
+        for (mac, d) in &self.devices {
+            devices.insert(mac.clone(), d.rec.clone());
+        }
+        let open = self
+            .open_alerts
+            .iter()
+            .map(|(k, a)| (k.clone(), a.severity.clone()))
+            .collect();
+        let changes = crate::alerts::evaluate(devices.values(), &open, now);
+        for (mac, kind) in changes.resolve {
+            self.resolve_alert(&mac, kind, now);
+        }
+        for r in changes.raise {
+            self.raise_alert(&r.mac, r.kind, r.severity, r.message, None, now);
+        }
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! See `ARCHITECTURE.md` for how a chunk flows from socket to disk to ACK.
 pub mod admin;
+pub mod alerts;
 pub mod broker;
 pub mod clock;
 pub mod config;

@@ -51,6 +51,21 @@ enum Cmd {
     },
     /// Print the commented configuration template.
     Configfile,
+    /// Gateway administration.
+    Admin {
+        #[command(subcommand)]
+        cmd: AdminCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Set the dashboard password (needed when HTTP is not on loopback).
+    SetPassword {
+        /// Read the password from the first line of stdin, without prompting.
+        #[arg(long)]
+        password_stdin: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +127,9 @@ async fn main() -> Result<()> {
             )
             .await
         }
+        Cmd::Admin {
+            cmd: AdminCmd::SetPassword { password_stdin },
+        } => set_password(&cli.data_dir, password_stdin),
         Cmd::Configfile => {
             print!("{}", barngate::config::TEMPLATE);
             Ok(())
@@ -238,6 +256,8 @@ async fn serve(
     .await?;
     // One line on stdout for supervisors and tests.
     println!("barngate ready mqtt={} http={}", gw.mqtt_addr, gw.http_addr);
+    // systemd `Type=notify`: ready now (a no-op without NOTIFY_SOCKET).
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let stopped_by_error = tokio::select! {
         _ = tokio::signal::ctrl_c() => false,
@@ -245,9 +265,38 @@ async fn serve(
         _ = gw.ingest_stopped() => true,
     };
     tracing::info!("shutting down");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     gw.shutdown().await?;
     if stopped_by_error {
         bail!("the ingest stopped on an error (see the log above)");
     }
+    Ok(())
+}
+
+/// `admin set-password`: reads the password (prompting on a terminal unless
+/// `--password-stdin`) and stores its argon2 hash in the data directory.
+fn set_password(data_dir: &Path, from_stdin: bool) -> Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    server::ensure_data_dir(data_dir)?;
+    let stdin = std::io::stdin();
+    let prompt = !from_stdin && stdin.is_terminal();
+    let read = |label: &str| -> Result<String> {
+        if prompt {
+            eprint!("{label}: ");
+            std::io::stderr().flush()?;
+        }
+        let mut line = String::new();
+        stdin.lock().read_line(&mut line)?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    };
+    let pw = read("New dashboard password")?;
+    if prompt && read("Repeat it")? != pw {
+        bail!("the passwords differ; nothing changed");
+    }
+    barngate::http::auth::set_password(data_dir, &pw)?;
+    eprintln!(
+        "dashboard password set ({}); a running gateway uses it at the next login",
+        barngate::http::auth::password_path(data_dir).display()
+    );
     Ok(())
 }

@@ -179,10 +179,18 @@ impl Gateway {
                 path: http_listen.to_string(),
                 source,
             })?;
-        let app = http::router(http::HttpState {
-            store: store.clone(),
-            metrics: metrics.clone(),
-        });
+        let require_login = !http_addr.ip().is_loopback();
+        if require_login && !http::auth::password_is_set(&opts.data_dir) {
+            tracing::warn!(http = %http_addr, "dashboard is not on loopback and no admin password is set: run `barngate admin set-password`");
+        }
+        let app = http::router(http::HttpState::new(
+            store.clone(),
+            metrics.clone(),
+            clock.clone(),
+            cfg.timezone()?,
+            opts.data_dir.clone(),
+            require_login,
+        ));
         let mut http_shutdown = shutdown_rx.clone();
         tokio::spawn(async move {
             let _ = axum::serve(http_listener, app)

@@ -715,6 +715,27 @@ impl Store {
         Ok(out)
     }
 
+    /// Commands with a sequence number above `after`, with their numbers
+    /// (lets readers fold the append-only log incrementally).
+    pub fn commands_after(&self, after: u64) -> Result<Vec<(u64, CommandRecord)>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(COMMANDS).map_err(db)?;
+        let mut out = Vec::new();
+        for r in t.range(after.saturating_add(1)..).map_err(db)? {
+            let (k, v) = r.map_err(db)?;
+            out.push((k.value(), dec("commands", v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// The oldest item waiting for the upstream, if any.
+    pub fn outbox_oldest(&self) -> Result<Option<OutboxItem>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(OUTBOX).map_err(db)?;
+        let first = t.first().map_err(db)?;
+        first.map(|(_, v)| dec("outbox", v.value())).transpose()
+    }
+
     pub fn alerts(&self) -> Result<Vec<AlertRecord>, StoreError> {
         let tx = self.db.begin_read().map_err(db)?;
         let t = tx.open_table(ALERTS).map_err(db)?;

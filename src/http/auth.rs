@@ -1,0 +1,190 @@
+//! The dashboard login, required when HTTP is bound to anything but
+//! loopback: one admin password, stored as an argon2 hash in
+//! `<data_dir>/admin.passwd` (0600), and random session tokens held in
+//! memory, sent as an HttpOnly, SameSite=Strict cookie that expires.
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use chrono::{DateTime, Duration, Utc};
+use rand_core::{OsRng, RngCore};
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub const PASSWORD_FILE: &str = "admin.passwd";
+pub const COOKIE: &str = "barngate_session";
+/// A login lasts this long.
+pub const SESSION_TTL: Duration = Duration::hours(12);
+/// Most sessions held at once (oldest dropped first).
+const MAX_SESSIONS: usize = 256;
+pub const MIN_PASSWORD_LEN: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("the password must be at least {MIN_PASSWORD_LEN} characters")]
+    TooShort,
+    #[error("cannot hash the password: {0}")]
+    Hash(String),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+pub fn password_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(PASSWORD_FILE)
+}
+
+/// Hashes `password` (argon2id, random salt) and writes it atomically, 0600.
+pub fn set_password(data_dir: &Path, password: &str) -> Result<(), AuthError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if password.chars().count() < MIN_PASSWORD_LEN {
+        return Err(AuthError::TooShort);
+    }
+    let salt = SaltString::generate(&mut OsRng);
+    let hash = Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| AuthError::Hash(e.to_string()))?
+        .to_string();
+    let path = password_path(data_dir);
+    let tmp = data_dir.join(format!("{PASSWORD_FILE}.tmp"));
+    let io = |what| {
+        let p = path.display().to_string();
+        move |source| AuthError::Io {
+            what,
+            path: p,
+            source,
+        }
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io("cannot write"))?;
+    f.write_all(format!("{hash}\n").as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(io("cannot write"))?;
+    std::fs::rename(&tmp, &path).map_err(io("cannot replace"))?;
+    Ok(())
+}
+
+/// True when a password is set and `password` matches it. Slow (argon2):
+/// call from `spawn_blocking`.
+pub fn verify_password(data_dir: &Path, password: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(password_path(data_dir)) else {
+        return false;
+    };
+    let Ok(hash) = PasswordHash::new(text.trim()) else {
+        tracing::warn!(path = %password_path(data_dir).display(), "admin password file is not an argon2 hash; run `barngate admin set-password`");
+        return false;
+    };
+    Argon2::default()
+        .verify_password(password.as_bytes(), &hash)
+        .is_ok()
+}
+
+pub fn password_is_set(data_dir: &Path) -> bool {
+    password_path(data_dir).exists()
+}
+
+/// Logged-in sessions: token → expiry.
+#[derive(Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<String, DateTime<Utc>>>,
+}
+
+impl Sessions {
+    /// A new session token valid until `now + SESSION_TTL`.
+    pub fn create(&self, now: DateTime<Utc>) -> String {
+        let mut raw = [0u8; 32];
+        OsRng.fill_bytes(&mut raw);
+        let token = hex::encode(raw);
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, exp| *exp > now);
+        if m.len() >= MAX_SESSIONS {
+            if let Some(oldest) = m.iter().min_by_key(|(_, e)| **e).map(|(k, _)| k.clone()) {
+                m.remove(&oldest);
+            }
+        }
+        m.insert(token.clone(), now + SESSION_TTL);
+        token
+    }
+
+    pub fn valid(&self, token: &str, now: DateTime<Utc>) -> bool {
+        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(token).is_some_and(|exp| *exp > now)
+    }
+
+    pub fn remove(&self, token: &str) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(token);
+    }
+}
+
+/// The session token in a `Cookie` header, if any.
+pub fn token_from_cookies(header: &str) -> Option<&str> {
+    header
+        .split(';')
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v)
+}
+
+pub fn set_cookie(token: &str) -> String {
+    format!(
+        "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        SESSION_TTL.num_seconds()
+    )
+}
+
+pub fn clear_cookie() -> String {
+    format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn password_is_hashed_private_and_verifies() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!verify_password(dir.path(), "anything-long"));
+        assert!(matches!(
+            set_password(dir.path(), "short"),
+            Err(AuthError::TooShort)
+        ));
+        set_password(dir.path(), "correct horse").unwrap();
+        let text = std::fs::read_to_string(password_path(dir.path())).unwrap();
+        assert!(text.starts_with("$argon2"), "{text}");
+        assert!(!text.contains("correct horse"));
+        let mode = std::fs::metadata(password_path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(verify_password(dir.path(), "correct horse"));
+        assert!(!verify_password(dir.path(), "wrong horse!"));
+    }
+
+    #[test]
+    fn sessions_expire_and_cookies_parse() {
+        let t = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let s = Sessions::default();
+        let tok = s.create(t);
+        assert_eq!(tok.len(), 64);
+        assert!(s.valid(&tok, t + Duration::hours(11)));
+        assert!(!s.valid(&tok, t + SESSION_TTL));
+        assert!(!s.valid("nope", t));
+        let h = format!("a=b; {COOKIE}={tok}; c=d");
+        assert_eq!(token_from_cookies(&h), Some(tok.as_str()));
+        let c = set_cookie(&tok);
+        assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.contains("Max-Age="));
+    }
+}
