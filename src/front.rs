@@ -68,6 +68,8 @@ enum Violation {
     SecondConnect,
     ServerPacket,
     Malformed(String),
+    /// Not a violation: the connection broke.
+    Io(String),
 }
 
 impl Violation {
@@ -81,6 +83,7 @@ impl Violation {
             Violation::Publish { .. } => "publish_not_allowed",
             Violation::Subscribe { .. } => "subscribe_not_allowed",
             Violation::Malformed(_) => "malformed_mqtt",
+            Violation::Io(_) => "connection_error",
         }
     }
 }
@@ -100,6 +103,7 @@ impl std::fmt::Display for Violation {
             Violation::SecondConnect => write!(f, "second CONNECT"),
             Violation::ServerPacket => write!(f, "server-only packet from a device"),
             Violation::Malformed(e) => write!(f, "malformed MQTT: {e}"),
+            Violation::Io(e) => write!(f, "{e}"),
         }
     }
 }
@@ -324,6 +328,10 @@ impl Front {
         let frame = match first {
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) => return,
+            Ok(Err(Violation::Io(e))) => {
+                debug!(%peer, device = %shown, error = %e, "connection closed before CONNECT");
+                return;
+            }
             Ok(Err(e)) => {
                 metrics.reject(e.reason());
                 warn!(%peer, device = %shown, error = %e, "connection closed");
@@ -360,9 +368,9 @@ impl Front {
                     match next_frame(&mut dev_r, &mut buf, cfg.max_packet_size).await {
                         Ok(Some(frame)) => {
                             check_packet(&frame, &device, cfg.max_packet_size)?;
-                            up_w.write_all(&frame).await.map_err(|e| {
-                                Violation::Malformed(format!("broker write: {e}"))
-                            })?;
+                            up_w.write_all(&frame)
+                                .await
+                                .map_err(|e| Violation::Io(format!("broker write: {e}")))?;
                         }
                         Ok(None) => return Ok(()),
                         Err(v) => return Err(v),
@@ -379,15 +387,13 @@ impl Front {
                 }
             };
             metrics.connections.fetch_sub(1, Ordering::Relaxed);
-            if let Err(v) = r {
-                if let Violation::Malformed(m) = &v {
-                    if m.starts_with("broker write") || m.starts_with("read:") {
-                        debug!(%peer, device = %device, error = %v, "connection closed");
-                        return Ok(());
-                    }
-                }
+            match r {
+                Ok(()) => {}
+                Err(Violation::Io(e)) => debug!(%peer, device = %device, error = %e, "connection closed"),
+                Err(v) => {
                 metrics.reject(v.reason());
                 warn!(%peer, device = %device, certificate = %shown, reason = v.reason(), violation = %v, "connection closed: identity violation");
+                }
             }
             let _ = dev_w.shutdown().await;
             Ok::<(), std::io::Error>(())
@@ -493,9 +499,9 @@ async fn next_frame<R: AsyncRead + Unpin>(
         buf.reserve(4096);
         match r.read_buf(buf).await {
             Ok(0) if buf.is_empty() => return Ok(None),
-            Ok(0) => return Err(Violation::Malformed("read: truncated packet".into())),
+            Ok(0) => return Err(Violation::Io("connection closed inside a packet".into())),
             Ok(_) => {}
-            Err(e) => return Err(Violation::Malformed(format!("read: {e}"))),
+            Err(e) => return Err(Violation::Io(format!("read: {e}"))),
         }
     }
 }
