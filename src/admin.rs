@@ -40,11 +40,18 @@ pub enum AdminError {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     DeviceList,
-    ImageList { device: Option<String> },
-    ImageExport { device: String, name: String },
+    ImageList {
+        device: Option<String>,
+    },
+    ImageExport {
+        device: String,
+        name: String,
+    },
     /// A registry change (`device issue` / `device revoke`), applied by the
     /// running gateway's single writer.
-    Registry { change: RegistryChange },
+    Registry {
+        change: RegistryChange,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

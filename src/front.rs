@@ -61,10 +61,18 @@ pub struct FrontConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Violation {
     NotConnect,
-    ClientIdMismatch { client_id: String },
-    BadClientId { client_id: String },
-    Publish { topic: String },
-    Subscribe { filter: String },
+    ClientIdMismatch {
+        client_id: String,
+    },
+    BadClientId {
+        client_id: String,
+    },
+    Publish {
+        topic: String,
+    },
+    Subscribe {
+        filter: String,
+    },
     SecondConnect,
     ServerPacket,
     Malformed(String),
@@ -93,7 +101,10 @@ impl std::fmt::Display for Violation {
         match self {
             Violation::NotConnect => write!(f, "first packet is not CONNECT"),
             Violation::ClientIdMismatch { client_id } => {
-                write!(f, "CONNECT client id {client_id:?} is not the certificate's MAC")
+                write!(
+                    f,
+                    "CONNECT client id {client_id:?} is not the certificate's MAC"
+                )
             }
             Violation::BadClientId { client_id } => {
                 write!(f, "CONNECT client id {client_id:?} is not a device id")
@@ -167,7 +178,11 @@ impl Front {
 
     /// Devices with an open session now.
     pub fn connected(&self) -> Vec<String> {
-        let s = self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<String> = s.keys().cloned().collect();
         v.sort();
         v
@@ -186,7 +201,11 @@ impl Front {
                 set.insert(s.clone());
             }
         }
-        let sessions = self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let sessions = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let mut closed = Vec::new();
         for (mac, s) in sessions.iter() {
             if s.serial.as_ref().is_some_and(|x| serials.contains(x)) {
@@ -249,7 +268,12 @@ impl Front {
                     }
                 };
                 drop(hs);
-                let id = match stream.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                let id = match stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                {
                     Some(cert) => match peer_identity(cert) {
                         Ok(id) => id,
                         Err(e) => {
@@ -354,7 +378,8 @@ impl Front {
 
         let (kill_tx, mut kill_rx) = watch::channel(false);
         let conn_id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        self.take_over(&device, conn_id, cert.as_ref(), kill_tx).await;
+        self.take_over(&device, conn_id, cert.as_ref(), kill_tx)
+            .await;
 
         let result = async {
             let mut up = TcpStream::connect(cfg.upstream).await?;
@@ -417,11 +442,10 @@ impl Front {
         let Packet::Connect(connect, _, will, _, _) = packet else {
             return Err(Violation::NotConnect);
         };
-        let claimed = normalize_device_id(&connect.client_id).map_err(|_| {
-            Violation::BadClientId {
+        let claimed =
+            normalize_device_id(&connect.client_id).map_err(|_| Violation::BadClientId {
                 client_id: truncate(&connect.client_id),
-            }
-        })?;
+            })?;
         let device = match cert_mac {
             Some(mac) if claimed != mac => {
                 return Err(Violation::ClientIdMismatch {
@@ -438,8 +462,11 @@ impl Front {
             password: self.inner.cfg.secret.to_string(),
         };
         let mut out = BytesMut::new();
-        V4.write(Packet::Connect(connect, None, will, None, Some(login)), &mut out)
-            .map_err(|e| Violation::Malformed(e.to_string()))?;
+        V4.write(
+            Packet::Connect(connect, None, will, None, Some(login)),
+            &mut out,
+        )
+        .map_err(|e| Violation::Malformed(e.to_string()))?;
         Ok((device, out))
     }
 
@@ -452,7 +479,11 @@ impl Front {
         kill: watch::Sender<bool>,
     ) {
         let old = {
-            let mut s = self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = self
+                .inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             s.insert(
                 device.to_string(),
                 Session {
@@ -471,7 +502,11 @@ impl Front {
     }
 
     fn release(&self, device: &str, conn_id: u64) {
-        let mut s = self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if s.get(device).is_some_and(|x| x.id == conn_id) {
             s.remove(device);
         }
@@ -524,8 +559,7 @@ fn own_topic(topic: &str, device: &str, allowed: &[Channel]) -> bool {
     let Ok(t) = parse_topic(topic) else {
         return false;
     };
-    allowed.contains(&t.channel)
-        && normalize_device_id(t.wire_id).is_ok_and(|id| id == device)
+    allowed.contains(&t.channel) && normalize_device_id(t.wire_id).is_ok_and(|id| id == device)
 }
 
 fn check_publish_topic(topic: &[u8], device: &str) -> Result<(), Violation> {
@@ -568,10 +602,26 @@ mod tests {
     #[test]
     fn topic_rules() {
         let d = "AABBCCDDEEFF";
-        assert!(own_topic("ESP32CAM/AABBCCDDEEFF/status", d, &[Channel::Status]));
-        assert!(own_topic("device/aa:bb:cc:dd:ee:ff/data", d, &[Channel::Data]));
-        assert!(!own_topic("ESP32CAM/AABBCCDDEE00/status", d, &[Channel::Status]));
-        assert!(!own_topic("ESP32CAM/AABBCCDDEEFF/cmd", d, &[Channel::Status]));
+        assert!(own_topic(
+            "ESP32CAM/AABBCCDDEEFF/status",
+            d,
+            &[Channel::Status]
+        ));
+        assert!(own_topic(
+            "device/aa:bb:cc:dd:ee:ff/data",
+            d,
+            &[Channel::Data]
+        ));
+        assert!(!own_topic(
+            "ESP32CAM/AABBCCDDEE00/status",
+            d,
+            &[Channel::Status]
+        ));
+        assert!(!own_topic(
+            "ESP32CAM/AABBCCDDEEFF/cmd",
+            d,
+            &[Channel::Status]
+        ));
         assert!(!own_topic("ESP32CAM/+/cmd", d, &[Channel::Cmd]));
         assert!(!own_topic("ESP32CAM/#", d, &[Channel::Cmd]));
         assert!(!own_topic("#", d, &[Channel::Cmd]));

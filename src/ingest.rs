@@ -349,7 +349,14 @@ impl Engine {
         let mut fresh = false;
         let (rec, revoke) = crate::provision::apply_change(existing, change, |m| {
             fresh = true;
-            crate::provision::new_record(m, self.site.default_dialect, &self.site.id, idx, slot, now)
+            crate::provision::new_record(
+                m,
+                self.site.default_dialect,
+                &self.site.id,
+                idx,
+                slot,
+                now,
+            )
         })?;
         if fresh {
             self.registrations += 1;

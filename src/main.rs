@@ -195,7 +195,10 @@ async fn main() -> Result<()> {
                 dialect,
             };
             let o = registry(&cli.data_dir, cli.config.as_deref(), &pki, change).await?;
-            println!("device {} registered (serial {})", issued.mac, issued.serial_hex);
+            println!(
+                "device {} registered (serial {})",
+                issued.mac, issued.serial_hex
+            );
             println!("valid until {}", issued.not_after.to_rfc3339());
             for p in [
                 &issued.paths.cert,

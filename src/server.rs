@@ -5,9 +5,9 @@ use crate::admin;
 use crate::broker::{self, BrokerError};
 use crate::clock::SharedClock;
 use crate::config::{Config, ConfigError, TEMPLATE};
+use crate::front::{Front, FrontConfig};
 use crate::http;
 use crate::ingest::{Engine, IngestError};
-use crate::front::{Front, FrontConfig};
 use crate::metrics::Metrics;
 use crate::pki::{Pki, PkiError};
 use crate::provision::{Live, REGISTRY_QUEUE};
@@ -31,12 +31,12 @@ pub fn pki(data_dir: &Path) -> Pki {
 }
 
 /// A fresh random secret for the loopback broker (hex, 256 bits).
-fn broker_secret() -> Result<String, ServeError> {
+fn broker_secret() -> Result<String, PkiError> {
     let mut b = [0u8; 32];
     rustls::crypto::ring::default_provider()
         .secure_random
         .fill(&mut b)
-        .map_err(|_| ServeError::Pki(PkiError::Random))?;
+        .map_err(|_| PkiError::Random)?;
     Ok(hex::encode(b))
 }
 
@@ -158,14 +158,8 @@ impl Gateway {
             std::thread::Builder::new()
                 .name("ingest".into())
                 .spawn(move || {
-                    let r = broker::run_ingest(
-                        engine,
-                        b.link_tx,
-                        b.link_rx,
-                        clock,
-                        stop,
-                        registry_rx,
-                    );
+                    let r =
+                        broker::run_ingest(engine, b.link_tx, b.link_rx, clock, stop, registry_rx);
                     if let Err(e) = &r {
                         error!(error = %e, "ingest stopped");
                     }

@@ -123,7 +123,11 @@ async fn provisioned_device_completes_a_wake_over_mutual_tls() {
         .next()
         .unwrap()
         .to_string();
-    for f in ["ca.crt.pem", &format!("{mac}.crt.pem"), &format!("{mac}.key.pem")] {
+    for f in [
+        "ca.crt.pem",
+        &format!("{mac}.crt.pem"),
+        &format!("{mac}.key.pem"),
+    ] {
         assert!(out.path().join(f).is_file(), "{f}");
     }
     let header = std::fs::read_to_string(out.path().join(format!("{mac}.h"))).unwrap();
@@ -158,10 +162,7 @@ async fn provisioned_device_completes_a_wake_over_mutual_tls() {
     drop(d);
 
     // mosquitto_pub with the issued files: a HELLO from the same device.
-    let hellos = gw
-        .metrics
-        .hellos
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let hellos = gw.metrics.hellos.load(std::sync::atomic::Ordering::Relaxed);
     let ca = out.path().join("ca.crt.pem");
     let r = mosquitto_pub(
         gw.mqtt_addr,
@@ -171,11 +172,7 @@ async fn provisioned_device_completes_a_wake_over_mutual_tls() {
         &format!("ESP32CAM/{mac}/status"),
         &hello(mac),
     );
-    assert!(
-        r.status.success(),
-        "{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let m = gw.metrics.clone();
     eventually(WAIT, "mosquitto HELLO handled", || {
         m.hellos.load(std::sync::atomic::Ordering::Relaxed) > hellos
@@ -349,7 +346,12 @@ async fn revocation_closes_the_open_session_within_a_second() {
     let mac = "AABBCCDD0005";
     let serial = issue(data.path(), mac, out.path());
     assert_eq!(
-        gw.store.device(mac).unwrap().unwrap().cert_serial.as_deref(),
+        gw.store
+            .device(mac)
+            .unwrap()
+            .unwrap()
+            .cert_serial
+            .as_deref(),
         Some(serial.as_str()),
         "registered through the running gateway"
     );
@@ -391,7 +393,10 @@ async fn revocation_closes_the_open_session_within_a_second() {
         &format!("ESP32CAM/{mac}/status"),
         &hello(mac),
     );
-    assert!(!r.status.success(), "revoked certificate accepted after restart");
+    assert!(
+        !r.status.success(),
+        "revoked certificate accepted after restart"
+    );
     rejected(&gw, "tls_revoked", 1).await;
     gw.shutdown().await.unwrap();
 }
@@ -441,7 +446,10 @@ async fn the_loopback_broker_admits_only_the_front() {
     let topic = format!("ESP32CAM/{mac}/status");
     // No credentials.
     let r = mosquitto_pub(gw.broker_addr, None, None, mac, &topic, &hello(mac));
-    assert!(!r.status.success(), "broker admitted a client without the secret");
+    assert!(
+        !r.status.success(),
+        "broker admitted a client without the secret"
+    );
     // A guessed password.
     let r = Command::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &gw.broker_addr.port().to_string()])
@@ -477,4 +485,37 @@ async fn the_loopback_broker_admits_only_the_front() {
         0
     );
     gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_handshakes_time_out_and_are_capped() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = test_cfg();
+    cfg.mqtt.max_handshakes = 2;
+    cfg.mqtt.handshake_timeout_ms = 1000;
+    let gw = start_gateway_exact(data.path(), cfg).await;
+    // Two sockets that never speak hold both handshake slots...
+    let idle: Vec<_> = futures_idle(gw.mqtt_addr, 2).await;
+    // ...so a third connection is refused at once...
+    let _third = tokio::net::TcpStream::connect(gw.mqtt_addr).await.unwrap();
+    rejected(&gw, "too_many_handshakes", 1).await;
+    // ...until the idle ones time out.
+    rejected(&gw, "tls_handshake_timeout", 2).await;
+    drop(idle);
+    let mac = "AABBCCDD0008";
+    issue(data.path(), mac, out.path());
+    let certs = DeviceCerts::load(out.path(), mac);
+    let mut d = Device::connect_tls(gw.mqtt_addr, mac, false, &certs).await;
+    d.hello(0).await;
+    d.expect("capture_image").await;
+    gw.shutdown().await.unwrap();
+}
+
+async fn futures_idle(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    v
 }
