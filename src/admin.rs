@@ -6,6 +6,7 @@
 //! CLI opens the database itself. Both paths run the same query functions.
 
 use crate::protocol::normalize_device_id;
+use crate::provision::{self, Live, RegistryChange};
 use crate::store::{CaptureRecord, DeviceRecord, Store, StoreError};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
@@ -39,8 +40,18 @@ pub enum AdminError {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     DeviceList,
-    ImageList { device: Option<String> },
-    ImageExport { device: String, name: String },
+    ImageList {
+        device: Option<String>,
+    },
+    ImageExport {
+        device: String,
+        name: String,
+    },
+    /// A registry change (`device issue` / `device revoke`), applied by the
+    /// running gateway's single writer.
+    Registry {
+        change: RegistryChange,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -173,6 +184,9 @@ pub fn answer(store: &Store, req: &Request) -> serde_json::Value {
                 })
             })
         }
+        Request::Registry { .. } => Err(AdminError::Invalid(
+            "registry changes need the running gateway or provision::apply_offline".into(),
+        )),
     };
     match r {
         Ok(data) => serde_json::json!({"ok": true, "data": data}),
@@ -203,6 +217,7 @@ pub fn bind(data_dir: &Path) -> Result<UnixListener, AdminError> {
 pub async fn serve(
     listener: UnixListener,
     store: Arc<Store>,
+    live: Live,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -214,11 +229,18 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let store = store.clone();
+        let live = live.clone();
         tokio::spawn(async move {
             let (r, mut w) = sock.into_split();
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let resp = match serde_json::from_str::<Request>(&line) {
+                    Ok(Request::Registry { change }) => {
+                        match provision::apply_live(&live, change).await {
+                            Ok(o) => serde_json::json!({"ok": true, "data": o}),
+                            Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+                        }
+                    }
                     Ok(req) => {
                         let store = store.clone();
                         tokio::task::spawn_blocking(move || answer(&store, &req))

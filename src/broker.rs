@@ -9,6 +9,7 @@
 use crate::clock::SharedClock;
 use crate::config::MqttConfig;
 use crate::ingest::{Engine, IngestError};
+use crate::provision::RegistryOp;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings};
 use std::collections::HashMap;
@@ -128,6 +129,7 @@ pub fn run_ingest(
     mut rx: LinkRx,
     clock: SharedClock,
     stop: Arc<AtomicBool>,
+    registry: flume::Receiver<RegistryOp>,
 ) -> Result<(), BrokerError> {
     let tick_every = Duration::from_millis(50);
     let mut last_tick = Instant::now();
@@ -165,6 +167,16 @@ pub fn run_ingest(
                 Err(LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => break,
                 Err(e) => return Err(e.into()),
             }
+        }
+        // Admin registry changes: applied and committed before the answer.
+        while let Ok(op) = registry.try_recv() {
+            let r = engine.apply_registry(&op.change, clock.now());
+            if r.is_ok() {
+                for p in engine.commit(clock.now())? {
+                    tx.publish(p.topic, p.payload)?;
+                }
+            }
+            let _ = op.reply.send(r.map_err(|e| e.to_string()));
         }
         if last_tick.elapsed() >= tick_every {
             engine.tick(clock.now());

@@ -70,8 +70,16 @@ impl Default for SiteConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MqttConfig {
-    /// Where devices connect.
+    /// Where devices connect: MQTT over TLS with a client certificate.
     pub listen: SocketAddr,
+    /// Longest time a device may take to complete the TLS handshake.
+    pub handshake_timeout_ms: u64,
+    /// Most TLS handshakes in progress at once (slowloris guard).
+    pub max_handshakes: usize,
+    /// Plaintext MQTT listener (no certificate; the client id is trusted as
+    /// the identity). Off unless set; loopback addresses only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plain_listen: Option<SocketAddr>,
     /// Largest MQTT packet accepted from a device, in bytes.
     pub max_payload_size: usize,
     /// Most simultaneous device connections.
@@ -84,7 +92,10 @@ pub struct MqttConfig {
 impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
-            listen: "0.0.0.0:1883".parse().expect("valid default"),
+            listen: "0.0.0.0:8883".parse().expect("valid default"),
+            handshake_timeout_ms: 10_000,
+            max_handshakes: 64,
+            plain_listen: None,
             max_payload_size: 256 * 1024,
             max_connections: 12_000,
             segment_size: 4 * 1024 * 1024,
@@ -240,6 +251,20 @@ impl Config {
         if self.mqtt.max_connections == 0 {
             return Err(invalid("mqtt.max_connections", "must be at least 1"));
         }
+        if self.mqtt.handshake_timeout_ms == 0 {
+            return Err(invalid("mqtt.handshake_timeout_ms", "must be at least 1"));
+        }
+        if self.mqtt.max_handshakes == 0 {
+            return Err(invalid("mqtt.max_handshakes", "must be at least 1"));
+        }
+        if let Some(a) = self.mqtt.plain_listen {
+            if !a.ip().is_loopback() {
+                return Err(invalid(
+                    "mqtt.plain_listen",
+                    format!("{a} is not a loopback address (plaintext MQTT carries no identity)"),
+                ));
+            }
+        }
         if self.mqtt.max_payload_size < 1024 {
             return Err(invalid("mqtt.max_payload_size", "must be at least 1024"));
         }
@@ -293,6 +318,10 @@ mod tests {
         assert!(e.to_string().contains("schedule.times"), "{e}");
         let e = Config::from_toml("[site]\ntimezone = \"Mars/Base\"\n", "x").unwrap_err();
         assert!(e.to_string().contains("site.timezone"), "{e}");
+        let e = Config::from_toml("[mqtt]\nplain_listen = \"0.0.0.0:1883\"\n", "x").unwrap_err();
+        assert!(e.to_string().contains("mqtt.plain_listen"), "{e}");
+        let c = Config::from_toml("[mqtt]\nplain_listen = \"127.0.0.1:1883\"\n", "x").unwrap();
+        assert_eq!(c.mqtt.plain_listen, Some("127.0.0.1:1883".parse().unwrap()));
         let e = Config::from_toml("[ingest]\nbogus = 1\n", "x").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = Config::from_toml("[ingest]\nretry_limit = \"three\"\n", "x").unwrap_err();

@@ -290,29 +290,15 @@ impl Engine {
                 Ok(None) if self.site.auto_register => {
                     let idx = self.registrations;
                     self.registrations += 1;
-                    let rec = DeviceRecord {
-                        mac: mac.to_string(),
-                        wire_id: wire_id.to_string(),
+                    let mut rec = crate::provision::new_record(
+                        mac,
                         dialect,
-                        dialect_pinned: false,
-                        chunk_base: None,
-                        site: Some(self.site.id.clone()),
-                        location: None,
-                        firmware_version: None,
-                        hardware_version: None,
-                        registered_at: now,
-                        last_seen: None,
-                        next_wake: None,
-                        battery: None,
-                        status: "active".into(),
-                        cert_serial: None,
-                        registration_index: idx,
-                        stagger_slot: self.schedule.slot_for_index(idx),
-                        schedule: None,
-                        last_current_capture_at: None,
-                        pending_reported: 0,
-                        last_error: None,
-                    };
+                        &self.site.id,
+                        idx,
+                        self.schedule.slot_for_index(idx),
+                        now,
+                    );
+                    rec.wire_id = wire_id.to_string();
                     info!(device = %mac, %dialect, slot = rec.stagger_slot, "device registered on first contact");
                     self.batch.device(&rec);
                     rec
@@ -346,6 +332,53 @@ impl Engine {
             self.batch.device(&dev.rec);
         }
         true
+    }
+
+    /// Applies an admin's registry change (`device issue` / `device revoke`)
+    /// to the cached and stored record; the caller commits. Returns the new
+    /// record and the certificate serials to revoke.
+    pub fn apply_registry(
+        &mut self,
+        change: &crate::provision::RegistryChange,
+        now: DateTime<Utc>,
+    ) -> Result<(DeviceRecord, Vec<String>), crate::provision::ProvisionError> {
+        let mac = crate::pki::normalize_mac(change.mac())?;
+        let existing = match self.devices.get(&mac) {
+            Some(d) => Some(d.rec.clone()),
+            None => self.store.device(&mac)?,
+        };
+        let idx = self.registrations;
+        let slot = self.schedule.slot_for_index(idx);
+        let mut fresh = false;
+        let (rec, revoke) = crate::provision::apply_change(existing, change, |m| {
+            fresh = true;
+            crate::provision::new_record(
+                m,
+                self.site.default_dialect,
+                &self.site.id,
+                idx,
+                slot,
+                now,
+            )
+        })?;
+        if fresh {
+            self.registrations += 1;
+        }
+        info!(device = %mac, status = %rec.status, serial = rec.cert_serial.as_deref().unwrap_or("-"), "device registry changed by an admin");
+        self.batch.device(&rec);
+        match self.devices.get_mut(&mac) {
+            Some(d) => d.rec = rec.clone(),
+            None => {
+                self.devices.insert(
+                    mac,
+                    Device {
+                        rec: rec.clone(),
+                        session: None,
+                    },
+                );
+            }
+        }
+        Ok((rec, revoke))
     }
 
     fn device_base(&self, mac: &str) -> u32 {

@@ -12,6 +12,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod pki;
 pub mod protocol;
+pub mod provision;
 pub mod schedule;
 pub mod server;
 pub mod store;

@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use barngate::admin::{self, Exported, ImageView, Request};
 use barngate::clock::SystemClock;
+use barngate::provision::{self, RegistryChange};
 use barngate::server::{self, Gateway, GatewayOptions, DB_FILE};
 use barngate::store::Store;
 use base64::Engine as _;
@@ -44,6 +45,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DeviceCmd,
     },
+    /// The site certificate authority.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
     /// Images received.
     Image {
         #[command(subcommand)]
@@ -69,7 +75,47 @@ enum AdminCmd {
 }
 
 #[derive(Subcommand)]
+enum CaCmd {
+    /// Create the site CA and the gateway's TLS server certificate
+    /// (ECDSA P-256) under <data-dir>/certs. `serve` does this on first start.
+    Init {
+        /// DNS name devices use to reach the gateway (repeatable).
+        #[arg(long = "hostname")]
+        hostnames: Vec<String>,
+        /// IP address devices use to reach the gateway (repeatable).
+        #[arg(long = "ip")]
+        ips: Vec<std::net::IpAddr>,
+    },
+}
+
+#[derive(Subcommand)]
 enum DeviceCmd {
+    /// Issue a device certificate, register the device and write
+    /// {MAC}.crt.pem, {MAC}.key.pem, ca.crt.pem and {MAC}.h into --out.
+    /// Re-issuing rotates: the previous certificate stops working.
+    Issue {
+        /// The device's MAC (any common spelling).
+        mac: String,
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        location: Option<String>,
+        /// Pin the device's dialect: firmware or v1.
+        #[arg(long)]
+        dialect: Option<barngate::protocol::Dialect>,
+        /// Certificate validity in days.
+        #[arg(long, default_value_t = barngate::pki::DEFAULT_DEVICE_DAYS)]
+        days: u32,
+        /// Output directory for the device's files.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Revoke a device: its certificate stops working at once (also on the
+    /// running gateway, whose open session with it is closed).
+    Revoke {
+        /// The device's MAC (any common spelling).
+        mac: String,
+    },
     /// List registered devices.
     List {
         /// Print a JSON array.
@@ -130,6 +176,81 @@ async fn main() -> Result<()> {
         Cmd::Admin {
             cmd: AdminCmd::SetPassword { password_stdin },
         } => set_password(&cli.data_dir, password_stdin),
+        Cmd::Ca {
+            cmd: CaCmd::Init { hostnames, ips },
+        } => {
+            server::ensure_data_dir(&cli.data_dir)?;
+            let pki = server::pki(&cli.data_dir);
+            let mut opts = barngate::pki::CaInitOptions::detected();
+            opts.hostnames.extend(hostnames);
+            opts.ips.extend(ips);
+            let r = pki.init_ca(&opts)?;
+            println!("site CA:            {}", r.ca_cert_path.display());
+            println!("CA fingerprint:     {}", r.ca_fingerprint_sha256);
+            println!("CA valid until:     {}", r.ca_not_after.to_rfc3339());
+            println!("server certificate: {}", r.server.cert_path.display());
+            println!("server names:       {}", r.server.sans.join(", "));
+            Ok(())
+        }
+        Cmd::Device {
+            cmd:
+                DeviceCmd::Issue {
+                    mac,
+                    site,
+                    location,
+                    dialect,
+                    days,
+                    out,
+                },
+        } => {
+            let pki = server::pki(&cli.data_dir);
+            let issued = pki.issue_device(&mac, days, &out)?;
+            let change = RegistryChange::Issue {
+                mac: issued.mac.clone(),
+                serial: issued.serial_hex.clone(),
+                site,
+                location,
+                dialect,
+            };
+            let o = registry(&cli.data_dir, cli.config.as_deref(), &pki, change).await?;
+            println!(
+                "device {} registered (serial {})",
+                issued.mac, issued.serial_hex
+            );
+            println!("valid until {}", issued.not_after.to_rfc3339());
+            for p in [
+                &issued.paths.cert,
+                &issued.paths.key,
+                &issued.paths.ca_cert,
+                &issued.paths.header,
+            ] {
+                println!("  {}", p.display());
+            }
+            for s in o.revoked_serials {
+                println!("previous certificate {s} revoked");
+            }
+            Ok(())
+        }
+        Cmd::Device {
+            cmd: DeviceCmd::Revoke { mac },
+        } => {
+            let pki = server::pki(&cli.data_dir);
+            let o = registry(
+                &cli.data_dir,
+                cli.config.as_deref(),
+                &pki,
+                RegistryChange::Revoke { mac },
+            )
+            .await?;
+            println!("device {} revoked", o.device.mac);
+            for s in o.revoked_serials {
+                println!("certificate {s} revoked");
+            }
+            for d in o.closed_sessions {
+                println!("open session of {d} closed");
+            }
+            Ok(())
+        }
         Cmd::Configfile => {
             print!("{}", barngate::config::TEMPLATE);
             Ok(())
@@ -215,6 +336,22 @@ async fn main() -> Result<()> {
     }
 }
 
+/// A registry change through the running gateway, or on the database.
+async fn registry(
+    data_dir: &Path,
+    config: Option<&Path>,
+    pki: &barngate::pki::Pki,
+    change: RegistryChange,
+) -> Result<barngate::provision::RegistryOutcome> {
+    let cfg = if config.is_some() || data_dir.join(server::CONFIG_FILE).exists() {
+        server::load_config(data_dir, config)?
+    } else {
+        barngate::config::Config::default()
+    };
+    server::ensure_data_dir(data_dir)?;
+    Ok(provision::apply(data_dir, &data_dir.join(DB_FILE), pki, &cfg, change).await?)
+}
+
 /// Asks the running gateway, or reads the database when none runs.
 async fn query(data_dir: &Path, req: Request) -> Result<serde_json::Value> {
     if let Some(v) = admin::remote(data_dir, &req).await? {
@@ -255,7 +392,10 @@ async fn serve(
     )
     .await?;
     // One line on stdout for supervisors and tests.
-    println!("barngate ready mqtt={} http={}", gw.mqtt_addr, gw.http_addr);
+    println!(
+        "barngate ready mqtt={} http={} broker={}",
+        gw.mqtt_addr, gw.http_addr, gw.broker_addr
+    );
     // systemd `Type=notify`: ready now (a no-op without NOTIFY_SOCKET).
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -5,9 +5,12 @@ use crate::admin;
 use crate::broker::{self, BrokerError};
 use crate::clock::SharedClock;
 use crate::config::{Config, ConfigError, TEMPLATE};
+use crate::front::{Front, FrontConfig};
 use crate::http;
 use crate::ingest::{Engine, IngestError};
 use crate::metrics::Metrics;
+use crate::pki::{Pki, PkiError};
+use crate::provision::{Live, REGISTRY_QUEUE};
 use crate::schedule::Schedule;
 use crate::store::{Store, StoreError};
 use std::net::SocketAddr;
@@ -19,6 +22,23 @@ use tracing::{error, info};
 
 pub const DB_FILE: &str = "barngate.redb";
 pub const CONFIG_FILE: &str = "barngate.toml";
+/// The site PKI's directory inside the data directory.
+pub const CERTS_DIR: &str = "certs";
+
+/// The site PKI of a data directory.
+pub fn pki(data_dir: &Path) -> Pki {
+    Pki::new(data_dir.join(CERTS_DIR))
+}
+
+/// A fresh random secret for the loopback broker (hex, 256 bits).
+fn broker_secret() -> Result<String, PkiError> {
+    let mut b = [0u8; 32];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut b)
+        .map_err(|_| PkiError::Random)?;
+    Ok(hex::encode(b))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -32,6 +52,8 @@ pub enum ServeError {
     Ingest(#[from] IngestError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -85,7 +107,14 @@ pub struct GatewayOptions {
 
 /// A running gateway.
 pub struct Gateway {
+    /// The device listener (TLS, client certificate required).
     pub mqtt_addr: SocketAddr,
+    /// The plaintext loopback listener, when configured.
+    pub plain_addr: Option<SocketAddr>,
+    /// The embedded broker's loopback address (admits only the front).
+    pub broker_addr: SocketAddr,
+    pub pki: Pki,
+    pub front: Front,
     pub http_addr: SocketAddr,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
@@ -111,8 +140,16 @@ impl Gateway {
             store.clone(),
             metrics.clone(),
         )?;
-        let b = broker::start(&cfg.mqtt, None)?;
+        let pki = pki(&opts.data_dir);
+        if pki.ensure_ca()? {
+            info!(dir = %pki.dir().display(), "site CA and gateway certificate created");
+        }
+        let revoked = pki.shared_revoked()?;
+        let tls = Arc::new(pki.server_tls_config(revoked.clone())?);
+        let secret = broker_secret()?;
+        let b = broker::start(&cfg.mqtt, Some(secret.clone()))?;
         let upstream = b.addr;
+        let (registry_tx, registry_rx) = flume::bounded(REGISTRY_QUEUE);
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, ingest_done) = watch::channel(false);
         let ingest = {
@@ -121,7 +158,8 @@ impl Gateway {
             std::thread::Builder::new()
                 .name("ingest".into())
                 .spawn(move || {
-                    let r = broker::run_ingest(engine, b.link_tx, b.link_rx, clock, stop);
+                    let r =
+                        broker::run_ingest(engine, b.link_tx, b.link_rx, clock, stop, registry_rx);
                     if let Err(e) = &r {
                         error!(error = %e, "ingest stopped");
                     }
@@ -149,18 +187,50 @@ impl Gateway {
             path: mqtt_listen.to_string(),
             source,
         })?;
-        tokio::spawn(crate::front::run_plain(
-            listener,
-            upstream,
-            cfg.mqtt.max_connections,
+        let front = Front::new(
+            FrontConfig {
+                upstream,
+                secret: secret.into(),
+                max_connections: cfg.mqtt.max_connections,
+                max_handshakes: cfg.mqtt.max_handshakes,
+                handshake_timeout: std::time::Duration::from_millis(cfg.mqtt.handshake_timeout_ms),
+                max_packet_size: cfg.mqtt.max_payload_size,
+            },
             metrics.clone(),
-            shutdown_rx.clone(),
-        ));
+            revoked,
+        );
+        tokio::spawn(front.clone().run_tls(listener, tls, shutdown_rx.clone()));
+        let plain_addr = match cfg.mqtt.plain_listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::Io {
+                        what: "cannot listen for plaintext MQTT on",
+                        path: addr.to_string(),
+                        source,
+                    })?;
+                let a = l.local_addr().map_err(|source| ServeError::Io {
+                    what: "listener",
+                    path: addr.to_string(),
+                    source,
+                })?;
+                tracing::warn!(addr = %a, "plaintext MQTT listener enabled (loopback, no certificates)");
+                tokio::spawn(front.clone().run_plain(l, shutdown_rx.clone()));
+                Some(a)
+            }
+            None => None,
+        };
 
         let admin_listener = admin::bind(&opts.data_dir)?;
+        let live = Live {
+            registry: registry_tx,
+            pki: pki.clone(),
+            front: front.clone(),
+        };
         tokio::spawn(admin::serve(
             admin_listener,
             store.clone(),
+            live,
             shutdown_rx.clone(),
         ));
 
@@ -202,6 +272,10 @@ impl Gateway {
         info!(mqtt = %mqtt_addr, http = %http_addr, data_dir = %opts.data_dir.display(), "gateway running");
         Ok(Gateway {
             mqtt_addr,
+            plain_addr,
+            broker_addr: upstream,
+            pki,
+            front,
             http_addr,
             store,
             metrics,

@@ -84,61 +84,71 @@ fn run(dir: &Path, args: &[&str]) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_with_mosquitto_client_and_admin_commands() {
     let dir = tempfile::tempdir().unwrap();
+    // Provisioning works before the gateway ever ran.
+    let out = run(dir.path(), &["ca", "init", "--hostname", "barn-gw.local"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let certs = dir.path().join("certs-out");
+    let out = run(
+        dir.path(),
+        &[
+            "device",
+            "issue",
+            "B8F862F9CFB8",
+            "--out",
+            certs.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let serve = Serve::start(dir.path());
     let port = serve.mqtt.port().to_string();
 
-    // A real mosquitto client: HELLO → capture_image.
-    let mut sub = Command::new("mosquitto_sub")
+    // A real mosquitto client over mutual TLS, as the device: HELLO → capture_image.
+    let sub_out = Command::new("mosquitto_rr")
         .args([
+            "-V",
+            "mqttv311",
             "-h",
             "127.0.0.1",
             "-p",
             &port,
             "-i",
-            "sub-B8F862F9CFB8",
-            "-t",
-            "ESP32CAM/B8F862F9CFB8/cmd",
-            "-C",
+            "B8F862F9CFB8",
+            "-q",
             "1",
             "-W",
             "20",
-            "-q",
-            "1",
         ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_sub (Debian mosquitto-clients) is installed");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    // Until the subscriber is in place, HELLOs may go unanswered: repeat.
-    loop {
-        let st = Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-i",
-                "B8F862F9CFB8",
-                "-q",
-                "1",
-                "-t",
-                "ESP32CAM/B8F862F9CFB8/status",
-                "-m",
-                r#"{"device_id":"B8F862F9CFB8","status":"alive","pendingImg":0}"#,
-            ])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        if sub.try_wait().unwrap().is_some() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no capture_image reached mosquitto_sub"
-        );
-    }
-    let sub_out = sub.wait_with_output().unwrap();
+        .arg("--cafile")
+        .arg(certs.join("ca.crt.pem"))
+        .arg("--cert")
+        .arg(certs.join("B8F862F9CFB8.crt.pem"))
+        .arg("--key")
+        .arg(certs.join("B8F862F9CFB8.key.pem"))
+        .args([
+            "-t",
+            "ESP32CAM/B8F862F9CFB8/status",
+            "-e",
+            "ESP32CAM/B8F862F9CFB8/cmd",
+        ])
+        .args([
+            "-m",
+            r#"{"device_id":"B8F862F9CFB8","status":"alive","pendingImg":0}"#,
+        ])
+        .output()
+        .expect("mosquitto_rr (Debian mosquitto-clients) is installed");
+    assert!(
+        sub_out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sub_out.stderr)
+    );
     let msg = String::from_utf8_lossy(&sub_out.stdout);
     assert_eq!(
         msg.trim(),
@@ -146,7 +156,8 @@ async fn serve_with_mosquitto_client_and_admin_commands() {
     );
 
     // Deliver an image with an MQTT client library.
-    let mut d = Device::connect(serve.mqtt, "B8F862F9CFB8", false).await;
+    let tls = DeviceCerts::load(&certs, "B8F862F9CFB8");
+    let mut d = Device::connect_tls(serve.mqtt, "B8F862F9CFB8", false, &tls).await;
     let img = image_bytes(42, 4000);
     d.deliver("img_cli.jpg", &img, 512, "2025-01-03T10:00:00Z")
         .await;

@@ -139,7 +139,7 @@ async fn dashboard_pages_and_metrics_with_real_devices() {
     let gw = start_gateway(dir.path(), test_config()).await;
     let base = format!("http://127.0.0.1:{}", gw.http_addr.port());
     let mac = "B8F862F9CFB8";
-    let mut d = Device::connect(gw.mqtt_addr, mac, false).await;
+    let mut d = Device::connect(gw.plain_addr.unwrap(), mac, false).await;
     // Back from an outage with three pending images, then a quiet second device.
     d.hello(3).await;
     d.expect("ACK_OK").await;
@@ -173,7 +173,7 @@ async fn dashboard_pages_and_metrics_with_real_devices() {
         None,
     )
     .await;
-    let mut other = Device::connect(gw.mqtt_addr, "AABBCCDDEE10", false).await;
+    let mut other = Device::connect(gw.plain_addr.unwrap(), "AABBCCDDEE10", false).await;
     other.hello(0).await;
     other.expect("capture_image").await;
 

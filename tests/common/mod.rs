@@ -25,7 +25,17 @@ pub fn test_config() -> Config {
     c
 }
 
-pub async fn start_gateway(dir: &Path, cfg: Config) -> Gateway {
+/// A gateway with the loopback plaintext listener on (`gw.plain_addr`),
+/// for tests that are not about transport security.
+pub async fn start_gateway(dir: &Path, mut cfg: Config) -> Gateway {
+    if cfg.mqtt.plain_listen.is_none() {
+        cfg.mqtt.plain_listen = Some("127.0.0.1:0".parse().unwrap());
+    }
+    start_gateway_exact(dir, cfg).await
+}
+
+/// A gateway with exactly `cfg` (TLS listener only unless configured).
+pub async fn start_gateway_exact(dir: &Path, cfg: Config) -> Gateway {
     Gateway::start(
         GatewayOptions {
             data_dir: dir.to_path_buf(),
@@ -62,10 +72,57 @@ pub struct Device {
     rx: mpsc::Receiver<(String, Value)>,
 }
 
+/// A device's TLS material (PEM), as `barngate device issue` writes it.
+#[derive(Clone)]
+pub struct DeviceCerts {
+    pub ca: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl DeviceCerts {
+    /// Reads `{MAC}.crt.pem`, `{MAC}.key.pem` and `ca.crt.pem` from `dir`.
+    pub fn load(dir: &Path, mac: &str) -> DeviceCerts {
+        let r = |n: String| std::fs::read(dir.join(&n)).unwrap_or_else(|e| panic!("{n}: {e}"));
+        DeviceCerts {
+            ca: r("ca.crt.pem".into()),
+            cert: r(format!("{mac}.crt.pem")),
+            key: r(format!("{mac}.key.pem")),
+        }
+    }
+}
+
 impl Device {
-    /// Connects, subscribes to its cmd and ack topics and waits for the SUBACKs.
+    /// Connects over plaintext MQTT, subscribes to its cmd and ack topics
+    /// and waits for the SUBACKs.
     pub async fn connect(addr: std::net::SocketAddr, id: &str, v1: bool) -> Device {
+        Device::connect_with(addr, id, v1, None).await
+    }
+
+    /// [`Device::connect`] over TLS with a client certificate.
+    pub async fn connect_tls(
+        addr: std::net::SocketAddr,
+        id: &str,
+        v1: bool,
+        certs: &DeviceCerts,
+    ) -> Device {
+        Device::connect_with(addr, id, v1, Some(certs)).await
+    }
+
+    async fn connect_with(
+        addr: std::net::SocketAddr,
+        id: &str,
+        v1: bool,
+        certs: Option<&DeviceCerts>,
+    ) -> Device {
         let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        if let Some(c) = certs {
+            opts.set_transport(rumqttc::Transport::tls(
+                c.ca.clone(),
+                Some((c.cert.clone(), c.key.clone())),
+                None,
+            ));
+        }
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut eventloop) = AsyncClient::new(opts, 1000);
@@ -194,6 +251,19 @@ impl Device {
             self.id
         );
         (ch, v)
+    }
+
+    /// Waits until the gateway closes the connection (the client's event
+    /// loop ends); panics after `within`. Messages before that are dropped.
+    pub async fn expect_disconnect(&mut self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return,
+                Err(_) => panic!("{}: still connected after {within:?}", self.id),
+            }
+        }
     }
 
     /// No message within `d`.

@@ -1,0 +1,304 @@
+//! Device provisioning: the registry side of `device issue` and
+//! `device revoke`, with one writer at a time.
+//!
+//! The certificate files are made by [`crate::pki`]; this module records the
+//! result in the device registry and revokes the serials that stop being
+//! valid (a rotated or revoked certificate). While `serve` runs, the ingest
+//! thread is the database's only writer: the change travels over the admin
+//! socket to the gateway, which hands it to the ingest loop through a bounded
+//! channel ([`RegistryOp`]), then updates `revoked.json`, the live revocation
+//! set and closes open sessions ([`apply_live`]). When no gateway runs, the
+//! CLI opens the store itself ([`apply_offline`]).
+
+use crate::admin::{self, AdminError, DeviceView, Request};
+use crate::config::Config;
+use crate::front::Front;
+use crate::pki::{normalize_mac, Pki, PkiError};
+use crate::protocol::Dialect;
+use crate::schedule::Schedule;
+use crate::store::{DeviceRecord, Store, StoreError};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tracing::info;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error("device {0} is not registered")]
+    UnknownDevice(String),
+    #[error("the gateway's ingest is not running")]
+    IngestGone,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A change to the device registry made by an admin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum RegistryChange {
+    /// A certificate was issued: register the device (or update it) with
+    /// this serial; a different previous serial is revoked (rotation).
+    Issue {
+        mac: String,
+        serial: String,
+        site: Option<String>,
+        location: Option<String>,
+        /// Pins the dialect when given.
+        dialect: Option<Dialect>,
+    },
+    /// Mark the device revoked and revoke its certificate.
+    Revoke { mac: String },
+}
+
+impl RegistryChange {
+    pub fn mac(&self) -> &str {
+        match self {
+            RegistryChange::Issue { mac, .. } | RegistryChange::Revoke { mac } => mac,
+        }
+    }
+}
+
+/// What a registry change did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RegistryOutcome {
+    pub device: DeviceView,
+    /// Certificate serials that stopped being valid (added to `revoked.json`).
+    pub revoked_serials: Vec<String>,
+    /// Devices whose open session was closed (live gateway only).
+    #[serde(default)]
+    pub closed_sessions: Vec<String>,
+}
+
+/// A registry change for the ingest thread, with the channel for its answer.
+pub struct RegistryOp {
+    pub change: RegistryChange,
+    pub reply: tokio::sync::oneshot::Sender<Result<(DeviceRecord, Vec<String>), String>>,
+}
+
+/// Capacity of the channel to the ingest loop: admin commands are rare.
+pub const REGISTRY_QUEUE: usize = 16;
+
+/// Applies `change` to a device record. `existing` is the current record,
+/// `fresh` makes a new one for an unknown device (issue only). Returns the
+/// new record and the serials to revoke. Pure: the callers store the result.
+pub fn apply_change(
+    existing: Option<DeviceRecord>,
+    change: &RegistryChange,
+    fresh: impl FnOnce(&str) -> DeviceRecord,
+) -> Result<(DeviceRecord, Vec<String>), ProvisionError> {
+    let mac = normalize_mac(change.mac())?;
+    match change {
+        RegistryChange::Issue {
+            serial,
+            site,
+            location,
+            dialect,
+            ..
+        } => {
+            let mut rec = existing.unwrap_or_else(|| fresh(&mac));
+            let mut revoke = Vec::new();
+            if let Some(old) = rec.cert_serial.take() {
+                if &old != serial {
+                    revoke.push(old);
+                }
+            }
+            rec.cert_serial = Some(serial.clone());
+            rec.status = "active".into();
+            if site.is_some() {
+                rec.site = site.clone();
+            }
+            if location.is_some() {
+                rec.location = location.clone();
+            }
+            if let Some(d) = dialect {
+                rec.dialect = *d;
+                rec.dialect_pinned = true;
+            }
+            Ok((rec, revoke))
+        }
+        RegistryChange::Revoke { .. } => {
+            let mut rec = existing.ok_or_else(|| ProvisionError::UnknownDevice(mac.clone()))?;
+            rec.status = "revoked".into();
+            let revoke = rec.cert_serial.iter().cloned().collect();
+            Ok((rec, revoke))
+        }
+    }
+}
+
+/// A new registry record, as the ingest makes one on first contact.
+pub fn new_record(
+    mac: &str,
+    dialect: Dialect,
+    site: &str,
+    index: u64,
+    slot: u32,
+    now: DateTime<Utc>,
+) -> DeviceRecord {
+    DeviceRecord {
+        mac: mac.to_string(),
+        wire_id: mac.to_string(),
+        dialect,
+        dialect_pinned: false,
+        chunk_base: None,
+        site: Some(site.to_string()),
+        location: None,
+        firmware_version: None,
+        hardware_version: None,
+        registered_at: now,
+        last_seen: None,
+        next_wake: None,
+        battery: None,
+        status: "active".into(),
+        cert_serial: None,
+        registration_index: index,
+        stagger_slot: slot,
+        schedule: None,
+        last_current_capture_at: None,
+        pending_reported: 0,
+        last_error: None,
+    }
+}
+
+fn revoke_files(pki: &Pki, mac: &str, serials: &[String]) -> Result<(), ProvisionError> {
+    for s in serials {
+        if pki.revoke_serial(mac, s)? {
+            info!(device = %mac, serial = %s, "certificate revoked");
+        }
+    }
+    Ok(())
+}
+
+/// Applies a change with no gateway running: the CLI owns the database.
+pub fn apply_offline(
+    store: &Store,
+    pki: &Pki,
+    cfg: &Config,
+    change: &RegistryChange,
+) -> Result<RegistryOutcome, ProvisionError> {
+    let mac = normalize_mac(change.mac())?;
+    let now = Utc::now();
+    let index = store.device_count()?;
+    let tz = cfg
+        .timezone()
+        .map_err(|e| ProvisionError::Invalid(e.to_string()))?;
+    let schedule = Schedule::new(&cfg.schedule, tz);
+    let (rec, revoke) = apply_change(store.device(&mac)?, change, |m| {
+        new_record(
+            m,
+            cfg.site.default_dialect,
+            &cfg.site.id,
+            index,
+            schedule.slot_for_index(index),
+            now,
+        )
+    })?;
+    // Revoke first: a failure leaves the old certificate revoked rather
+    // than a registry that claims a rotation which did not happen.
+    revoke_files(pki, &mac, &revoke)?;
+    store.put_device(&rec, now)?;
+    Ok(RegistryOutcome {
+        device: DeviceView::from(&rec),
+        revoked_serials: revoke,
+        closed_sessions: Vec::new(),
+    })
+}
+
+/// What the running gateway needs to apply registry changes.
+#[derive(Clone)]
+pub struct Live {
+    pub registry: flume::Sender<RegistryOp>,
+    pub pki: Pki,
+    pub front: Front,
+}
+
+/// Applies a change on the running gateway: the ingest thread writes the
+/// registry; then `revoked.json`, the live set and open sessions follow.
+pub async fn apply_live(
+    live: &Live,
+    change: RegistryChange,
+) -> Result<RegistryOutcome, ProvisionError> {
+    let mac = normalize_mac(change.mac())?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    live.registry
+        .send_async(RegistryOp { change, reply })
+        .await
+        .map_err(|_| ProvisionError::IngestGone)?;
+    let (rec, revoke) = answer
+        .await
+        .map_err(|_| ProvisionError::IngestGone)?
+        .map_err(ProvisionError::Invalid)?;
+    let closed = live.front.revoke(&revoke);
+    let pki = live.pki.clone();
+    let serials = revoke.clone();
+    tokio::task::spawn_blocking(move || revoke_files(&pki, &mac, &serials))
+        .await
+        .map_err(|e| ProvisionError::Invalid(e.to_string()))??;
+    Ok(RegistryOutcome {
+        device: DeviceView::from(&rec),
+        revoked_serials: revoke,
+        closed_sessions: closed,
+    })
+}
+
+/// Applies a change through the running gateway if there is one, else
+/// directly on the store in `data_dir`.
+pub async fn apply(
+    data_dir: &Path,
+    store_path: &Path,
+    pki: &Pki,
+    cfg: &Config,
+    change: RegistryChange,
+) -> Result<RegistryOutcome, ProvisionError> {
+    let req = Request::Registry {
+        change: change.clone(),
+    };
+    if let Some(v) = admin::remote(data_dir, &req).await? {
+        return serde_json::from_value(v)
+            .map_err(|e| ProvisionError::Invalid(format!("unreadable answer: {e}")));
+    }
+    let store = Store::open(store_path)?;
+    apply_offline(&store, pki, cfg, &change)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec() -> DeviceRecord {
+        new_record("AABBCCDDEEFF", Dialect::Firmware, "s", 0, 0, Utc::now())
+    }
+
+    #[test]
+    fn issue_rotates_and_revoke_marks() {
+        let issue = |serial: &str| RegistryChange::Issue {
+            mac: "aa:bb:cc:dd:ee:ff".into(),
+            serial: serial.into(),
+            site: None,
+            location: Some("Barn 2".into()),
+            dialect: Some(Dialect::V1),
+        };
+        let (r, rv) = apply_change(None, &issue("01"), |_| rec()).unwrap();
+        assert!(rv.is_empty());
+        assert_eq!(r.cert_serial.as_deref(), Some("01"));
+        assert!(r.dialect_pinned && r.dialect == Dialect::V1);
+        assert_eq!(r.location.as_deref(), Some("Barn 2"));
+        let (r, rv) = apply_change(Some(r), &issue("02"), |_| rec()).unwrap();
+        assert_eq!(rv, vec!["01".to_string()]);
+        let revoke = RegistryChange::Revoke {
+            mac: "AABBCCDDEEFF".into(),
+        };
+        let (r, rv) = apply_change(Some(r), &revoke, |_| rec()).unwrap();
+        assert_eq!(r.status, "revoked");
+        assert_eq!(rv, vec!["02".to_string()]);
+        assert!(matches!(
+            apply_change(None, &revoke, |_| rec()),
+            Err(ProvisionError::UnknownDevice(_))
+        ));
+    }
+}

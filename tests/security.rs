@@ -1,0 +1,521 @@
+//! Per-device identity, end to end: the `barngate` CLI (ca init, device
+//! issue, device revoke), the TLS front with real clients (rumqttc and
+//! mosquitto_pub/mosquitto_sub), identity-bound topics, live revocation and
+//! the loopback broker's secret.
+
+mod common;
+
+use barngate::server::Gateway;
+use common::*;
+use serde_json::json;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_barngate");
+
+fn cli(data_dir: &Path, args: &[&str]) -> Output {
+    let out = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env("BARNGATE_LOG", "warn")
+        .output()
+        .expect("run barngate");
+    assert!(
+        out.status.success(),
+        "barngate {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `barngate device issue MAC --out DIR`; returns the serial it printed.
+fn issue(data_dir: &Path, mac: &str, out: &Path) -> String {
+    let o = cli(
+        data_dir,
+        &["device", "issue", mac, "--out", out.to_str().unwrap()],
+    );
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    text.split("(serial ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("no serial in {text}"))
+        .to_string()
+}
+
+fn test_cfg() -> barngate::config::Config {
+    test_config()
+}
+
+/// mosquitto_pub over TLS to the device listener, QoS 1 (waits for PUBACK).
+fn mosquitto_pub(
+    addr: std::net::SocketAddr,
+    certs: Option<(&Path, &str)>,
+    ca: Option<&Path>,
+    client_id: &str,
+    topic: &str,
+    msg: &str,
+) -> Output {
+    let mut c = Command::new("mosquitto_pub");
+    c.args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
+        .args(["-i", client_id, "-t", topic, "-m", msg, "-q", "1"]);
+    if let Some(ca) = ca {
+        c.arg("--cafile").arg(ca);
+    }
+    if let Some((dir, mac)) = certs {
+        c.arg("--cert")
+            .arg(dir.join(format!("{mac}.crt.pem")))
+            .arg("--key")
+            .arg(dir.join(format!("{mac}.key.pem")));
+    }
+    c.output().expect("mosquitto_pub is installed (.ci/run)")
+}
+
+/// Polls `cond` until it holds, or panics with `what` after `within`.
+async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn rejected(gw: &Gateway, reason: &str, at_least: u64) {
+    let m = gw.metrics.clone();
+    eventually(WAIT, &format!("metric {reason} >= {at_least}"), || {
+        m.rejected(reason) >= at_least
+    })
+    .await;
+}
+
+fn hello(mac: &str) -> String {
+    json!({"device_id": mac, "status": "alive", "pendingImg": 0}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioned_device_completes_a_wake_over_mutual_tls() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mac = "B8F862F9CFB8";
+    // Offline: CA, then a device issued before the gateway ever ran.
+    let o = cli(data.path(), &["ca", "init", "--hostname", "barn.local"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("barn.local"));
+    let serial = cli(
+        data.path(),
+        &[
+            "device",
+            "issue",
+            "b8:f8:62:f9:cf:b8",
+            "--location",
+            "Barn 1",
+            "--dialect",
+            "firmware",
+            "--out",
+            out.path().to_str().unwrap(),
+        ],
+    );
+    let serial = String::from_utf8_lossy(&serial.stdout)
+        .split("(serial ")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap()
+        .to_string();
+    for f in [
+        "ca.crt.pem",
+        &format!("{mac}.crt.pem"),
+        &format!("{mac}.key.pem"),
+    ] {
+        assert!(out.path().join(f).is_file(), "{f}");
+    }
+    let header = std::fs::read_to_string(out.path().join(format!("{mac}.h"))).unwrap();
+    assert!(header.contains("BEGIN CERTIFICATE") && header.contains("PRIVATE KEY"));
+    let key_mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(data.path().join("certs/ca.key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(key_mode, 0o600);
+
+    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    assert!(gw.plain_addr.is_none(), "no plaintext listener by default");
+    let rec = gw.store.device(mac).unwrap().expect("registered offline");
+    assert_eq!(rec.cert_serial.as_deref(), Some(serial.as_str()));
+    assert_eq!(rec.location.as_deref(), Some("Barn 1"));
+    assert!(rec.dialect_pinned);
+
+    let certs = DeviceCerts::load(out.path(), mac);
+    let mut d = Device::connect_tls(gw.mqtt_addr, mac, false, &certs).await;
+    d.hello(0).await;
+    let (ch, v) = d.expect("capture_image").await;
+    assert_eq!(ch, "cmd");
+    assert_eq!(v["capture_image"], true);
+    let img = image_bytes(1, 3000);
+    d.deliver("img_1.jpg", &img, 200, "2025-01-03T10:00:00Z")
+        .await;
+    assert_eq!(gw.store.images(Some(mac)).unwrap().len(), 1);
+    drop(d);
+
+    // mosquitto_pub with the issued files: a HELLO from the same device.
+    let hellos = gw.metrics.hellos.load(std::sync::atomic::Ordering::Relaxed);
+    let ca = out.path().join("ca.crt.pem");
+    let r = mosquitto_pub(
+        gw.mqtt_addr,
+        Some((out.path(), mac)),
+        Some(&ca),
+        mac,
+        &format!("ESP32CAM/{mac}/status"),
+        &hello(mac),
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let m = gw.metrics.clone();
+    eventually(WAIT, "mosquitto HELLO handled", || {
+        m.hellos.load(std::sync::atomic::Ordering::Relaxed) > hellos
+    })
+    .await;
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_devices_topics_close_the_connection() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let (a, b) = ("AABBCCDD0001", "AABBCCDD0002");
+    issue(data.path(), a, out.path());
+    let ca = out.path().join("ca.crt.pem");
+
+    // mosquitto_pub as A to B's status: no PUBACK, connection closed.
+    let r = mosquitto_pub(
+        gw.mqtt_addr,
+        Some((out.path(), a)),
+        Some(&ca),
+        a,
+        &format!("ESP32CAM/{b}/status"),
+        &hello(b),
+    );
+    assert!(!r.status.success(), "publish to another device's topic");
+    rejected(&gw, "publish_not_allowed", 1).await;
+
+    // rumqttc as A: a publish to B's data topic (other dialect) closes it.
+    let certs = DeviceCerts::load(out.path(), a);
+    let mut d = Device::connect_tls(gw.mqtt_addr, a, false, &certs).await;
+    d.client
+        .publish(
+            format!("device/{b}/data"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            hello(b),
+        )
+        .await
+        .unwrap();
+    d.expect_disconnect(WAIT).await;
+    rejected(&gw, "publish_not_allowed", 2).await;
+
+    // Subscribing to B's commands closes it too.
+    let mut d = Device::connect_tls(gw.mqtt_addr, a, false, &certs).await;
+    d.client
+        .subscribe(format!("ESP32CAM/{b}/cmd"), rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    d.expect_disconnect(WAIT).await;
+    rejected(&gw, "subscribe_not_allowed", 1).await;
+
+    // A wildcard subscription with mosquitto_sub: refused the same way.
+    let r = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &gw.mqtt_addr.port().to_string()])
+        .args(["-i", a, "-t", "ESP32CAM/+/cmd", "-C", "1", "-W", "5"])
+        .arg("--cafile")
+        .arg(&ca)
+        .arg("--cert")
+        .arg(out.path().join(format!("{a}.crt.pem")))
+        .arg("--key")
+        .arg(out.path().join(format!("{a}.key.pem")))
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    rejected(&gw, "subscribe_not_allowed", 2).await;
+
+    // Nothing of it reached the ingest.
+    assert!(gw.store.device(b).unwrap().is_none());
+    assert_eq!(
+        gw.metrics
+            .messages_in
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_certificates_and_plaintext_are_refused_at_the_handshake() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let ca = gw.pki.ca_cert_path();
+    let mac = "AABBCCDD0003";
+    let topic = format!("ESP32CAM/{mac}/status");
+
+    // A certificate from another site's CA.
+    let other = tempfile::tempdir().unwrap();
+    let other_pki = barngate::pki::Pki::new(other.path().join("certs"));
+    other_pki.init_ca(&Default::default()).unwrap();
+    let other_out = other.path().join("out");
+    other_pki.issue_device(mac, 30, &other_out).unwrap();
+    let r = mosquitto_pub(
+        gw.mqtt_addr,
+        Some((&other_out, mac)),
+        Some(&ca),
+        mac,
+        &topic,
+        &hello(mac),
+    );
+    assert!(!r.status.success(), "foreign CA accepted");
+    rejected(&gw, "tls_unknown_ca", 1).await;
+
+    // An expired certificate from the right CA.
+    let expired = out.path().join("expired");
+    gw.pki
+        .issue_device_at(
+            mac,
+            1,
+            &expired,
+            chrono::Utc::now() - chrono::Duration::days(10),
+        )
+        .unwrap();
+    let r = mosquitto_pub(
+        gw.mqtt_addr,
+        Some((&expired, mac)),
+        Some(&ca),
+        mac,
+        &topic,
+        &hello(mac),
+    );
+    assert!(!r.status.success(), "expired certificate accepted");
+    rejected(&gw, "tls_expired", 1).await;
+
+    // No client certificate at all.
+    let r = mosquitto_pub(gw.mqtt_addr, None, Some(&ca), mac, &topic, &hello(mac));
+    assert!(!r.status.success(), "no certificate accepted");
+    rejected(&gw, "tls_no_certificate", 1).await;
+
+    // Plaintext MQTT on the TLS port.
+    let r = mosquitto_pub(gw.mqtt_addr, None, None, mac, &topic, &hello(mac));
+    assert!(!r.status.success(), "plaintext accepted on the TLS port");
+    rejected(&gw, "tls_handshake_failed", 1).await;
+
+    // A good certificate whose CONNECT claims another device.
+    issue(data.path(), mac, out.path());
+    let r = mosquitto_pub(
+        gw.mqtt_addr,
+        Some((out.path(), mac)),
+        Some(&ca),
+        "AABBCCDD0004",
+        "ESP32CAM/AABBCCDD0004/status",
+        &hello("AABBCCDD0004"),
+    );
+    assert!(!r.status.success(), "client id mismatch accepted");
+    rejected(&gw, "client_id_mismatch", 1).await;
+
+    // None of it was stored.
+    assert!(gw.store.device("AABBCCDD0004").unwrap().is_none());
+    assert_eq!(
+        gw.metrics
+            .messages_in
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    let body = gw.metrics.render();
+    assert!(
+        body.contains("barngate_rejected_total{reason=\"tls_unknown_ca\"} 1"),
+        "{body}"
+    );
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_closes_the_open_session_within_a_second() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let mac = "AABBCCDD0005";
+    let serial = issue(data.path(), mac, out.path());
+    assert_eq!(
+        gw.store
+            .device(mac)
+            .unwrap()
+            .unwrap()
+            .cert_serial
+            .as_deref(),
+        Some(serial.as_str()),
+        "registered through the running gateway"
+    );
+    let certs = DeviceCerts::load(out.path(), mac);
+    let mut d = Device::connect_tls(gw.mqtt_addr, mac, false, &certs).await;
+    d.hello(0).await;
+    d.expect("capture_image").await;
+
+    let t = Instant::now();
+    let o = cli(data.path(), &["device", "revoke", mac]);
+    d.expect_disconnect(Duration::from_secs(1)).await;
+    let took = t.elapsed();
+    eprintln!("revoke → disconnected in {took:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("revoked"));
+    assert_eq!(gw.store.device(mac).unwrap().unwrap().status, "revoked");
+    let list = gw.pki.load_revoked().unwrap();
+    assert!(list.contains(&serial), "{list:?}");
+
+    // A new connection with the revoked certificate is refused.
+    let r = mosquitto_pub(
+        gw.mqtt_addr,
+        Some((out.path(), mac)),
+        Some(&gw.pki.ca_cert_path()),
+        mac,
+        &format!("ESP32CAM/{mac}/status"),
+        &hello(mac),
+    );
+    assert!(!r.status.success(), "revoked certificate accepted");
+    rejected(&gw, "tls_revoked", 1).await;
+    gw.shutdown().await.unwrap();
+
+    // Revocation survives a restart.
+    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let r = mosquitto_pub(
+        gw.mqtt_addr,
+        Some((out.path(), mac)),
+        Some(&gw.pki.ca_cert_path()),
+        mac,
+        &format!("ESP32CAM/{mac}/status"),
+        &hello(mac),
+    );
+    assert!(
+        !r.status.success(),
+        "revoked certificate accepted after restart"
+    );
+    rejected(&gw, "tls_revoked", 1).await;
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reissue_rotates_and_a_reconnect_replaces_the_old_session() {
+    let data = tempfile::tempdir().unwrap();
+    let old = tempfile::tempdir().unwrap();
+    let new = tempfile::tempdir().unwrap();
+    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let mac = "AABBCCDD0006";
+    issue(data.path(), mac, old.path());
+    let old_certs = DeviceCerts::load(old.path(), mac);
+    let mut first = Device::connect_tls(gw.mqtt_addr, mac, false, &old_certs).await;
+    // The same device reconnecting (a new wake): the old session is closed.
+    let mut second = Device::connect_tls(gw.mqtt_addr, mac, false, &old_certs).await;
+    first.expect_disconnect(WAIT).await;
+    second.hello(0).await;
+    second.expect("capture_image").await;
+
+    // Re-issue: the open session with the old certificate is closed and the
+    // old certificate stops working; the new one works.
+    issue(data.path(), mac, new.path());
+    second.expect_disconnect(Duration::from_secs(1)).await;
+    let r = mosquitto_pub(
+        gw.mqtt_addr,
+        Some((old.path(), mac)),
+        Some(&gw.pki.ca_cert_path()),
+        mac,
+        &format!("ESP32CAM/{mac}/status"),
+        &hello(mac),
+    );
+    assert!(!r.status.success(), "rotated certificate accepted");
+    rejected(&gw, "tls_revoked", 1).await;
+    let new_certs = DeviceCerts::load(new.path(), mac);
+    let mut d = Device::connect_tls(gw.mqtt_addr, mac, false, &new_certs).await;
+    d.hello(0).await;
+    d.expect("capture_image").await;
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loopback_broker_admits_only_the_front() {
+    let data = tempfile::tempdir().unwrap();
+    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let mac = "AABBCCDD0007";
+    let topic = format!("ESP32CAM/{mac}/status");
+    // No credentials.
+    let r = mosquitto_pub(gw.broker_addr, None, None, mac, &topic, &hello(mac));
+    assert!(
+        !r.status.success(),
+        "broker admitted a client without the secret"
+    );
+    // A guessed password.
+    let r = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &gw.broker_addr.port().to_string()])
+        .args(["-i", mac, "-t", &topic, "-m", &hello(mac), "-q", "1"])
+        .args(["-u", barngate::front::BROKER_USER, "-P", "guess"])
+        .output()
+        .unwrap();
+    assert!(!r.status.success(), "broker admitted a wrong secret");
+    // rumqttc: the CONNACK refuses.
+    let mut opts = rumqttc::MqttOptions::new(mac, "127.0.0.1", gw.broker_addr.port());
+    opts.set_credentials(barngate::front::BROKER_USER, "guess");
+    let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+    let refused = tokio::time::timeout(WAIT, async {
+        loop {
+            match ev.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
+                    return a.code != rumqttc::ConnectReturnCode::Success
+                }
+                Ok(_) => {}
+                Err(_) => return true,
+            }
+        }
+    })
+    .await
+    .expect("an answer from the broker");
+    assert!(refused);
+    drop(client);
+    assert!(gw.store.device(mac).unwrap().is_none());
+    assert_eq!(
+        gw.metrics
+            .messages_in
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_handshakes_time_out_and_are_capped() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = test_cfg();
+    cfg.mqtt.max_handshakes = 2;
+    cfg.mqtt.handshake_timeout_ms = 1000;
+    let gw = start_gateway_exact(data.path(), cfg).await;
+    // Two sockets that never speak hold both handshake slots...
+    let idle: Vec<_> = futures_idle(gw.mqtt_addr, 2).await;
+    // ...so a third connection is refused at once...
+    let _third = tokio::net::TcpStream::connect(gw.mqtt_addr).await.unwrap();
+    rejected(&gw, "too_many_handshakes", 1).await;
+    // ...until the idle ones time out.
+    rejected(&gw, "tls_handshake_timeout", 2).await;
+    drop(idle);
+    let mac = "AABBCCDD0008";
+    issue(data.path(), mac, out.path());
+    let certs = DeviceCerts::load(out.path(), mac);
+    let mut d = Device::connect_tls(gw.mqtt_addr, mac, false, &certs).await;
+    d.hello(0).await;
+    d.expect("capture_image").await;
+    gw.shutdown().await.unwrap();
+}
+
+async fn futures_idle(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    v
+}
