@@ -13,4 +13,5 @@ pub mod pki;
 pub mod protocol;
 pub mod schedule;
 pub mod server;
+pub mod sim;
 pub mod store;
