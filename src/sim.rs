@@ -1523,6 +1523,14 @@ impl Simulation {
     pub fn config(&self) -> &Config {
         &self.cfg
     }
+    /// Fault settings, changeable between runs (e.g. heal the network).
+    pub fn faults_mut(&mut self) -> &mut Faults {
+        &mut self.opts.faults
+    }
+    /// Restarts the gateway at `at` (simulated time).
+    pub fn schedule_restart(&mut self, at: DateTime<Utc>, kind: RestartKind) {
+        self.push(at, Ev::Restart(kind));
+    }
     /// Messages that reached a gateway that was down.
     pub fn dropped_while_down(&self) -> u64 {
         self.dropped_while_down
