@@ -1531,6 +1531,12 @@ impl Simulation {
     pub fn schedule_restart(&mut self, at: DateTime<Utc>, kind: RestartKind) {
         self.push(at, Ev::Restart(kind));
     }
+    /// When the next queued event happens.
+    pub fn next_event_at(&self) -> Option<DateTime<Utc>> {
+        self.queue
+            .peek()
+            .and_then(|Reverse((ms, _))| Utc.timestamp_millis_opt(*ms).single())
+    }
     /// Messages that reached a gateway that was down.
     pub fn dropped_while_down(&self) -> u64 {
         self.dropped_while_down
