@@ -238,7 +238,10 @@ pub fn parse_wake(s: &str, tz: Tz, now: DateTime<Utc>) -> Option<DateTime<Utc>> 
         let at = tz
             .from_local_datetime(&naive)
             .earliest()
-            .or_else(|| tz.from_local_datetime(&(naive + Duration::hours(1))).earliest())?
+            .or_else(|| {
+                tz.from_local_datetime(&(naive + Duration::hours(1)))
+                    .earliest()
+            })?
             .with_timezone(&Utc);
         if at > now {
             return Some(at);
@@ -505,14 +508,14 @@ pub fn petri_jpeg(seed: u64, day: f64, width: u16, height: u16) -> Result<Vec<u8
                 if cd < col.r && dd < dish_r {
                     let edge = ((col.r - cd) / 1.5).min(1.0);
                     let center = 1.0 - 0.25 * (cd / col.r);
-                    for k in 0..3 {
-                        c[k] = c[k] * (1.0 - edge) + col.rgb[k] * center * edge;
+                    for (ck, rk) in c.iter_mut().zip(col.rgb) {
+                        *ck = *ck * (1.0 - edge) + rk * center * edge;
                     }
                 }
             }
             let i = (y * w + x) * 3;
-            for k in 0..3 {
-                px[i + k] = c[k].clamp(0.0, 255.0) as u8;
+            for (p, ck) in px[i..i + 3].iter_mut().zip(c) {
+                *p = ck.clamp(0.0, 255.0) as u8;
             }
         }
     }
@@ -566,9 +569,7 @@ impl Outage {
     }
 
     pub fn covers(&self, device: usize, t: DateTime<Utc>) -> bool {
-        t >= self.from
-            && t < self.to
-            && self.devices.as_ref().is_none_or(|d| d.contains(&device))
+        t >= self.from && t < self.to && self.devices.as_ref().is_none_or(|d| d.contains(&device))
     }
 }
 
@@ -656,9 +657,14 @@ enum State {
     /// HELLO sent or an image finished: waiting for the gateway's command.
     AwaitCommand,
     /// METADATA sent: waiting for send_image / missing_chunks / ACK_OK.
-    AwaitGo { name: String },
+    AwaitGo {
+        name: String,
+    },
     /// Chunks sent: waiting for ACK_OK / missing_chunks.
-    AwaitResult { name: String, rounds: u32 },
+    AwaitResult {
+        name: String,
+        rounds: u32,
+    },
 }
 
 /// Counters one device keeps.
@@ -777,7 +783,10 @@ impl SimDevice {
 
     fn sleep_until_device_time(&mut self, true_now: DateTime<Utc>, w: DateTime<Utc>) -> Action {
         let est = self.clock.estimated_now(true_now);
-        let until = true_now + self.clock.true_duration((w - est).max(Duration::seconds(1)));
+        let until = true_now
+            + self
+                .clock
+                .true_duration((w - est).max(Duration::seconds(1)));
         self.state = State::Asleep;
         debug!(device = %self.params.id, wake = %w, "deep sleep");
         Action::Sleep { until }
@@ -804,13 +813,9 @@ impl SimDevice {
             name = format!("img_{}_{n}.jpg", est.format("%Y%m%d_%H%M%S"));
         }
         let day = (est - self.params.inoculated_at).num_seconds() as f64 / 86_400.0;
-        let seed = self
-            .params
-            .id
-            .bytes()
-            .fold(1469598103934665603u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(1099511628211)
-            });
+        let seed = self.params.id.bytes().fold(1469598103934665603u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(1099511628211)
+        });
         let jpeg = petri_jpeg(seed, day, self.params.image_width, self.params.image_height)?;
         let phase = day * std::f64::consts::TAU;
         let entry = SdEntry {
@@ -867,7 +872,8 @@ impl SimDevice {
                 self.clock.sync(t); // NTP on every online wake
                 let pending = self.sd.pending_count()?;
                 self.state = State::AwaitCommand;
-                let hello = json!({"device_id": self.params.id, "status": "alive", "pendingImg": pending});
+                let hello =
+                    json!({"device_id": self.params.id, "status": "alive", "pendingImg": pending});
                 debug!(device = %self.params.id, pending, "HELLO");
                 let timer = self.timer(t + self.params.response_timeout);
                 Ok(vec![
@@ -892,7 +898,11 @@ impl SimDevice {
         self.give_up_wake(true_now)
     }
 
-    pub fn on_timer(&mut self, true_now: DateTime<Utc>, token: u64) -> Result<Vec<Action>, SimError> {
+    pub fn on_timer(
+        &mut self,
+        true_now: DateTime<Utc>,
+        token: u64,
+    ) -> Result<Vec<Action>, SimError> {
         if token != self.token || !self.is_awake() {
             return Ok(Vec::new());
         }
@@ -1265,7 +1275,7 @@ impl DialectMix {
         match self {
             DialectMix::Firmware => Dialect::Firmware,
             DialectMix::V1 => Dialect::V1,
-            DialectMix::Mixed if i % 2 == 0 => Dialect::Firmware,
+            DialectMix::Mixed if i.is_multiple_of(2) => Dialect::Firmware,
             DialectMix::Mixed => Dialect::V1,
         }
     }
@@ -1335,16 +1345,7 @@ impl FleetOptions {
             ("wifi-fail", f.wifi_fail_pct),
         ] {
             if !(0.0..=100.0).contains(&v) {
-                return Err(opt_err(
-                    match name {
-                        "loss" => "loss",
-                        "dup" => "dup",
-                        "reorder" => "reorder",
-                        "disconnect" => "disconnect",
-                        _ => "wifi-fail",
-                    },
-                    "must be a percentage 0..=100",
-                ));
+                return Err(opt_err(name, "must be a percentage 0..=100"));
             }
         }
         if self.image_width < 16 || self.image_height < 16 {
@@ -1444,7 +1445,8 @@ impl Simulation {
         store: Arc<Store>,
         start: DateTime<Utc>,
     ) -> Result<Simulation, SimError> {
-        cfg.validate().map_err(|e| opt_err("config", e.to_string()))?;
+        cfg.validate()
+            .map_err(|e| opt_err("config", e.to_string()))?;
         let metrics = Arc::new(Metrics::default());
         let engine = Self::engine(&cfg, &store, &metrics)?;
         let mut opts = opts;
@@ -1491,8 +1493,14 @@ impl Simulation {
         Ok(sim)
     }
 
-    fn engine(cfg: &Config, store: &Arc<Store>, metrics: &Arc<Metrics>) -> Result<Engine, SimError> {
-        let tz = cfg.timezone().map_err(|e| opt_err("config", e.to_string()))?;
+    fn engine(
+        cfg: &Config,
+        store: &Arc<Store>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Engine, SimError> {
+        let tz = cfg
+            .timezone()
+            .map_err(|e| opt_err("config", e.to_string()))?;
         Ok(Engine::new(
             cfg.ingest.clone(),
             cfg.site.clone(),
@@ -1547,8 +1555,7 @@ impl Simulation {
             self.in_flight += 1;
         }
         self.seq += 1;
-        self.queue
-            .push(Reverse((at.timestamp_millis(), self.seq)));
+        self.queue.push(Reverse((at.timestamp_millis(), self.seq)));
         self.events.insert(self.seq, ev);
     }
 
@@ -1612,7 +1619,11 @@ impl Simulation {
             self.step(ev, now)?;
             if let Some(every) = self.progress_every {
                 if now >= self.next_progress {
-                    eprintln!("[{}] {}", now.format("%Y-%m-%d %H:%M"), self.progress_line());
+                    eprintln!(
+                        "[{}] {}",
+                        now.format("%Y-%m-%d %H:%M"),
+                        self.progress_line()
+                    );
                     self.next_progress = now + every;
                 }
             }
@@ -1764,7 +1775,10 @@ impl Connection {
             return Err(bad());
         }
         Ok(Connection {
-            host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
             port,
             keep_alive: std::time::Duration::from_secs(30),
             connect_timeout: std::time::Duration::from_secs(10),
@@ -1890,6 +1904,11 @@ async fn mqtt_session(
             queue.extend(new);
             continue;
         }
+        if let Some(pos) = queue.iter().position(|a| matches!(a, Action::Sleep { .. })) {
+            if let Action::Sleep { until } = queue.remove(pos) {
+                sleep_until = Some(until);
+            }
+        }
         if let Some(until) = sleep_until {
             if !queue.iter().any(|a| matches!(a, Action::Publish { .. })) {
                 // Let QoS 1 publishes drain before disconnecting.
@@ -1952,9 +1971,11 @@ pub async fn run_mqtt(
     let start = SystemClock.now();
     let devices = opts.build_devices(start)?;
     let faults = Arc::new(opts.faults.clone());
-    let slots: Arc<std::sync::Mutex<Vec<(DeviceStats, u32)>>> = Arc::new(std::sync::Mutex::new(
-        vec![(DeviceStats::default(), 0); devices.len()],
-    ));
+    let slots: Arc<std::sync::Mutex<Vec<(DeviceStats, u32)>>> =
+        Arc::new(std::sync::Mutex::new(vec![
+            (DeviceStats::default(), 0);
+            devices.len()
+        ]));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, mut dev) in devices.into_iter().enumerate() {
         let first = opts.first_wake(i, start);
@@ -2007,7 +2028,9 @@ pub async fn run_mqtt(
         while let Some(r) = tasks.join_next().await {
             match r {
                 Ok(Err(e)) => return e,
-                Err(e) if e.is_panic() => return SimError::Mqtt(format!("device task panicked: {e}")),
+                Err(e) if e.is_panic() => {
+                    return SimError::Mqtt(format!("device task panicked: {e}"))
+                }
                 _ => {}
             }
         }
@@ -2155,9 +2178,16 @@ mod tests {
             c.estimated_now(day_later),
             day_later + Duration::milliseconds(432_000)
         );
-        assert_eq!(c.true_duration(Duration::seconds(1005)), Duration::seconds(1000));
+        assert_eq!(
+            c.true_duration(Duration::seconds(1005)),
+            Duration::seconds(1000)
+        );
         c.sync(day_later);
-        assert_eq!(c.estimated_now(day_later), day_later, "NTP resync clears drift");
+        assert_eq!(
+            c.estimated_now(day_later),
+            day_later,
+            "NTP resync clears drift"
+        );
         let slow = DeviceClock::new(sync, -0.005);
         assert!(slow.estimated_now(day_later) < day_later);
     }
@@ -2188,9 +2218,18 @@ mod tests {
     fn wake_times_are_read_in_both_dialects() {
         let tz: Tz = "Europe/Berlin".parse().unwrap();
         let now = t("2026-01-10T12:00:00Z"); // 13:00 in Berlin
-        assert_eq!(parse_wake("5:30PM", tz, now), Some(t("2026-01-10T16:30:00Z")));
-        assert_eq!(parse_wake("8:00AM", tz, now), Some(t("2026-01-11T07:00:00Z")));
-        assert_eq!(parse_wake("12:05AM", tz, now), Some(t("2026-01-10T23:05:00Z")));
+        assert_eq!(
+            parse_wake("5:30PM", tz, now),
+            Some(t("2026-01-10T16:30:00Z"))
+        );
+        assert_eq!(
+            parse_wake("8:00AM", tz, now),
+            Some(t("2026-01-11T07:00:00Z"))
+        );
+        assert_eq!(
+            parse_wake("12:05AM", tz, now),
+            Some(t("2026-01-10T23:05:00Z"))
+        );
         assert_eq!(
             parse_wake("2026-01-11T07:00:00Z", tz, now),
             Some(t("2026-01-11T07:00:00Z"))
@@ -2202,7 +2241,10 @@ mod tests {
     fn outages_parse_as_day_ranges() {
         let s = t("2026-01-01T00:00:00Z");
         let o = Outage::parse("1-5", s).unwrap();
-        assert_eq!((o.from, o.to), (t("2026-01-02T00:00:00Z"), t("2026-01-06T00:00:00Z")));
+        assert_eq!(
+            (o.from, o.to),
+            (t("2026-01-02T00:00:00Z"), t("2026-01-06T00:00:00Z"))
+        );
         assert!(o.covers(7, t("2026-01-03T00:00:00Z")));
         assert!(!o.covers(7, t("2026-01-06T00:00:00Z")));
         let o = Outage::parse("0.5-1:0,2", s).unwrap();
@@ -2264,7 +2306,11 @@ mod tests {
         let a = d.wake(now, &f).unwrap();
         assert_eq!(publishes(&a)[0]["pendingImg"], 0);
         let a = d
-            .on_message(now, br#"{"device_id":"B8F862000001","capture_image":true}"#, &f)
+            .on_message(
+                now,
+                br#"{"device_id":"B8F862000001","capture_image":true}"#,
+                &f,
+            )
             .unwrap();
         let meta = &publishes(&a)[0];
         let name = meta["image_name"].as_str().unwrap().to_string();
@@ -2291,7 +2337,11 @@ mod tests {
         assert_eq!(d.stats.gave_up, 1);
         assert_eq!(d.pending(), 1, "it stays pending");
         let a = d
-            .on_message(now, br#"{"device_id":"B8F862000001","next_wake":"4:00PM"}"#, &f)
+            .on_message(
+                now,
+                br#"{"device_id":"B8F862000001","next_wake":"4:00PM"}"#,
+                &f,
+            )
             .unwrap();
         assert_eq!(
             a,
@@ -2304,15 +2354,35 @@ mod tests {
         let a = d.wake(later, &f).unwrap();
         assert_eq!(publishes(&a)[0]["pendingImg"], 1);
         let a = d
-            .on_message(later, br#"{"image_name":"","ACK_OK":{"next_wake_time":"8:00AM"}}"#, &f)
+            .on_message(
+                later,
+                br#"{"image_name":"","ACK_OK":{"next_wake_time":"8:00AM"}}"#,
+                &f,
+            )
             .unwrap();
         assert_eq!(publishes(&a)[0]["image_name"], name.as_str());
         let a = d
-            .on_message(later, json!({"image_name": name, "missing_chunks": [2, 3]}).to_string().as_bytes(), &f)
+            .on_message(
+                later,
+                json!({"image_name": name, "missing_chunks": [2, 3]})
+                    .to_string()
+                    .as_bytes(),
+                &f,
+            )
             .unwrap();
-        assert_eq!(publishes(&a).len(), 2, "resumed with only the missing chunks");
-        d.on_message(later, json!({"image_name": name, "ACK_OK": {"next_wake_time": "8:00AM"}}).to_string().as_bytes(), &f)
-            .unwrap();
+        assert_eq!(
+            publishes(&a).len(),
+            2,
+            "resumed with only the missing chunks"
+        );
+        d.on_message(
+            later,
+            json!({"image_name": name, "ACK_OK": {"next_wake_time": "8:00AM"}})
+                .to_string()
+                .as_bytes(),
+            &f,
+        )
+        .unwrap();
         assert_eq!(d.pending(), 0);
         assert!(!d.sd.entry(&name).unwrap().unwrap().pending);
     }
@@ -2336,8 +2406,14 @@ mod tests {
         let c = &publishes(&a)[0];
         assert_eq!(c["chunk_id"], 0);
         assert!(c["payload"].is_string());
-        d.on_message(now, json!({"image_name": name, "ACK_OK": true, "next_wake_time": "2026-01-01T16:00:00Z"}).to_string().as_bytes(), &f)
-            .unwrap();
+        d.on_message(
+            now,
+            json!({"image_name": name, "ACK_OK": true, "next_wake_time": "2026-01-01T16:00:00Z"})
+                .to_string()
+                .as_bytes(),
+            &f,
+        )
+        .unwrap();
         assert_eq!(d.pending(), 0);
     }
 }

@@ -39,14 +39,21 @@ fn online_with_lost_duplicated_and_reordered_chunks() {
     println!("{s}");
     assert!(s.chunks_lost > 0 && s.retry_rounds > 0, "{s}");
     assert!((2.0..10.0).contains(&s.loss_pct()), "{s}");
-    assert_eq!(s.delivered, s.captured, "every image completes by targeted resends: {s}");
+    assert_eq!(
+        s.delivered, s.captured,
+        "every image completes by targeted resends: {s}"
+    );
     assert_eq!(s.pending, 0);
     // Only missing chunks were asked for: never more than were lost.
     let requested = sim
         .metrics()
         .missing_chunks_requested
         .load(std::sync::atomic::Ordering::Relaxed);
-    assert!(requested <= s.chunks_lost, "requested {requested}, lost {}", s.chunks_lost);
+    assert!(
+        requested <= s.chunks_lost,
+        "requested {requested}, lost {}",
+        s.chunks_lost
+    );
     assert_consistent(&sim);
 }
 
@@ -62,13 +69,18 @@ fn five_days_offline_then_drained_oldest_first() {
     sim.faults_mut().outages.push(outage);
     sim.run_until(start() + Duration::hours(25)).unwrap();
     assert_eq!(sim.summary().pending, 0);
-    sim.run_until(start() + Duration::hours(6 * 24 + 5)).unwrap();
+    sim.run_until(start() + Duration::hours(6 * 24 + 5))
+        .unwrap();
     let s = sim.summary();
     let online_before = s.delivered;
     assert_eq!(s.offline_wakes, 10, "2 captures a day for 5 days: {s}");
     assert_eq!(s.pending, 10);
     let d = &sim.devices()[0];
-    assert_eq!(d.sd.pending_count().unwrap(), 10, "pendingImg = lines of pendingImage.txt");
+    assert_eq!(
+        d.sd.pending_count().unwrap(),
+        10,
+        "pendingImg = lines of pendingImage.txt"
+    );
     let queued = d.sd.pending().unwrap();
     sim.run_until(start() + Duration::days(8)).unwrap();
     let s = sim.summary();
@@ -77,9 +89,16 @@ fn five_days_offline_then_drained_oldest_first() {
     assert_eq!(s.delivered, s.captured);
     let d = &sim.devices()[0];
     let after: Vec<String> = d.stats.delivered_names[online_before as usize..].to_vec();
-    assert_eq!(&after[..10], &queued[..], "backlog sent oldest first, one at a time");
+    assert_eq!(
+        &after[..10],
+        &queued[..],
+        "backlog sent oldest first, one at a time"
+    );
     let images = sim.store().images(Some(&d.params.id)).unwrap();
-    let recovered: Vec<_> = images.iter().filter(|c| c.origin == Origin::Recovery).collect();
+    let recovered: Vec<_> = images
+        .iter()
+        .filter(|c| c.origin == Origin::Recovery)
+        .collect();
     assert_eq!(recovered.len(), 10);
     for (c, name) in recovered.iter().zip(&queued) {
         assert_eq!(&c.image_name, name);
@@ -109,7 +128,10 @@ fn hundred_devices_twice_daily_for_three_days_within_the_streaming_limit() {
     assert_eq!(s.retry_rounds, 0, "{s}");
     assert_eq!(s.timeouts, 0, "{s}");
     assert!(s.max_streaming <= 3, "{s}");
-    assert_eq!(s.max_streaming, 3, "the limit was reached: back-pressure exercised");
+    assert_eq!(
+        s.max_streaming, 3,
+        "the limit was reached: back-pressure exercised"
+    );
     assert_consistent(&sim);
 }
 
@@ -139,7 +161,10 @@ fn gateway_restart_during_a_drain() {
             if sim.summary().delivered >= before + 2 {
                 break;
             }
-            assert!(sim.now() < start() + Duration::days(4), "drain never started");
+            assert!(
+                sim.now() < start() + Duration::days(4),
+                "drain never started"
+            );
         }
         let now = sim.now();
         sim.schedule_restart(now + Duration::milliseconds(300), kind);
@@ -171,7 +196,13 @@ fn disconnects_mid_stream_resume_with_only_the_missing_chunks() {
     println!("{s}");
     assert_eq!(s.pending, 0, "{s}");
     assert_eq!(s.delivered, s.captured);
-    let resumed = sim.metrics().missing_rounds.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(resumed > 0, "partly received images resumed with missing_chunks");
+    let resumed = sim
+        .metrics()
+        .missing_rounds
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        resumed > 0,
+        "partly received images resumed with missing_chunks"
+    );
     assert_consistent(&sim);
 }

@@ -36,7 +36,10 @@ fn offline_queue_reconnect_sequential_resend_until_empty() {
             let d = &sim.devices()[0];
             let pending = d.sd.pending().unwrap();
             assert_eq!(pending.len() as u32, d.sd.pending_count().unwrap());
-            assert!(pending.len() <= last + 1, "at most one new capture at a time");
+            assert!(
+                pending.len() <= last + 1,
+                "at most one new capture at a time"
+            );
             if pending.len() < last {
                 assert_eq!(last - pending.len(), 1, "{dialect:?}: one image per ACK_OK");
             }
@@ -55,7 +58,10 @@ fn offline_queue_reconnect_sequential_resend_until_empty() {
             }
         }
         let d = &sim.devices()[0];
-        assert!(d.sd.pending().unwrap().is_empty(), "{dialect:?}: queue drained");
+        assert!(
+            d.sd.pending().unwrap().is_empty(),
+            "{dialect:?}: queue drained"
+        );
         let tail: Vec<_> = acked
             .iter()
             .filter(|n| queued.contains(n))

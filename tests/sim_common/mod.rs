@@ -47,14 +47,22 @@ pub fn assert_consistent(sim: &Simulation) {
         let entries = d.sd.entries().unwrap();
         let pending = d.sd.pending().unwrap();
         assert_eq!(
-            entries.iter().filter(|e| e.pending).map(|e| e.name.clone()).collect::<Vec<_>>(),
+            entries
+                .iter()
+                .filter(|e| e.pending)
+                .map(|e| e.name.clone())
+                .collect::<Vec<_>>(),
             pending,
             "{id}: pendingImage.txt lists exactly the PendingToSend=true entries, in order"
         );
         let images = store.images(Some(id)).unwrap();
         let mut names = HashSet::new();
         for img in &images {
-            assert!(names.insert(img.image_name.clone()), "{id}: {} stored twice", img.image_name);
+            assert!(
+                names.insert(img.image_name.clone()),
+                "{id}: {} stored twice",
+                img.image_name
+            );
             assert_eq!(img.state, CaptureState::Complete);
         }
         let complete: Vec<_> = store
@@ -63,7 +71,11 @@ pub fn assert_consistent(sim: &Simulation) {
             .into_iter()
             .filter(|c| c.state == CaptureState::Complete)
             .collect();
-        assert_eq!(complete.len(), images.len(), "{id}: no duplicate complete captures");
+        assert_eq!(
+            complete.len(),
+            images.len(),
+            "{id}: no duplicate complete captures"
+        );
         for e in &entries {
             let stored = images.iter().find(|i| i.image_name == e.name);
             if e.pending {
@@ -71,7 +83,12 @@ pub fn assert_consistent(sim: &Simulation) {
             }
             let stored = stored.unwrap_or_else(|| panic!("{id}: {} sent but not stored", e.name));
             let bytes = store.image_bytes(stored.id).unwrap().unwrap();
-            assert_eq!(bytes, d.sd.image(&e.name).unwrap(), "{id}: {} bytes", e.name);
+            assert_eq!(
+                bytes,
+                d.sd.image(&e.name).unwrap(),
+                "{id}: {} bytes",
+                e.name
+            );
             assert_eq!(&bytes[..2], &[0xFF, 0xD8], "a real JPEG");
             assert_eq!(&bytes[bytes.len() - 2..], &[0xFF, 0xD9]);
         }
