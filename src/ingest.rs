@@ -162,6 +162,11 @@ impl Engine {
         &self.store
     }
 
+    /// The site time zone wake times are rendered in (`5:30PM`).
+    pub fn timezone(&self) -> chrono_tz::Tz {
+        self.schedule.timezone()
+    }
+
     /// True when the batch should be committed now: something waits on it,
     /// or chunks have waited `commit_interval_ms`.
     pub fn wants_commit(&self) -> bool {

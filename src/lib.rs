@@ -15,4 +15,5 @@ pub mod protocol;
 pub mod provision;
 pub mod schedule;
 pub mod server;
+pub mod sim;
 pub mod store;
