@@ -41,6 +41,7 @@ pub enum Request {
     DeviceList,
     ImageList { device: Option<String> },
     ImageExport { device: String, name: String },
+    SyncStatus,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -159,8 +160,11 @@ pub fn image_export(
 }
 
 /// Answers one request against the store, as JSON.
-pub fn answer(store: &Store, req: &Request) -> serde_json::Value {
+pub fn answer(store: &Store, req: &Request, now: DateTime<Utc>) -> serde_json::Value {
     let r: Result<serde_json::Value, AdminError> = match req {
+        Request::SyncStatus => crate::upstream::status(store, now)
+            .map(|v| serde_json::json!(v))
+            .map_err(AdminError::from),
         Request::DeviceList => device_list(store).map(|v| serde_json::json!(v)),
         Request::ImageList { device } => {
             image_list(store, device.as_deref()).map(|v| serde_json::json!(v))
@@ -203,6 +207,7 @@ pub fn bind(data_dir: &Path) -> Result<UnixListener, AdminError> {
 pub async fn serve(
     listener: UnixListener,
     store: Arc<Store>,
+    clock: crate::clock::SharedClock,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -214,6 +219,7 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let store = store.clone();
+        let clock = clock.clone();
         tokio::spawn(async move {
             let (r, mut w) = sock.into_split();
             let mut lines = BufReader::new(r).lines();
@@ -221,7 +227,8 @@ pub async fn serve(
                 let resp = match serde_json::from_str::<Request>(&line) {
                     Ok(req) => {
                         let store = store.clone();
-                        tokio::task::spawn_blocking(move || answer(&store, &req))
+                        let now = clock.now();
+                        tokio::task::spawn_blocking(move || answer(&store, &req, now))
                             .await
                             .unwrap_or_else(
                                 |e| serde_json::json!({"ok": false, "error": e.to_string()}),

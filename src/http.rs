@@ -15,6 +15,7 @@ use std::sync::Arc;
 pub struct HttpState {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
+    pub clock: crate::clock::SharedClock,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -34,15 +35,17 @@ async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     let mut body = s.metrics.render();
     let store = s.store.clone();
+    let now = s.clock.now();
+    if let Ok(Ok(st)) =
+        tokio::task::spawn_blocking(move || crate::upstream::status(&store, now)).await
+    {
+        crate::upstream::render_metrics(&st, &mut body);
+    }
+    let store = s.store.clone();
     if let Ok(Ok(c)) = tokio::task::spawn_blocking(move || store.counts()).await {
         for (name, help, v) in [
             ("devices_registered", "Devices in the registry.", c.devices),
             ("images_stored", "Complete images stored locally.", c.images),
-            (
-                "upstream_backlog",
-                "Items queued for the upstream.",
-                c.outbox,
-            ),
             ("alerts_stored", "Alerts recorded.", c.alerts),
         ] {
             let _ = writeln!(body, "# HELP barngate_{name} {help}");

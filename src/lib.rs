@@ -14,3 +14,4 @@ pub mod protocol;
 pub mod schedule;
 pub mod server;
 pub mod store;
+pub mod upstream;
