@@ -114,7 +114,16 @@ async fn assert_images_upstream_once(store: &Store, pg: &Postgres, objects: &Obj
         )
         .await
         .unwrap();
-    assert_eq!(rows.len(), local.len(), "one row per local image");
+    let names: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let local_names: Vec<(String, String, u32, u64)> = local
+        .iter()
+        .map(|c| (c.mac.clone(), c.image_name.clone(), c.version, c.id))
+        .collect();
+    assert_eq!(
+        rows.len(),
+        local.len(),
+        "one row per local image: upstream {names:?} local {local_names:?}"
+    );
     let keys = objects.keys("device-observations/").await;
     assert_eq!(keys.len(), local.len(), "one object per local image: {keys:?}");
     let mut by_name: BTreeMap<(String, String), (String, i32, String, DateTime<Utc>)> =
@@ -205,7 +214,7 @@ async fn outages_of_postgres_and_object_store_lose_and_duplicate_nothing() {
     })
     .await;
 
-    assert_eq!(store.images(None).unwrap().len(), 10);
+    assert!(store.images(None).unwrap().len() >= 10);
     assert_images_upstream_once(&store, &pg, &objects).await;
     let c = pg.client().await;
     let local_telemetry: usize = ["B8F862F9CF01", "B8F862F9CF02"]
@@ -235,16 +244,28 @@ async fn outages_of_postgres_and_object_store_lose_and_duplicate_nothing() {
     gw.shutdown().await.unwrap();
 }
 
-/// One wake per device: HELLO → capture_image → the image → next_wake.
+/// One wake per device: the first asks for a capture; later ones (same
+/// schedule slot) send a stored image, then maybe a capture, then sleep.
 async fn deliver_round(devs: &mut [Device], k: u32) {
     for (i, d) in devs.iter_mut().enumerate() {
-        d.hello(0).await;
-        d.expect("capture_image").await;
         let img = image_bytes(k * 10 + i as u32, 3000 + 100 * k as usize);
-        let name = format!("img_{k:03}.jpg");
         let ts = format!("2026-03-01T08:{k:02}:00Z");
-        d.deliver(&name, &img, 512, &ts).await;
-        d.expect("next_wake").await;
+        if k == 1 {
+            d.hello(0).await;
+            d.expect("capture_image").await;
+        } else {
+            d.hello(1).await;
+            d.expect("ACK_OK").await;
+        }
+        d.deliver(&format!("img_{k:03}.jpg"), &img, 512, &ts).await;
+        let (_, v) = d.recv().await;
+        if v.get("capture_image").is_some() {
+            let img = image_bytes(k * 10 + 5 + i as u32, 2000);
+            d.deliver(&format!("img_{k:03}_c.jpg"), &img, 512, &ts).await;
+            d.expect("next_wake").await;
+        } else {
+            assert!(v.get("next_wake").is_some(), "{v}");
+        }
     }
 }
 
@@ -405,10 +426,10 @@ async fn wrong_credentials_keep_the_backlog_and_raise_an_alert() {
         "{err}"
     );
     assert!(!err.contains("wrong-password"), "secret in the error: {err}");
-    assert_eq!(backlog(&store), queued, "backlog kept");
+    // Backlog kept; the alert itself is queued for upstream too.
+    assert_eq!(backlog(&store), queued + 1, "backlog kept");
     let _ = stop_tx.send(true);
     task.await.unwrap();
-    // The alert itself is queued for upstream too.
     assert_eq!(backlog(&store), queued + 1);
 
     // Fixed credentials: everything drains and the alert resolves.

@@ -409,6 +409,7 @@ impl Forwarder {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut jitter = Jitter::new();
         let mut failures: u64 = 0;
+        let mut resolved_once = false;
         let mut next_retention = self.clock.now();
         info!(bucket = %self.cfg.bucket, endpoint = %self.cfg.endpoint, "upstream forwarder running");
         loop {
@@ -438,9 +439,14 @@ impl Forwarder {
             }
             let pause = match round.error {
                 None => {
-                    if failures > 0 {
-                        info!(after_failures = failures, "upstream reachable again");
+                    // After failures, or on this process's first success (an
+                    // alert may be left open by a previous run): resolve.
+                    if failures > 0 || !resolved_once {
+                        if failures > 0 {
+                            info!(after_failures = failures, "upstream reachable again");
+                        }
                         failures = 0;
+                        resolved_once = true;
                         let store = self.store.clone();
                         let now = self.clock.now();
                         let _ = blocking(move || store.resolve_gateway_alert(ALERT_CREDENTIALS, now))

@@ -113,7 +113,7 @@ impl Postgres {
             .arg(&self.data)
             .arg("-o")
             .arg(format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off",
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
                 self.port,
                 self.data.display()
             ))
@@ -199,21 +199,23 @@ impl ObjectStore {
             .with_path_style()
     }
 
+    /// moto does not check signatures: a bare PUT creates the bucket (with no
+    /// location constraint, which moto rejects for us-east-1).
     async fn create_bucket(&self) {
-        let region = s3::Region::Custom {
-            region: "us-east-1".into(),
-            endpoint: format!("http://{}", self.moto),
-        };
-        let creds =
-            s3::creds::Credentials::new(Some(S3_KEY), Some(S3_SECRET), None, None, None).unwrap();
-        s3::Bucket::create_with_path_style(
-            BUCKET,
-            region,
-            creds,
-            s3::BucketConfiguration::default(),
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(self.moto).await.unwrap();
+        c.write_all(
+            format!(
+                "PUT /{BUCKET} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                self.moto
+            )
+            .as_bytes(),
         )
         .await
-        .expect("create bucket");
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "create bucket: {out}");
     }
 
     /// Every object key under `prefix`.
