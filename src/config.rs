@@ -287,7 +287,10 @@ impl UpstreamConfig {
             return Err(invalid("upstream.batch_size", "must be 1..=10000"));
         }
         if !(1..=100).contains(&self.disk_high_water_percent) {
-            return Err(invalid("upstream.disk_high_water_percent", "must be 1..=100"));
+            return Err(invalid(
+                "upstream.disk_high_water_percent",
+                "must be 1..=100",
+            ));
         }
         if self.enabled {
             for (k, v) in [
@@ -305,7 +308,10 @@ impl UpstreamConfig {
                 }
             }
             if !self.endpoint.starts_with("http://") && !self.endpoint.starts_with("https://") {
-                return Err(invalid("upstream.endpoint", "must be an http:// or https:// URL"));
+                return Err(invalid(
+                    "upstream.endpoint",
+                    "must be an http:// or https:// URL",
+                ));
             }
         }
         Ok(())

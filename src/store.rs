@@ -856,7 +856,9 @@ impl Store {
     }
 
     pub fn sync_state(&self) -> Result<SyncState, StoreError> {
-        Ok(self.get_json(SYNC, "sync_state", "state")?.unwrap_or_default())
+        Ok(self
+            .get_json(SYNC, "sync_state", "state")?
+            .unwrap_or_default())
     }
 
     pub fn upload(&self, capture_id: u64) -> Result<Option<UploadRecord>, StoreError> {
@@ -922,7 +924,11 @@ impl Store {
     }
 
     /// Resolves the open gateway alert of this kind, if any.
-    pub fn resolve_gateway_alert(&self, kind: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    pub fn resolve_gateway_alert(
+        &self,
+        kind: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
         let Some(mut a) = self.open_gateway_alert(kind)? else {
             return Ok(false);
         };
@@ -991,7 +997,9 @@ impl Store {
                     images.remove(u.capture_id).map_err(db)?;
                     let mut u = u.clone();
                     u.purged_at = Some(now);
-                    uploads.insert(u.capture_id, enc(&u).as_slice()).map_err(db)?;
+                    uploads
+                        .insert(u.capture_id, enc(&u).as_slice())
+                        .map_err(db)?;
                 }
             }
             tx.commit().map_err(db)?;

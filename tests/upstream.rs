@@ -2,9 +2,9 @@
 //! package, in a temp dir) and moto's S3-compatible server. Outages, a killed
 //! gateway, wrong credentials, and a 10,000-item backlog.
 
-mod common;
 #[path = "common/cloud.rs"]
 mod cloud;
+mod common;
 
 use barngate::clock::SystemClock;
 use barngate::metrics::Metrics;
@@ -101,6 +101,9 @@ fn backlog(store: &Store) -> u64 {
     store.outbox_stats().unwrap().backlog
 }
 
+/// object key, size, SHA-256, created_at of one `device_images` row.
+type UpRow = (String, i32, String, DateTime<Utc>);
+
 /// Every image stored locally is upstream exactly once: one row, one object
 /// with the same bytes, and rows arrived in capture order per device.
 async fn assert_images_upstream_once(store: &Store, pg: &Postgres, objects: &ObjectStore) {
@@ -125,9 +128,12 @@ async fn assert_images_upstream_once(store: &Store, pg: &Postgres, objects: &Obj
         "one row per local image: upstream {names:?} local {local_names:?}"
     );
     let keys = objects.keys("device-observations/").await;
-    assert_eq!(keys.len(), local.len(), "one object per local image: {keys:?}");
-    let mut by_name: BTreeMap<(String, String), (String, i32, String, DateTime<Utc>)> =
-        BTreeMap::new();
+    assert_eq!(
+        keys.len(),
+        local.len(),
+        "one object per local image: {keys:?}"
+    );
+    let mut by_name: BTreeMap<(String, String), UpRow> = BTreeMap::new();
     for r in &rows {
         assert_eq!(r.get::<_, String>(5), "complete");
         by_name.insert(
@@ -185,7 +191,10 @@ async fn outages_of_postgres_and_object_store_lose_and_duplicate_nothing() {
     .await;
     assert!(backlog(&store) > 0);
     let st = upstream::status(&store, Utc::now()).unwrap();
-    assert!(st.last_error.as_deref().unwrap().contains("PostgreSQL"), "{st:?}");
+    assert!(
+        st.last_error.as_deref().unwrap().contains("PostgreSQL"),
+        "{st:?}"
+    );
     pg.up();
     wait_until("backlog drained after PostgreSQL returns", LONG, || {
         backlog(&store) == 0
@@ -198,20 +207,26 @@ async fn outages_of_postgres_and_object_store_lose_and_duplicate_nothing() {
     deliver_round(&mut devs, n).await;
     n += 1;
     deliver_round(&mut devs, n).await;
-    wait_until("a failed attempt while the object store is down", LONG, || {
-        store
-            .sync_state()
-            .unwrap()
-            .last_error
-            .is_some_and(|e| e.contains("object storage"))
-            && store.sync_state().unwrap().consecutive_failures > 0
-    })
+    wait_until(
+        "a failed attempt while the object store is down",
+        LONG,
+        || {
+            store
+                .sync_state()
+                .unwrap()
+                .last_error
+                .is_some_and(|e| e.contains("object storage"))
+                && store.sync_state().unwrap().consecutive_failures > 0
+        },
+    )
     .await;
     assert!(backlog(&store) > 0);
     objects.relay.restore().await;
-    wait_until("backlog drained after the object store returns", LONG, || {
-        backlog(&store) == 0
-    })
+    wait_until(
+        "backlog drained after the object store returns",
+        LONG,
+        || backlog(&store) == 0,
+    )
     .await;
 
     assert!(store.images(None).unwrap().len() >= 10);
@@ -261,7 +276,8 @@ async fn deliver_round(devs: &mut [Device], k: u32) {
         let (_, v) = d.recv().await;
         if v.get("capture_image").is_some() {
             let img = image_bytes(k * 10 + 5 + i as u32, 2000);
-            d.deliver(&format!("img_{k:03}_c.jpg"), &img, 512, &ts).await;
+            d.deliver(&format!("img_{k:03}_c.jpg"), &img, 512, &ts)
+                .await;
             d.expect("next_wake").await;
         } else {
             assert!(v.get("next_wake").is_some(), "{v}");
@@ -290,9 +306,20 @@ async fn gateway_killed_mid_upload_resumes_without_duplicates() {
     {
         let store = Store::open(&dir.path().join("barngate.redb")).unwrap();
         for i in 0..IMAGES {
-            let mac = if i % 2 == 0 { "AABBCCDDEE01" } else { "AABBCCDDEE02" };
+            let mac = if i % 2 == 0 {
+                "AABBCCDDEE01"
+            } else {
+                "AABBCCDDEE02"
+            };
             let at = t0() + CDuration::seconds(i as i64);
-            commit_image(&store, i + 1, mac, &format!("img_{i:04}.jpg"), &image_bytes(i as u32, 20_000), at);
+            commit_image(
+                &store,
+                i + 1,
+                mac,
+                &format!("img_{i:04}.jpg"),
+                &image_bytes(i as u32, 20_000),
+                at,
+            );
         }
     }
     let mut u = upstream_config(&pg, &objects);
@@ -307,7 +334,13 @@ async fn gateway_killed_mid_upload_resumes_without_duplicates() {
         std::process::Command::new(env!("CARGO_BIN_EXE_barngate"))
             .arg("--data-dir")
             .arg(dir.path())
-            .args(["serve", "--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--mqtt-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
             // Secrets from the environment, not the file.
             .env("BARNGATE_UPSTREAM_POSTGRES_URL", pg.url())
             .env("BARNGATE_UPSTREAM_ACCESS_KEY", S3_KEY)
@@ -348,7 +381,11 @@ async fn gateway_killed_mid_upload_resumes_without_duplicates() {
         .args(["sync", "status", "--json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(st.get("backlog").is_some(), "{st}");
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -389,7 +426,11 @@ async fn gateway_killed_mid_upload_resumes_without_duplicates() {
     );
 }
 
-fn forwarder(store: &Arc<Store>, cfg: barngate::config::UpstreamConfig, dir: &std::path::Path) -> Forwarder {
+fn forwarder(
+    store: &Arc<Store>,
+    cfg: barngate::config::UpstreamConfig,
+    dir: &std::path::Path,
+) -> Forwarder {
     Forwarder::new(
         cfg,
         "site-1".into(),
@@ -408,7 +449,14 @@ async fn wrong_credentials_keep_the_backlog_and_raise_an_alert() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
     for i in 0..20 {
-        commit_image(&store, i + 1, "AABBCCDDEE09", &format!("i{i}.jpg"), &image_bytes(i as u32, 500), t0() + CDuration::minutes(i as i64));
+        commit_image(
+            &store,
+            i + 1,
+            "AABBCCDDEE09",
+            &format!("i{i}.jpg"),
+            &image_bytes(i as u32, 500),
+            t0() + CDuration::minutes(i as i64),
+        );
     }
     let queued = backlog(&store);
     let mut bad = upstream_config(&pg, &objects);
@@ -416,7 +464,10 @@ async fn wrong_credentials_keep_the_backlog_and_raise_an_alert() {
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(forwarder(&store, bad, dir.path()).run(stop_rx));
     wait_until("the credentials alert", LONG, || {
-        store.open_gateway_alert(ALERT_CREDENTIALS).unwrap().is_some()
+        store
+            .open_gateway_alert(ALERT_CREDENTIALS)
+            .unwrap()
+            .is_some()
     })
     .await;
     let st = upstream::status(&store, Utc::now()).unwrap();
@@ -425,7 +476,10 @@ async fn wrong_credentials_keep_the_backlog_and_raise_an_alert() {
         err.contains("rejected the credentials") && err.contains("password authentication failed"),
         "{err}"
     );
-    assert!(!err.contains("wrong-password"), "secret in the error: {err}");
+    assert!(
+        !err.contains("wrong-password"),
+        "secret in the error: {err}"
+    );
     // Backlog kept; the alert itself is queued for upstream too.
     assert_eq!(backlog(&store), queued + 1, "backlog kept");
     let _ = stop_tx.send(true);
@@ -434,9 +488,14 @@ async fn wrong_credentials_keep_the_backlog_and_raise_an_alert() {
 
     // Fixed credentials: everything drains and the alert resolves.
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(forwarder(&store, upstream_config(&pg, &objects), dir.path()).run(stop_rx));
+    let task =
+        tokio::spawn(forwarder(&store, upstream_config(&pg, &objects), dir.path()).run(stop_rx));
     wait_until("drain with good credentials", LONG, || {
-        backlog(&store) == 0 && store.open_gateway_alert(ALERT_CREDENTIALS).unwrap().is_none()
+        backlog(&store) == 0
+            && store
+                .open_gateway_alert(ALERT_CREDENTIALS)
+                .unwrap()
+                .is_none()
     })
     .await;
     wait_until("resolution delivered", LONG, || backlog(&store) == 0).await;
@@ -467,7 +526,8 @@ async fn a_backlog_of_10000_items_drains() {
         for i in 0..N / 10 {
             let k = part * (N / 10) + i;
             let mac = format!("AABBCCDD{:04X}", k % 50);
-            b.telemetry.push(telemetry(&mac, t0() + CDuration::seconds(k as i64)));
+            b.telemetry
+                .push(telemetry(&mac, t0() + CDuration::seconds(k as i64)));
         }
         store.commit(b, t0()).unwrap();
     }
@@ -489,7 +549,10 @@ async fn a_backlog_of_10000_items_drains() {
     );
     assert_eq!(backlog(&store), 0);
     let c = pg.client().await;
-    assert_eq!(count(&c, "SELECT count(*) FROM device_telemetry").await, N as i64);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM device_telemetry").await,
+        N as i64
+    );
     assert_eq!(count(&c, "SELECT count(*) FROM devices").await, 50);
 }
 
@@ -500,13 +563,25 @@ async fn retention_keeps_unuploaded_images_and_deletes_oldest_uploaded_first() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
     for i in 0..6u64 {
-        commit_image(&store, i + 1, "AABBCCDDEE07", &format!("r{i}.jpg"), &image_bytes(i as u32, 1000), t0());
+        commit_image(
+            &store,
+            i + 1,
+            "AABBCCDDEE07",
+            &format!("r{i}.jpg"),
+            &image_bytes(i as u32, 1000),
+            t0(),
+        );
     }
     let cfg = upstream_config(&pg, &objects);
     // Nothing uploaded yet: even a full disk deletes nothing.
-    let (n, _) = upstream::retention_pass(&store, &cfg, Some((99, 100)), t0() + CDuration::days(400)).unwrap();
+    let (n, _) =
+        upstream::retention_pass(&store, &cfg, Some((99, 100)), t0() + CDuration::days(400))
+            .unwrap();
     assert_eq!(n, 0);
-    assert!(store.open_gateway_alert(upstream::ALERT_DISK).unwrap().is_some());
+    assert!(store
+        .open_gateway_alert(upstream::ALERT_DISK)
+        .unwrap()
+        .is_some());
     let mut fwd = forwarder(&store, cfg.clone(), dir.path());
     while backlog(&store) > 0 {
         let r = fwd.round().await;
@@ -514,28 +589,50 @@ async fn retention_keeps_unuploaded_images_and_deletes_oldest_uploaded_first() {
     }
     // 4 more not uploaded.
     for i in 6..10u64 {
-        commit_image(&store, i + 1, "AABBCCDDEE07", &format!("r{i}.jpg"), &image_bytes(i as u32, 1000), t0());
+        commit_image(
+            &store,
+            i + 1,
+            "AABBCCDDEE07",
+            &format!("r{i}.jpg"),
+            &image_bytes(i as u32, 1000),
+            t0(),
+        );
     }
     let now = Utc::now();
     // Within retention, disk fine: nothing goes.
     let (n, _) = upstream::retention_pass(&store, &cfg, Some((10, 100)), now).unwrap();
     assert_eq!(n, 0);
-    assert!(store.open_gateway_alert(upstream::ALERT_DISK).unwrap().is_none(), "resolved");
+    assert!(
+        store
+            .open_gateway_alert(upstream::ALERT_DISK)
+            .unwrap()
+            .is_none(),
+        "resolved"
+    );
     // Disk at the 90 % mark: the oldest uploaded go first, just enough of
     // them to get 5 points below (5000 of 100000 bytes = 5 images of 1000).
-    let (n, bytes) =
-        upstream::retention_pass(&store, &cfg, Some((90_000, 100_000)), now).unwrap();
+    let (n, bytes) = upstream::retention_pass(&store, &cfg, Some((90_000, 100_000)), now).unwrap();
     assert_eq!((n, bytes), (5, 5000));
-    assert!(store.open_gateway_alert(upstream::ALERT_DISK).unwrap().is_some());
+    assert!(store
+        .open_gateway_alert(upstream::ALERT_DISK)
+        .unwrap()
+        .is_some());
     for i in 0..5u64 {
-        assert!(store.image_bytes(i + 1).unwrap().is_none(), "oldest uploaded first");
+        assert!(
+            store.image_bytes(i + 1).unwrap().is_none(),
+            "oldest uploaded first"
+        );
     }
     assert!(store.image_bytes(6).unwrap().is_some());
     for i in 6..10u64 {
-        assert!(store.image_bytes(i + 1).unwrap().is_some(), "not uploaded: kept");
+        assert!(
+            store.image_bytes(i + 1).unwrap().is_some(),
+            "not uploaded: kept"
+        );
     }
     // Past retention: every uploaded image's bytes go, records stay.
-    let (_, _) = upstream::retention_pass(&store, &cfg, Some((10, 100)), now + CDuration::days(31)).unwrap();
+    let (_, _) =
+        upstream::retention_pass(&store, &cfg, Some((10, 100)), now + CDuration::days(31)).unwrap();
     for i in 0..6u64 {
         assert!(store.image_bytes(i + 1).unwrap().is_none());
         assert!(store.capture(i + 1).unwrap().is_some());

@@ -79,9 +79,7 @@ pub fn status(store: &Store, now: DateTime<Utc>) -> Result<SyncStatus, StoreErro
     Ok(SyncStatus {
         backlog: o.backlog,
         oldest_queued_at: o.oldest_queued_at,
-        oldest_age_seconds: o
-            .oldest_queued_at
-            .map(|t| (now - t).num_seconds().max(0)),
+        oldest_age_seconds: o.oldest_queued_at.map(|t| (now - t).num_seconds().max(0)),
         last_success_at: s.last_success_at,
         last_error: s.last_error,
         last_error_at: s.last_error_at,
@@ -449,8 +447,9 @@ impl Forwarder {
                         resolved_once = true;
                         let store = self.store.clone();
                         let now = self.clock.now();
-                        let _ = blocking(move || store.resolve_gateway_alert(ALERT_CREDENTIALS, now))
-                            .await;
+                        let _ =
+                            blocking(move || store.resolve_gateway_alert(ALERT_CREDENTIALS, now))
+                                .await;
                     }
                     if round.delivered > 0 {
                         continue;

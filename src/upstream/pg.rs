@@ -137,7 +137,8 @@ CREATE INDEX IF NOT EXISTS idx_device_wake_sessions_device ON device_wake_sessio
 const ENSURE_DEVICE: &str =
     "INSERT INTO devices (device_mac, site_id) VALUES ($1, $2) ON CONFLICT (device_mac) DO NOTHING";
 
-const UPSERT_DEVICE: &str = "INSERT INTO devices (device_mac, device_name, site_id, location, dialect,
+const UPSERT_DEVICE: &str =
+    "INSERT INTO devices (device_mac, device_name, site_id, location, dialect,
   firmware_version, hardware_version, is_active, status, last_seen_at, next_wake_at,
   battery_voltage, mqtt_client_id, cert_serial, provisioned_at, metadata, updated_at)
 VALUES ($1, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, now())
@@ -250,7 +251,9 @@ pub(super) fn pg_error(e: &tokio_postgres::Error) -> UpstreamError {
 /// `sslmode=disable`. The connection task ends when the client is dropped.
 pub async fn connect(url: &str) -> Result<Client, UpstreamError> {
     let cfg: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
-        UpstreamError::Config(format!("upstream.postgres_url is not a valid connection string: {e}"))
+        UpstreamError::Config(format!(
+            "upstream.postgres_url is not a valid connection string: {e}"
+        ))
     })?;
     if cfg.get_ssl_mode() == SslMode::Disable {
         let (client, conn) = cfg
@@ -400,7 +403,11 @@ impl PgSink {
                     .raw_metadata
                     .as_deref()
                     .and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok())
-                    .or_else(|| c.metadata.as_ref().and_then(|m| serde_json::to_value(m).ok()));
+                    .or_else(|| {
+                        c.metadata
+                            .as_ref()
+                            .and_then(|m| serde_json::to_value(m).ok())
+                    });
                 let captured: DateTime<Utc> = c.device_time.unwrap_or(c.first_seen_at);
                 (
                     self.image.clone(),
@@ -455,13 +462,17 @@ impl PgSink {
         {
             let mut futs = Vec::with_capacity(ensure.len() + statements.len());
             for p in &ensure {
-                let refs: Vec<&(dyn ToSql + Sync)> =
-                    p.iter().map(|v| v.as_ref() as &(dyn ToSql + Sync)).collect();
+                let refs: Vec<&(dyn ToSql + Sync)> = p
+                    .iter()
+                    .map(|v| v.as_ref() as &(dyn ToSql + Sync))
+                    .collect();
                 futs.push(tx.execute_raw(&ensure_stmt, refs));
             }
             for (stmt, p) in &statements {
-                let refs: Vec<&(dyn ToSql + Sync)> =
-                    p.iter().map(|v| v.as_ref() as &(dyn ToSql + Sync)).collect();
+                let refs: Vec<&(dyn ToSql + Sync)> = p
+                    .iter()
+                    .map(|v| v.as_ref() as &(dyn ToSql + Sync))
+                    .collect();
                 futs.push(tx.execute_raw(stmt, refs));
             }
             futures_util::future::try_join_all(futs)
