@@ -428,8 +428,18 @@ impl Forwarder {
                     warn!(error = %e, "retention pass failed");
                 }
             }
+            // A round that hangs (a half-open connection) counts as a failure.
             let round = tokio::select! {
-                r = self.round() => r,
+                r = tokio::time::timeout(Duration::from_secs(300), self.round()) => match r {
+                    Ok(r) => r,
+                    Err(_) => {
+                        self.pg = None;
+                        Round {
+                            delivered: 0,
+                            error: Some(UpstreamError::Internal("delivery round timed out after 300 s".into())),
+                        }
+                    }
+                },
                 _ = shutdown.changed() => return,
             };
             if round.delivered > 0 {

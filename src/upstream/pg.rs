@@ -250,11 +250,15 @@ pub(super) fn pg_error(e: &tokio_postgres::Error) -> UpstreamError {
 /// Opens a connection: TLS (rustls, ring, webpki roots) unless the URL says
 /// `sslmode=disable`. The connection task ends when the client is dropped.
 pub async fn connect(url: &str) -> Result<Client, UpstreamError> {
-    let cfg: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
+    let mut cfg: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
         UpstreamError::Config(format!(
             "upstream.postgres_url is not a valid connection string: {e}"
         ))
     })?;
+    // A silent network must not hang the forwarder.
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(std::time::Duration::from_secs(30));
+    }
     if cfg.get_ssl_mode() == SslMode::Disable {
         let (client, conn) = cfg
             .connect(tokio_postgres::NoTls)
