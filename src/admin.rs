@@ -52,6 +52,7 @@ pub enum Request {
     Registry {
         change: RegistryChange,
     },
+    SyncStatus,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -170,8 +171,11 @@ pub fn image_export(
 }
 
 /// Answers one request against the store, as JSON.
-pub fn answer(store: &Store, req: &Request) -> serde_json::Value {
+pub fn answer(store: &Store, req: &Request, now: DateTime<Utc>) -> serde_json::Value {
     let r: Result<serde_json::Value, AdminError> = match req {
+        Request::SyncStatus => crate::upstream::status(store, now)
+            .map(|v| serde_json::json!(v))
+            .map_err(AdminError::from),
         Request::DeviceList => device_list(store).map(|v| serde_json::json!(v)),
         Request::ImageList { device } => {
             image_list(store, device.as_deref()).map(|v| serde_json::json!(v))
@@ -218,6 +222,7 @@ pub async fn serve(
     listener: UnixListener,
     store: Arc<Store>,
     live: Live,
+    clock: crate::clock::SharedClock,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -230,6 +235,7 @@ pub async fn serve(
         };
         let store = store.clone();
         let live = live.clone();
+        let clock = clock.clone();
         tokio::spawn(async move {
             let (r, mut w) = sock.into_split();
             let mut lines = BufReader::new(r).lines();
@@ -243,7 +249,8 @@ pub async fn serve(
                     }
                     Ok(req) => {
                         let store = store.clone();
-                        tokio::task::spawn_blocking(move || answer(&store, &req))
+                        let now = clock.now();
+                        tokio::task::spawn_blocking(move || answer(&store, &req, now))
                             .await
                             .unwrap_or_else(
                                 |e| serde_json::json!({"ok": false, "error": e.to_string()}),

@@ -41,6 +41,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub ingest: IngestConfig,
     pub schedule: ScheduleConfig,
+    pub upstream: UpstreamConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,6 +177,158 @@ impl Default for ScheduleConfig {
     }
 }
 
+/// Store-and-forward to the cloud (PostgreSQL + S3-compatible storage).
+/// Secrets may come from `BARNGATE_UPSTREAM_*` environment variables instead
+/// of the file; `Debug` never prints them.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Forward results upstream.
+    pub enabled: bool,
+    /// PostgreSQL connection string (`postgres://user:pass@host:5432/db?sslmode=require`).
+    pub postgres_url: String,
+    /// Object storage bucket for image bytes.
+    pub bucket: String,
+    /// S3-compatible endpoint URL (path-style addressing).
+    pub endpoint: String,
+    pub region: String,
+    pub access_key: String,
+    pub secret_key: String,
+    /// First retry delay after a failure; doubles up to `backoff_max_s`.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_s: u64,
+    /// Outbox items delivered per round trip.
+    pub batch_size: usize,
+    /// Uploaded images stay on local disk this long.
+    pub retention_days: u32,
+    /// Disk usage (percent) at which an alert is raised and the oldest
+    /// uploaded images are deleted locally, whatever their age.
+    pub disk_high_water_percent: u8,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            enabled: false,
+            postgres_url: String::new(),
+            bucket: String::new(),
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            access_key: String::new(),
+            secret_key: String::new(),
+            backoff_initial_ms: 1000,
+            backoff_max_s: 300,
+            batch_size: 200,
+            retention_days: 30,
+            disk_high_water_percent: 90,
+        }
+    }
+}
+
+fn redact(s: &str) -> &'static str {
+    if s.is_empty() {
+        "\"\""
+    } else {
+        "<redacted>"
+    }
+}
+
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("enabled", &self.enabled)
+            .field("postgres_url", &redact(&self.postgres_url))
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key", &redact(&self.access_key))
+            .field("secret_key", &redact(&self.secret_key))
+            .field("backoff_initial_ms", &self.backoff_initial_ms)
+            .field("backoff_max_s", &self.backoff_max_s)
+            .field("batch_size", &self.batch_size)
+            .field("retention_days", &self.retention_days)
+            .field("disk_high_water_percent", &self.disk_high_water_percent)
+            .finish()
+    }
+}
+
+impl UpstreamConfig {
+    /// Fills keys from `BARNGATE_UPSTREAM_<KEY>` environment variables (they
+    /// win over the file), so secrets need not be written to disk.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let var = |k: &str| get(&format!("BARNGATE_UPSTREAM_{}", k.to_ascii_uppercase()));
+        for (k, slot) in [
+            ("postgres_url", &mut self.postgres_url),
+            ("bucket", &mut self.bucket),
+            ("endpoint", &mut self.endpoint),
+            ("region", &mut self.region),
+            ("access_key", &mut self.access_key),
+            ("secret_key", &mut self.secret_key),
+        ] {
+            if let Some(v) = var(k) {
+                *slot = v;
+            }
+        }
+        if let Some(v) = var("enabled") {
+            self.enabled = match v.as_str() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" | "" => false,
+                _ => {
+                    return Err(invalid(
+                        "upstream.enabled",
+                        "BARNGATE_UPSTREAM_ENABLED must be true or false",
+                    ))
+                }
+            };
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.backoff_initial_ms == 0 {
+            return Err(invalid("upstream.backoff_initial_ms", "must be at least 1"));
+        }
+        if self.backoff_max_s == 0 || self.backoff_max_s * 1000 < self.backoff_initial_ms {
+            return Err(invalid(
+                "upstream.backoff_max_s",
+                "must be at least 1 and not below backoff_initial_ms",
+            ));
+        }
+        if self.batch_size == 0 || self.batch_size > 10_000 {
+            return Err(invalid("upstream.batch_size", "must be 1..=10000"));
+        }
+        if !(1..=100).contains(&self.disk_high_water_percent) {
+            return Err(invalid(
+                "upstream.disk_high_water_percent",
+                "must be 1..=100",
+            ));
+        }
+        if self.enabled {
+            for (k, v) in [
+                ("upstream.postgres_url", &self.postgres_url),
+                ("upstream.bucket", &self.bucket),
+                ("upstream.endpoint", &self.endpoint),
+                ("upstream.access_key", &self.access_key),
+                ("upstream.secret_key", &self.secret_key),
+            ] {
+                if v.trim().is_empty() {
+                    return Err(invalid(
+                        k,
+                        "is required when upstream.enabled = true (file or BARNGATE_UPSTREAM_* variable)",
+                    ));
+                }
+            }
+            if !self.endpoint.starts_with("http://") && !self.endpoint.starts_with("https://") {
+                return Err(invalid(
+                    "upstream.endpoint",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 pub fn parse_time_of_day(s: &str) -> Option<NaiveTime> {
     NaiveTime::parse_from_str(s, "%H:%M").ok()
 }
@@ -191,12 +344,19 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Reads the file, then applies `BARNGATE_UPSTREAM_*` environment variables.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Config::from_toml(&text, &path.display().to_string())
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        cfg.upstream.apply_env(|k| std::env::var(k).ok())?;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -268,6 +428,7 @@ impl Config {
         if self.mqtt.max_payload_size < 1024 {
             return Err(invalid("mqtt.max_payload_size", "must be at least 1024"));
         }
+        self.upstream.validate()?;
         Ok(())
     }
 
@@ -326,5 +487,23 @@ mod tests {
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = Config::from_toml("[ingest]\nretry_limit = \"three\"\n", "x").unwrap_err();
         assert!(e.to_string().contains("retry_limit"), "{e}");
+        let e = Config::from_toml("[upstream]\nenabled = true\n", "x").unwrap_err();
+        assert!(e.to_string().contains("upstream.postgres_url"), "{e}");
+    }
+
+    #[test]
+    fn upstream_secrets_come_from_env_and_are_never_printed() {
+        let mut u = UpstreamConfig::default();
+        u.apply_env(|k| match k {
+            "BARNGATE_UPSTREAM_SECRET_KEY" => Some("s3cr3t".into()),
+            "BARNGATE_UPSTREAM_POSTGRES_URL" => Some("postgres://u:pw@h/db".into()),
+            "BARNGATE_UPSTREAM_ENABLED" => Some("true".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert!(u.enabled);
+        assert_eq!(u.secret_key, "s3cr3t");
+        let dbg = format!("{u:?}");
+        assert!(!dbg.contains("s3cr3t") && !dbg.contains("pw@"), "{dbg}");
     }
 }

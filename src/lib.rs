@@ -17,3 +17,4 @@ pub mod schedule;
 pub mod server;
 pub mod sim;
 pub mod store;
+pub mod upstream;

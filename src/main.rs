@@ -6,6 +6,7 @@ use barngate::clock::SystemClock;
 use barngate::provision::{self, RegistryChange};
 use barngate::server::{self, Gateway, GatewayOptions, DB_FILE};
 use barngate::store::Store;
+use barngate::upstream::SyncStatus;
 use base64::Engine as _;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -54,6 +55,16 @@ enum Cmd {
     Image {
         #[command(subcommand)]
         cmd: ImageCmd,
+    },
+    /// Upstream forwarding state.
+    Sync {
+        #[command(subcommand)]
+        cmd: SyncCmd,
+    },
+    /// Upstream (cloud) setup.
+    Upstream {
+        #[command(subcommand)]
+        cmd: UpstreamCmd,
     },
     /// Print the commented configuration template.
     Configfile,
@@ -160,6 +171,22 @@ struct SimulateArgs {
     width: u16,
     #[arg(long, default_value_t = 240)]
     height: u16,
+}
+
+#[derive(Subcommand)]
+enum SyncCmd {
+    /// Backlog, oldest queued item's age, last success, last error.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum UpstreamCmd {
+    /// Create the upstream PostgreSQL tables if absent.
+    InitSchema,
 }
 
 #[derive(Subcommand)]
@@ -331,6 +358,44 @@ async fn main() -> Result<()> {
             }
             simulate(&cli.data_dir, cli.config.as_deref(), args).await
         }
+        Cmd::Sync {
+            cmd: SyncCmd::Status { json },
+        } => {
+            let v = query(&cli.data_dir, Request::SyncStatus).await?;
+            let st: SyncStatus = serde_json::from_value(v)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                let t = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                    t.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never".into())
+                };
+                println!("backlog:          {} items", st.backlog);
+                println!(
+                    "oldest queued:    {}",
+                    match (st.oldest_queued_at, st.oldest_age_seconds) {
+                        (Some(at), Some(age)) => format!("{} ({age} s ago)", at.to_rfc3339()),
+                        _ => "-".into(),
+                    }
+                );
+                println!("last success:     {}", t(st.last_success_at));
+                match &st.last_error {
+                    Some(e) => println!("last error:       {} ({})", e, t(st.last_error_at)),
+                    None => println!("last error:       -"),
+                }
+                println!("failures since:   {}", st.consecutive_failures);
+                println!("delivered total:  {}", st.delivered_total);
+            }
+            Ok(())
+        }
+        Cmd::Upstream {
+            cmd: UpstreamCmd::InitSchema,
+        } => {
+            init_tracing();
+            let cfg = server::load_config(&cli.data_dir, cli.config.as_deref())?;
+            barngate::upstream::init_schema(&cfg.upstream).await?;
+            eprintln!("upstream schema ready");
+            Ok(())
+        }
         Cmd::Configfile => {
             print!("{}", barngate::config::TEMPLATE);
             Ok(())
@@ -445,7 +510,7 @@ async fn query(data_dir: &Path, req: Request) -> Result<serde_json::Value> {
         );
     }
     let store = Store::open(&db)?;
-    let v = admin::answer(&store, &req);
+    let v = admin::answer(&store, &req, chrono::Utc::now());
     if v["ok"].as_bool() == Some(true) {
         Ok(v["data"].clone())
     } else {

@@ -25,12 +25,18 @@ pub struct Metrics {
     pub waiting: AtomicU64,
     pub connections: AtomicU64,
     pub connections_refused: AtomicU64,
+    pub upstream_delivered: AtomicU64,
+    pub upstream_failures: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Counts one dropped message or refused action, by reason.
@@ -160,6 +166,18 @@ impl Metrics {
             "Device connections refused.",
             "counter",
             &self.connections_refused,
+        );
+        c(
+            "upstream_delivered_total",
+            "Outbox items delivered upstream by this process.",
+            "counter",
+            &self.upstream_delivered,
+        );
+        c(
+            "upstream_failures_total",
+            "Failed upstream delivery attempts by this process.",
+            "counter",
+            &self.upstream_failures,
         );
         let _ = writeln!(
             out,

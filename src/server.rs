@@ -54,6 +54,8 @@ pub enum ServeError {
     Admin(#[from] admin::AdminError),
     #[error(transparent)]
     Pki(#[from] PkiError),
+    #[error("upstream: {0}")]
+    Upstream(#[from] crate::upstream::UpstreamError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -95,7 +97,10 @@ pub fn load_config(data_dir: &Path, explicit: Option<&Path>) -> Result<Config, S
         })?;
         info!(path = %p.display(), "default config written");
     }
-    Ok(Config::default())
+    let mut cfg = Config::default();
+    cfg.upstream.apply_env(|k| std::env::var(k).ok())?;
+    cfg.validate()?;
+    Ok(cfg)
 }
 
 pub struct GatewayOptions {
@@ -231,8 +236,21 @@ impl Gateway {
             admin_listener,
             store.clone(),
             live,
+            clock.clone(),
             shutdown_rx.clone(),
         ));
+
+        if cfg.upstream.enabled {
+            let fwd = crate::upstream::Forwarder::new(
+                cfg.upstream.clone(),
+                cfg.site.id.clone(),
+                store.clone(),
+                metrics.clone(),
+                clock.clone(),
+                opts.data_dir.clone(),
+            )?;
+            tokio::spawn(fwd.run(shutdown_rx.clone()));
+        }
 
         let http_listen = opts.http_listen.unwrap_or(cfg.http.listen);
         let http_listener = tokio::net::TcpListener::bind(http_listen)

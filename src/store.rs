@@ -29,6 +29,14 @@ const TELEMETRY: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("tel
 const COMMANDS: TableDefinition<u64, &[u8]> = TableDefinition::new("commands");
 const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("alerts");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// Forwarder state (`state` → [`SyncState`]).
+const SYNC: TableDefinition<&str, &[u8]> = TableDefinition::new("sync_state");
+/// Images confirmed upstream: capture id → [`UploadRecord`].
+const UPLOADS: TableDefinition<u64, &[u8]> = TableDefinition::new("uploads");
+
+/// Alerts about the gateway itself (upstream, disk) use ids from here up, so
+/// they never collide with the ingest's own counter.
+pub const GATEWAY_ALERT_BASE: u64 = 1 << 62;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -239,6 +247,41 @@ pub struct OutboxItem {
     pub queued_at: DateTime<Utc>,
 }
 
+/// What the forwarder last did, kept across restarts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SyncState {
+    #[serde(default)]
+    pub last_success_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub last_error_at: Option<DateTime<Utc>>,
+    /// Failed attempts since the last success.
+    #[serde(default)]
+    pub consecutive_failures: u64,
+    #[serde(default)]
+    pub delivered_total: u64,
+}
+
+/// An image whose bytes are confirmed in object storage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UploadRecord {
+    pub capture_id: u64,
+    pub object_key: String,
+    pub size: u64,
+    pub uploaded_at: DateTime<Utc>,
+    /// When the local bytes were deleted (retention or disk pressure).
+    #[serde(default)]
+    pub purged_at: Option<DateTime<Utc>>,
+}
+
+/// The outbox backlog in two numbers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct OutboxStats {
+    pub backlog: u64,
+    pub oldest_queued_at: Option<DateTime<Utc>>,
+}
+
 /// A complete image: its capture and how to assemble it.
 #[derive(Debug, Clone)]
 pub struct Finalize {
@@ -395,6 +438,8 @@ impl Store {
             tx.open_table(COMMANDS).map_err(db)?;
             tx.open_table(ALERTS).map_err(db)?;
             tx.open_table(OUTBOX).map_err(db)?;
+            tx.open_table(SYNC).map_err(db)?;
+            tx.open_table(UPLOADS).map_err(db)?;
         }
         tx.commit().map_err(db)?;
         Ok(())
@@ -617,10 +662,18 @@ impl Store {
         Ok(last)
     }
 
+    /// The largest device-alert id (gateway alerts live above [`GATEWAY_ALERT_BASE`]).
     pub fn max_alert_id(&self) -> Result<u64, StoreError> {
         let tx = self.db.begin_read().map_err(db)?;
         let t = tx.open_table(ALERTS).map_err(db)?;
-        let last = t.last().map_err(db)?.map(|(k, _)| k.value()).unwrap_or(0);
+        let last = t
+            .range(..GATEWAY_ALERT_BASE)
+            .map_err(db)?
+            .next_back()
+            .transpose()
+            .map_err(db)?
+            .map(|(k, _)| k.value())
+            .unwrap_or(0);
         Ok(last)
     }
 
@@ -756,6 +809,223 @@ impl Store {
             out.push(dec("outbox", v.value())?);
         }
         Ok(out)
+    }
+
+    pub fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(OUTBOX).map_err(db)?;
+        let oldest = match t.first().map_err(db)? {
+            Some((_, v)) => Some(dec::<OutboxItem>("outbox", v.value())?.queued_at),
+            None => None,
+        };
+        Ok(OutboxStats {
+            backlog: t.len().map_err(db)?,
+            oldest_queued_at: oldest,
+        })
+    }
+
+    /// Removes delivered outbox items, records the images now safe in object
+    /// storage and the success, in one short write transaction (the ingest's
+    /// commits wait for it, so it does nothing else).
+    pub fn outbox_ack(
+        &self,
+        seqs: &[u64],
+        uploads: &[UploadRecord],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut t = tx.open_table(OUTBOX).map_err(db)?;
+            for s in seqs {
+                t.remove(*s).map_err(db)?;
+            }
+            let mut u = tx.open_table(UPLOADS).map_err(db)?;
+            for r in uploads {
+                u.insert(r.capture_id, enc(r).as_slice()).map_err(db)?;
+            }
+            let mut sync = tx.open_table(SYNC).map_err(db)?;
+            let mut st: SyncState = match sync.get("state").map_err(db)? {
+                Some(v) => dec("sync_state", v.value())?,
+                None => SyncState::default(),
+            };
+            st.last_success_at = Some(now);
+            st.consecutive_failures = 0;
+            st.delivered_total += seqs.len() as u64;
+            sync.insert("state", enc(&st).as_slice()).map_err(db)?;
+        }
+        tx.commit().map_err(db)
+    }
+
+    /// Records a failed delivery attempt; returns the failures since the last success.
+    pub fn record_sync_error(&self, message: &str, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let n;
+        {
+            let mut sync = tx.open_table(SYNC).map_err(db)?;
+            let mut st: SyncState = match sync.get("state").map_err(db)? {
+                Some(v) => dec("sync_state", v.value())?,
+                None => SyncState::default(),
+            };
+            st.last_error = Some(message.to_string());
+            st.last_error_at = Some(now);
+            st.consecutive_failures += 1;
+            n = st.consecutive_failures;
+            sync.insert("state", enc(&st).as_slice()).map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(n)
+    }
+
+    pub fn sync_state(&self) -> Result<SyncState, StoreError> {
+        Ok(self
+            .get_json(SYNC, "sync_state", "state")?
+            .unwrap_or_default())
+    }
+
+    pub fn upload(&self, capture_id: u64) -> Result<Option<UploadRecord>, StoreError> {
+        self.get_json(UPLOADS, "uploads", capture_id)
+    }
+
+    pub fn session_at(&self, mac: &str, ms: i64) -> Result<Option<SessionRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(SESSIONS).map_err(db)?;
+        let v = t.get((mac, ms)).map_err(db)?;
+        v.map(|g| dec("wake_sessions", g.value())).transpose()
+    }
+
+    pub fn telemetry_at(&self, mac: &str, ms: i64) -> Result<Option<TelemetryRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(TELEMETRY).map_err(db)?;
+        let v = t.get((mac, ms)).map_err(db)?;
+        v.map(|g| dec("telemetry", g.value())).transpose()
+    }
+
+    pub fn alert(&self, id: u64) -> Result<Option<AlertRecord>, StoreError> {
+        self.get_json(ALERTS, "alerts", id)
+    }
+
+    /// Raises a gateway-level alert (`mac` empty) unless one of this kind is
+    /// open; queued upstream like any other. Returns it when newly raised.
+    pub fn raise_gateway_alert(
+        &self,
+        kind: &str,
+        severity: &str,
+        message: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<AlertRecord>, StoreError> {
+        if self.open_gateway_alert(kind)?.is_some() {
+            return Ok(None);
+        }
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(ALERTS).map_err(db)?;
+        let id = t
+            .range(GATEWAY_ALERT_BASE..)
+            .map_err(db)?
+            .next_back()
+            .transpose()
+            .map_err(db)?
+            .map(|(k, _)| k.value() + 1)
+            .unwrap_or(GATEWAY_ALERT_BASE);
+        drop(t);
+        drop(tx);
+        let a = AlertRecord {
+            id,
+            mac: String::new(),
+            kind: kind.to_string(),
+            severity: severity.to_string(),
+            message: message.to_string(),
+            triggered_at: now,
+            resolved_at: None,
+            capture_id: None,
+        };
+        let mut b = Batch::default();
+        b.alert(&a);
+        self.commit(b, now)?;
+        Ok(Some(a))
+    }
+
+    /// Resolves the open gateway alert of this kind, if any.
+    pub fn resolve_gateway_alert(
+        &self,
+        kind: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let Some(mut a) = self.open_gateway_alert(kind)? else {
+            return Ok(false);
+        };
+        a.resolved_at = Some(now);
+        let mut b = Batch::default();
+        b.alert(&a);
+        self.commit(b, now)?;
+        Ok(true)
+    }
+
+    pub fn open_gateway_alert(&self, kind: &str) -> Result<Option<AlertRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(ALERTS).map_err(db)?;
+        for r in t.range(GATEWAY_ALERT_BASE..).map_err(db)?.rev() {
+            let (_, v) = r.map_err(db)?;
+            let a: AlertRecord = dec("alerts", v.value())?;
+            if a.kind == kind && a.resolved_at.is_none() {
+                return Ok(Some(a));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes the local bytes of uploaded images, oldest upload first: every
+    /// one uploaded before `uploaded_before`, then more until `free_bytes`
+    /// are freed. Records stay; an image not yet confirmed upstream is never
+    /// touched. Returns (images purged, bytes freed).
+    pub fn purge_uploaded_images(
+        &self,
+        uploaded_before: DateTime<Utc>,
+        free_bytes: u64,
+        now: DateTime<Utc>,
+    ) -> Result<(u64, u64), StoreError> {
+        let mut candidates: Vec<UploadRecord> = Vec::new();
+        {
+            let tx = self.db.begin_read().map_err(db)?;
+            let t = tx.open_table(UPLOADS).map_err(db)?;
+            for r in t.iter().map_err(db)? {
+                let (_, v) = r.map_err(db)?;
+                let u: UploadRecord = dec("uploads", v.value())?;
+                if u.purged_at.is_none() {
+                    candidates.push(u);
+                }
+            }
+        }
+        candidates.sort_by_key(|u| (u.uploaded_at, u.capture_id));
+        let mut freed = 0u64;
+        let mut chosen = Vec::new();
+        for u in candidates {
+            if u.uploaded_at >= uploaded_before && freed >= free_bytes {
+                break;
+            }
+            freed += u.size;
+            chosen.push(u);
+        }
+        if chosen.is_empty() {
+            return Ok((0, 0));
+        }
+        // Short transactions: the ingest waits for each one.
+        for part in chosen.chunks(256) {
+            let tx = self.db.begin_write().map_err(db)?;
+            {
+                let mut images = tx.open_table(IMAGES).map_err(db)?;
+                let mut uploads = tx.open_table(UPLOADS).map_err(db)?;
+                for u in part {
+                    images.remove(u.capture_id).map_err(db)?;
+                    let mut u = u.clone();
+                    u.purged_at = Some(now);
+                    uploads
+                        .insert(u.capture_id, enc(&u).as_slice())
+                        .map_err(db)?;
+                }
+            }
+            tx.commit().map_err(db)?;
+        }
+        Ok((chosen.len() as u64, freed))
     }
 
     pub fn counts(&self) -> Result<StoreCounts, StoreError> {

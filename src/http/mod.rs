@@ -158,6 +158,9 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         Ok(v) => v,
         Err(r) => return r,
     };
+    if let Some(sync) = &snap.sync {
+        crate::upstream::render_metrics(sync, &mut body);
+    }
     let mut gauge = |name: &str, help: &str, rows: &mut dyn Iterator<Item = (String, f64)>| {
         let _ = writeln!(body, "# HELP barngate_{name} {help}");
         let _ = writeln!(body, "# TYPE barngate_{name} gauge");
@@ -181,16 +184,6 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         "images_today",
         "Images completed since local midnight.",
         &mut one(snap.images_today as f64),
-    );
-    gauge(
-        "upstream_backlog",
-        "Items queued for the upstream.",
-        &mut one(snap.upstream_backlog as f64),
-    );
-    gauge(
-        "upstream_oldest_age_seconds",
-        "Age of the oldest item queued for the upstream (0 when empty).",
-        &mut one(snap.upstream_oldest_age_s as f64),
     );
     let mut kinds: Vec<(String, String, u64)> = snap
         .active_alerts

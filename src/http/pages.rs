@@ -133,8 +133,13 @@ pub async fn overview(State(s): State<HttpState>) -> Response {
         "Upstream backlog",
         snap.upstream_backlog.to_string(),
     );
-    // The upstream forwarder records its syncs once it exists.
-    card(&mut b, "last-sync", "Last sync", "never".into());
+    let last_sync = snap
+        .sync
+        .as_ref()
+        .and_then(|s| s.last_success_at)
+        .map(|t| t.with_timezone(&s.tz).format("%Y-%m-%d %H:%M").to_string())
+        .unwrap_or_else(|| "never".into());
+    card(&mut b, "last-sync", "Last sync", last_sync);
     b.push_str("</div><h2>Devices</h2>");
     if snap.devices.is_empty() {
         b.push_str("<p>No devices registered yet.</p>");

@@ -57,6 +57,8 @@ pub struct Snapshot {
     pub images_today: u64,
     pub upstream_backlog: u64,
     pub upstream_oldest_age_s: i64,
+    /// The upstream forwarder's state (backlog, last success, last error).
+    pub sync: Option<crate::upstream::SyncStatus>,
     /// Active alerts by (kind, severity), and per device.
     pub active_alerts: HashMap<(String, String), u64>,
     pub active_alerts_by_device: HashMap<String, u64>,
@@ -207,11 +209,8 @@ impl StatsCache {
             };
             s.pending_age_s = start.map(|t| (now - t).num_seconds().max(0)).unwrap_or(0);
         }
-        let counts = store.counts()?;
-        let upstream_oldest_age_s = store
-            .outbox_oldest()?
-            .map(|o| (now - o.queued_at).num_seconds().max(0))
-            .unwrap_or(0);
+        let sync = crate::upstream::status(store, now)?;
+        let upstream_oldest_age_s = sync.oldest_age_seconds.unwrap_or(0);
         let mut active_alerts = HashMap::new();
         let mut active_alerts_by_device = HashMap::new();
         for a in store.alerts()? {
@@ -227,8 +226,9 @@ impl StatsCache {
             devices,
             stats,
             images_today,
-            upstream_backlog: counts.outbox,
+            upstream_backlog: sync.backlog,
             upstream_oldest_age_s,
+            sync: Some(sync),
             active_alerts,
             active_alerts_by_device,
         })

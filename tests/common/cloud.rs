@@ -1,0 +1,340 @@
+//! Real upstream servers for the tests, on loopback: PostgreSQL from the
+//! Debian packages (initdb + pg_ctl in a temp dir, as the `postgres` user when
+//! running as root) and moto's S3-compatible server, behind a TCP relay the
+//! test can cut to simulate an object-store outage (moto keeps objects in
+//! memory, so stopping it would lose what was uploaded).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub const PG_USER: &str = "barn";
+pub const PG_PASSWORD: &str = "barn-pw";
+pub const S3_KEY: &str = "testing";
+pub const S3_SECRET: &str = "testing-secret";
+pub const BUCKET: &str = "observations";
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn pg_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed (apt-get install postgresql; .ci/run does it)")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect("a PostgreSQL with initdb")
+}
+
+/// Runs a PostgreSQL tool, as `postgres` when we are root (initdb refuses root).
+fn pg_cmd(tool: &str) -> Command {
+    let bin = pg_bin().join(tool);
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
+pub struct Postgres {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    pub port: u16,
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let dir = tempfile::Builder::new().prefix("bg-pg").tempdir().unwrap();
+        let data = dir.path().join("data");
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, PG_PASSWORD).unwrap();
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown to postgres");
+        }
+        let out = pg_cmd("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", PG_USER, "--auth=scram-sha-256", "--no-sync"])
+            .arg(format!("--pwfile={}", pw.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pg = Postgres {
+            data,
+            port: free_port(),
+            _dir: dir,
+        };
+        pg.up();
+        pg
+    }
+
+    pub fn url(&self) -> String {
+        self.url_with(PG_PASSWORD)
+    }
+
+    pub fn url_with(&self, password: &str) -> String {
+        format!(
+            "postgres://{PG_USER}:{password}@127.0.0.1:{}/postgres?sslmode=disable&connect_timeout=5",
+            self.port
+        )
+    }
+
+    /// Starts (again) on the same port.
+    pub fn up(&self) {
+        let out = pg_cmd("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                self.port,
+                self.data.display()
+            ))
+            .args(["-w", "-t", "60", "-l"])
+            .arg(self.data.join("log"))
+            .arg("start")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops it hard (connections are cut).
+    pub fn down(&self) {
+        let _ = pg_cmd("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (c, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .expect("test connects to PostgreSQL");
+        tokio::spawn(conn);
+        c
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// moto_server on a free port, plus a relay in front of it that can be cut.
+pub struct ObjectStore {
+    child: Child,
+    pub moto: SocketAddr,
+    pub relay: Relay,
+}
+
+impl ObjectStore {
+    pub async fn start() -> ObjectStore {
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server is installed (pip install 'moto[server]'; .ci/run does it)");
+        let moto: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let t0 = Instant::now();
+        while tokio::net::TcpStream::connect(moto).await.is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "moto_server starts");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let relay = Relay::start(moto).await;
+        let s = ObjectStore { child, moto, relay };
+        s.create_bucket().await;
+        s
+    }
+
+    /// The endpoint the gateway uses (through the relay).
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.relay.addr)
+    }
+
+    fn bucket(&self) -> Box<s3::Bucket> {
+        let region = s3::Region::Custom {
+            region: "us-east-1".into(),
+            endpoint: format!("http://{}", self.moto),
+        };
+        let creds =
+            s3::creds::Credentials::new(Some(S3_KEY), Some(S3_SECRET), None, None, None).unwrap();
+        s3::Bucket::new(BUCKET, region, creds)
+            .unwrap()
+            .with_path_style()
+    }
+
+    /// moto does not check signatures: a bare PUT creates the bucket (with no
+    /// location constraint, which moto rejects for us-east-1).
+    async fn create_bucket(&self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(self.moto).await.unwrap();
+        c.write_all(
+            format!(
+                "PUT /{BUCKET} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                self.moto
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "create bucket: {out}");
+    }
+
+    /// Every object key under `prefix`.
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for page in self.bucket().list(prefix.to_string(), None).await.unwrap() {
+            for o in page.contents {
+                out.push(o.key);
+            }
+        }
+        out.sort();
+        out
+    }
+
+    pub async fn get(&self, key: &str) -> Vec<u8> {
+        self.bucket().get_object(key).await.unwrap().to_vec()
+    }
+}
+
+impl Drop for ObjectStore {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP relay on a fixed port: `cut()` closes the listener and every open
+/// connection (clients get "connection refused"); `restore()` listens again.
+pub struct Relay {
+    pub addr: SocketAddr,
+    target: SocketAddr,
+    stop: Option<watch::Sender<bool>>,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr) -> Relay {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut r = Relay {
+            addr,
+            target,
+            stop: None,
+        };
+        r.serve(l);
+        r
+    }
+
+    fn serve(&mut self, l: TcpListener) {
+        let (tx, rx) = watch::channel(false);
+        self.stop = Some(tx);
+        let target = self.target;
+        tokio::spawn(async move {
+            let rx = Arc::new(rx);
+            loop {
+                let mut stop = (*rx).clone();
+                let (mut a, _) = tokio::select! {
+                    r = l.accept() => match r { Ok(x) => x, Err(_) => return },
+                    _ = stop.changed() => return,
+                };
+                let mut stop = (*rx).clone();
+                tokio::spawn(async move {
+                    let Ok(mut b) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                        _ = stop.changed() => {}
+                    }
+                });
+            }
+        });
+    }
+
+    pub fn cut(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(true);
+        }
+    }
+
+    pub async fn restore(&mut self) {
+        let t0 = Instant::now();
+        let l = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(_) if t0.elapsed() < Duration::from_secs(10) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("relay rebind {}: {e}", self.addr),
+            }
+        };
+        self.serve(l);
+    }
+}
+
+/// An `[upstream]` config for these servers.
+pub fn upstream_config(pg: &Postgres, objects: &ObjectStore) -> barngate::config::UpstreamConfig {
+    barngate::config::UpstreamConfig {
+        enabled: true,
+        postgres_url: pg.url(),
+        bucket: BUCKET.into(),
+        endpoint: objects.endpoint(),
+        region: "us-east-1".into(),
+        access_key: S3_KEY.into(),
+        secret_key: S3_SECRET.into(),
+        backoff_initial_ms: 50,
+        backoff_max_s: 1,
+        ..Default::default()
+    }
+}
+
+/// Polls `f` until it is true, or panics with `what` after `limit`.
+pub async fn wait_until<F: FnMut() -> bool>(what: &str, limit: Duration, mut f: F) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn data_dir_of(p: &Path) -> PathBuf {
+    p.to_path_buf()
+}
