@@ -226,11 +226,7 @@ fn itoa(b: u8) -> &'static str {
 impl Images {
     fn new(size: usize, chunk: usize, enc: Enc) -> Images {
         let base = image_bytes(99, size);
-        let encoded = base
-            .chunks(chunk)
-            .skip(1)
-            .map(|p| encode(enc, p))
-            .collect();
+        let encoded = base.chunks(chunk).skip(1).map(|p| encode(enc, p)).collect();
         Images {
             base,
             encoded,
@@ -250,11 +246,7 @@ impl Images {
     }
     /// Chunk at position `i` (0-based) as the firmware sends it (id = i + 1).
     fn chunk_msg(&self, id: &str, name: &str, first: &str, i: usize) -> Vec<u8> {
-        let payload = if i == 0 {
-            first
-        } else {
-            &self.encoded[i - 1]
-        };
+        let payload = if i == 0 { first } else { &self.encoded[i - 1] };
         format!(
             r#"{{"device_id":"{id}","image_name":"{name}","chunk_id":{},"max_chunk_size":{},"payload":{payload}}}"#,
             i + 1,
@@ -489,8 +481,12 @@ async fn run_load(
     let barrier = Arc::new(tokio::sync::Barrier::new(n + 1));
     let mut tasks = Vec::new();
     for d in 0..n {
-        let (images, counters, barrier, cfg) =
-            (images.clone(), counters.clone(), barrier.clone(), cfg.clone());
+        let (images, counters, barrier, cfg) = (
+            images.clone(),
+            counters.clone(),
+            barrier.clone(),
+            cfg.clone(),
+        );
         let id = format!("{prefix}{d:05}");
         tasks.push(tokio::spawn(async move {
             // Stagger connection setup a little: a thousand SYNs at once
@@ -905,7 +901,16 @@ fn row(stack: &str, c: &Common, r: &LoadResult, cpu_s: f64, rss: f64) -> Row {
 fn print_table(rows: &[Row]) {
     println!(
         "{:<8} {:>7} {:>9} {:>10} {:>8} {:>6} {:>9} {:>9} {:>7} {:>8}",
-        "stack", "devices", "chunks", "chunks/s", "images/s", "failed", "p50 ms", "p99 ms", "cpu s", "rss MiB"
+        "stack",
+        "devices",
+        "chunks",
+        "chunks/s",
+        "images/s",
+        "failed",
+        "p50 ms",
+        "p99 ms",
+        "cpu s",
+        "rss MiB"
     );
     for r in rows {
         println!(

@@ -21,7 +21,12 @@ struct Class {
     count: u64,
 }
 
-fn class(name: &'static str, topic: &'static str, payload: impl Into<Vec<u8>>, reason: &'static str) -> Class {
+fn class(
+    name: &'static str,
+    topic: &'static str,
+    payload: impl Into<Vec<u8>>,
+    reason: &'static str,
+) -> Class {
     Class {
         name,
         topic,
