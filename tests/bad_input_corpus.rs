@@ -52,7 +52,7 @@ fn corpus() -> Vec<Class> {
         r#"{{"image_name":"b2.jpg","chunk_id":1,"payload":{}}}"#,
         serde_json::to_string(&vec![7u8; 300_000]).unwrap()
     );
-    let mut one_mb_garbage = vec![b'x'; 1 << 20];
+    let mut one_mb_garbage = vec![b'x'; 1_000_000]; // under the client's 1 MiB packet limit
     one_mb_garbage[0] = b'{';
     vec![
         class("status: not JSON", S, "not json", "malformed_json"),
