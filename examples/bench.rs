@@ -1,0 +1,1228 @@
+//! The side-by-side benchmark and fault-injection runner (bench/RESULTS.md).
+//!
+//! ```text
+//! cargo build --release && cargo run --release --example bench -- run
+//! cargo run --release --example bench -- burst      # 1,000-device wake burst, 10,000 registered
+//! cargo run --release --example bench -- crash      # kill -9 trials
+//! cargo run --release --example bench -- load --addr 127.0.0.1:1883 --devices 10
+//! ```
+//!
+//! Every stack runs as its own process (so its CPU seconds and peak RSS can be
+//! read from /proc): the gateway is the real `barngate serve` binary, the
+//! ceiling is this binary's `ceiling-server` (raw rumqttd + a local-link
+//! consumer), the seed stack is Debian Mosquitto + `bench/baseline/worker.py`.
+//! The load generator is in this process: D rumqttc devices, each doing one
+//! wake (HELLO → capture_image → METADATA → send_image → all chunks without
+//! per-chunk application ACKs → missing_chunks / ACK_OK).
+//!
+//! mTLS: `--ca FILE --cert-dir DIR` makes every device connect with TLS,
+//! presenting `DIR/{device_id}.crt` / `DIR/{device_id}.key` (PEM).
+
+use barngate::store::{DeviceRecord, Store};
+use base64::Engine as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
+use serde_json::{json, Value};
+use sha2::Digest;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+#[derive(Parser)]
+#[command(about = "barngate benchmark and fault-injection runner")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Enc {
+    /// Firmware dialect: JSON byte arrays (the real wire format).
+    Json,
+    /// base64 strings in the firmware topics.
+    Base64,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// Image size in bytes.
+    #[arg(long, default_value_t = 51_200)]
+    image_size: usize,
+    /// Chunk size in bytes.
+    #[arg(long, default_value_t = 512)]
+    chunk: usize,
+    #[arg(long, value_enum, default_value_t = Enc::Json)]
+    encoding: Enc,
+    /// Fraction of chunks dropped by devices on the first pass (0.05 = 5 %).
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// The gateway binary.
+    #[arg(long, default_value = "target/release/barngate")]
+    gateway_bin: PathBuf,
+    /// Gateway `ingest.quiet_gap_ms` (the seed worker uses the same gap).
+    #[arg(long, default_value_t = 2000)]
+    quiet_gap_ms: u64,
+    /// Gateway `ingest.commit_interval_ms`.
+    #[arg(long, default_value_t = 200)]
+    commit_interval_ms: u64,
+    /// Gateway `ingest.max_streaming`.
+    #[arg(long, default_value_t = 64)]
+    max_streaming: u32,
+    /// mTLS: CA certificate (PEM) the devices trust. With --cert-dir.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// mTLS: directory with `{device_id}.crt` and `{device_id}.key`.
+    #[arg(long)]
+    cert_dir: Option<PathBuf>,
+    /// Give up on a wake after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout_s: u64,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Gateway, ceiling and seed stack side by side over a sweep of device counts.
+    Run {
+        #[command(flatten)]
+        c: Common,
+        /// Device counts to sweep.
+        #[arg(long, value_delimiter = ',', default_value = "10,50,200,500")]
+        devices: Vec<usize>,
+        /// Stacks to run.
+        #[arg(long, value_delimiter = ',', default_value = "gateway,ceiling,seed")]
+        stacks: Vec<String>,
+        /// Results (JSON lines) go here; bench/plot.py draws the PNG from it.
+        #[arg(long, default_value = "bench/results.jsonl")]
+        out: PathBuf,
+    },
+    /// A wake burst against the gateway with pre-registered devices:
+    /// zero loss and RSS.
+    Burst {
+        #[command(flatten)]
+        c: Common,
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        #[arg(long, default_value_t = 10_000)]
+        registered: usize,
+    },
+    /// kill -9 of the gateway at random moments during a device run.
+    Crash {
+        #[command(flatten)]
+        c: Common,
+        #[arg(long, default_value_t = 50)]
+        devices: usize,
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Run the load generator once against a broker already running.
+    Load {
+        #[command(flatten)]
+        c: Common,
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        devices: usize,
+    },
+    /// (internal) The ceiling: rumqttd + a local-link consumer that answers minimally.
+    CeilingServer,
+}
+
+// ---------------------------------------------------------------- load generator
+
+#[derive(Clone)]
+struct LoadCfg {
+    image_size: usize,
+    chunk: usize,
+    enc: Enc,
+    loss: f64,
+    tls: Option<(Vec<u8>, PathBuf)>,
+    timeout: Duration,
+    /// Pseudo-random seed for losses.
+    seed: u64,
+}
+
+impl LoadCfg {
+    fn from(c: &Common) -> LoadCfg {
+        let tls = match (&c.ca, &c.cert_dir) {
+            (Some(ca), Some(dir)) => Some((std::fs::read(ca).expect("read --ca"), dir.clone())),
+            _ => None,
+        };
+        LoadCfg {
+            image_size: c.image_size,
+            chunk: c.chunk,
+            enc: c.enc(),
+            loss: c.loss,
+            tls,
+            timeout: Duration::from_secs(c.timeout_s),
+            seed: 7,
+        }
+    }
+}
+
+impl Common {
+    fn enc(&self) -> Enc {
+        self.encoding
+    }
+}
+
+/// A device's image: a shared body (so payload strings are built once per
+/// run) with the device index in its first bytes (so every SHA-256 differs).
+struct Images {
+    base: Vec<u8>,
+    /// Encoded payload of every chunk of `base` but the first.
+    encoded: Vec<String>,
+    chunk: usize,
+    enc: Enc,
+}
+
+fn image_bytes(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2654435761).wrapping_add(1);
+    let mut v = Vec::with_capacity(n);
+    v.extend_from_slice(&[0xFF, 0xD8, 0xFF, 0xE0]);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.push((x & 0xFF) as u8);
+    }
+    v.truncate(n);
+    v
+}
+
+fn encode(enc: Enc, part: &[u8]) -> String {
+    match enc {
+        Enc::Json => {
+            let mut s = String::with_capacity(part.len() * 4 + 2);
+            s.push('[');
+            for (i, b) in part.iter().enumerate() {
+                if i > 0 {
+                    s.push(',');
+                }
+                s.push_str(itoa(*b));
+            }
+            s.push(']');
+            s
+        }
+        Enc::Base64 => format!(
+            "\"{}\"",
+            base64::engine::general_purpose::STANDARD.encode(part)
+        ),
+    }
+}
+
+fn itoa(b: u8) -> &'static str {
+    static T: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    &T.get_or_init(|| (0..256).map(|i| i.to_string()).collect())[b as usize]
+}
+
+impl Images {
+    fn new(size: usize, chunk: usize, enc: Enc) -> Images {
+        let base = image_bytes(99, size);
+        let encoded = base.chunks(chunk).skip(1).map(|p| encode(enc, p)).collect();
+        Images {
+            base,
+            encoded,
+            chunk,
+            enc,
+        }
+    }
+    fn total(&self) -> usize {
+        self.base.len().div_ceil(self.chunk)
+    }
+    fn image(&self, dev: u64) -> Vec<u8> {
+        let mut v = self.base.clone();
+        let tag = dev.to_le_bytes();
+        let n = tag.len().min(v.len().saturating_sub(4));
+        v[4..4 + n].copy_from_slice(&tag[..n]);
+        v
+    }
+    /// Chunk at position `i` (0-based) as the firmware sends it (id = i + 1).
+    fn chunk_msg(&self, id: &str, name: &str, first: &str, i: usize) -> Vec<u8> {
+        let payload = if i == 0 { first } else { &self.encoded[i - 1] };
+        format!(
+            r#"{{"device_id":"{id}","image_name":"{name}","chunk_id":{},"max_chunk_size":{},"payload":{payload}}}"#,
+            i + 1,
+            self.chunk
+        )
+        .into_bytes()
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    chunk_msgs: AtomicU64,
+    resent: AtomicU64,
+    missing_rounds: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct Wake {
+    id: String,
+    name: String,
+    sha256: String,
+    /// HELLO → ACK_OK.
+    latency: Option<Duration>,
+    error: Option<String>,
+}
+
+struct Conn {
+    client: AsyncClient,
+    rx: mpsc::Receiver<(String, Value)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn connect(addr: SocketAddr, id: &str, cfg: &LoadCfg) -> Result<Conn, String> {
+    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    opts.set_keep_alive(Duration::from_secs(60));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    opts.set_clean_session(true);
+    if let Some((ca, dir)) = &cfg.tls {
+        let cert = std::fs::read(dir.join(format!("{id}.crt"))).map_err(|e| e.to_string())?;
+        let key = std::fs::read(dir.join(format!("{id}.key"))).map_err(|e| e.to_string())?;
+        opts.set_transport(Transport::tls(ca.clone(), Some((cert, key)), None));
+    }
+    let (client, mut el) = AsyncClient::new(opts, 256);
+    let (tx, rx) = mpsc::channel(256);
+    let (sub_tx, mut sub_rx) = mpsc::channel(4);
+    let task = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                    if tx.send((p.topic.clone(), v)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = sub_tx.send(()).await;
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    for ch in ["cmd", "ack"] {
+        client
+            .subscribe(format!("ESP32CAM/{id}/{ch}"), QoS::AtLeastOnce)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    for _ in 0..2 {
+        match tokio::time::timeout(Duration::from_secs(30), sub_rx.recv()).await {
+            Ok(Some(())) => {}
+            _ => return Err(format!("{id}: no SUBACK")),
+        }
+    }
+    Ok(Conn { client, rx, task })
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// One wake of device `idx`: returns when ACK_OK arrives (or on failure).
+#[allow(clippy::too_many_arguments)]
+async fn wake(
+    conn: &mut Conn,
+    id: &str,
+    idx: u64,
+    pending: u32,
+    images: &Images,
+    cfg: &LoadCfg,
+    counters: &Counters,
+) -> Wake {
+    let name = format!("img_{idx:05}.jpg");
+    let img = images.image(idx);
+    let sha = hex::encode(sha2::Sha256::digest(&img));
+    let first = encode(images.enc, &img[..images.chunk.min(img.len())]);
+    let mut w = Wake {
+        id: id.to_string(),
+        name: name.clone(),
+        sha256: sha,
+        latency: None,
+        error: None,
+    };
+    let total = images.total();
+    let mut rng = Rng(cfg.seed ^ (idx.wrapping_mul(0x9E3779B97F4A7C15)) | 1);
+    let pubd = |ch: &str| format!("ESP32CAM/{id}/{ch}");
+    let hello = json!({"device_id": id, "status": "alive", "pendingImg": pending}).to_string();
+    let meta = json!({
+        "device_id": id, "capture_timestamp": "2025-06-01T08:00:00Z", "image_name": name,
+        "image_size": img.len(), "max_chunk_size": images.chunk, "total_chunks_count": total,
+        "location": "bench", "error": 0, "temperature": 21.5, "humidity": 50.0,
+        "pressure": 1013.0, "gas_resistance": 100.0
+    })
+    .to_string();
+    let t0 = Instant::now();
+    let publish = |topic: String, payload: Vec<u8>| {
+        let c = conn.client.clone();
+        async move { c.publish(topic, QoS::AtLeastOnce, false, payload).await }
+    };
+    if let Err(e) = publish(pubd("status"), hello.into_bytes()).await {
+        w.error = Some(format!("publish HELLO: {e}"));
+        return w;
+    }
+    let deadline = t0 + cfg.timeout;
+    let mut first_pass = true;
+    loop {
+        let msg = tokio::time::timeout_at(deadline.into(), conn.rx.recv()).await;
+        let (topic, v) = match msg {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                w.error = Some("connection lost".into());
+                return w;
+            }
+            Err(_) => {
+                w.error = Some("timeout".into());
+                return w;
+            }
+        };
+        let r = if v.get("capture_image").is_some()
+            || (topic.ends_with("/ack") && v["image_name"] == "" && v.get("ACK_OK").is_some())
+        {
+            publish(pubd("data"), meta.clone().into_bytes()).await
+        } else if v.get("send_image").is_some() {
+            let mut r = Ok(());
+            for i in 0..total {
+                if first_pass && cfg.loss > 0.0 && rng.next() < cfg.loss {
+                    continue;
+                }
+                counters.chunk_msgs.fetch_add(1, Ordering::Relaxed);
+                r = publish(pubd("data"), images.chunk_msg(id, &name, &first, i)).await;
+                if r.is_err() {
+                    break;
+                }
+            }
+            first_pass = false;
+            r
+        } else if let Some(ids) = v.get("missing_chunks").and_then(|m| m.as_array()) {
+            counters.missing_rounds.fetch_add(1, Ordering::Relaxed);
+            first_pass = false;
+            let mut r = Ok(());
+            for cid in ids.iter().filter_map(|x| x.as_u64()) {
+                let i = (cid as usize).wrapping_sub(1);
+                if i >= total {
+                    continue;
+                }
+                counters.chunk_msgs.fetch_add(1, Ordering::Relaxed);
+                counters.resent.fetch_add(1, Ordering::Relaxed);
+                r = publish(pubd("data"), images.chunk_msg(id, &name, &first, i)).await;
+                if r.is_err() {
+                    break;
+                }
+            }
+            r
+        } else if v.get("ACK_OK").is_some() && v["image_name"] == name.as_str() {
+            w.latency = Some(t0.elapsed());
+            return w;
+        } else if v.get("next_wake").is_some() {
+            w.error = Some("told next_wake instead of capture".into());
+            return w;
+        } else {
+            Ok(())
+        };
+        if let Err(e) = r {
+            w.error = Some(format!("publish: {e}"));
+            return w;
+        }
+    }
+}
+
+struct LoadResult {
+    devices: usize,
+    elapsed: f64,
+    chunk_msgs: u64,
+    resent: u64,
+    wakes: Vec<Wake>,
+}
+
+impl LoadResult {
+    fn images(&self) -> usize {
+        self.wakes.iter().filter(|w| w.latency.is_some()).count()
+    }
+    fn pct(&self, p: f64) -> f64 {
+        let mut l: Vec<f64> = self
+            .wakes
+            .iter()
+            .filter_map(|w| w.latency.map(|d| d.as_secs_f64() * 1000.0))
+            .collect();
+        if l.is_empty() {
+            return f64::NAN;
+        }
+        l.sort_by(|a, b| a.total_cmp(b));
+        l[((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1]
+    }
+}
+
+/// Connects `n` devices, then wakes them all at once (a wake burst).
+async fn run_load(
+    addr: SocketAddr,
+    prefix: &str,
+    n: usize,
+    pending: u32,
+    cfg: &LoadCfg,
+) -> LoadResult {
+    let images = Arc::new(Images::new(cfg.image_size, cfg.chunk, cfg.enc));
+    let counters = Arc::new(Counters::default());
+    let barrier = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let mut tasks = Vec::new();
+    for d in 0..n {
+        let (images, counters, barrier, cfg) = (
+            images.clone(),
+            counters.clone(),
+            barrier.clone(),
+            cfg.clone(),
+        );
+        let id = format!("{prefix}{d:05}");
+        tasks.push(tokio::spawn(async move {
+            // Stagger connection setup a little: a thousand SYNs at once
+            // overflow the listen backlog.
+            tokio::time::sleep(Duration::from_millis((d / 50) as u64 * 20)).await;
+            let conn = connect(addr, &id, &cfg).await;
+            barrier.wait().await;
+            let mut conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    return Wake {
+                        id,
+                        name: String::new(),
+                        sha256: String::new(),
+                        latency: None,
+                        error: Some(e),
+                    }
+                }
+            };
+            let w = wake(&mut conn, &id, d as u64, pending, &images, &cfg, &counters).await;
+            let _ = conn.client.disconnect().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            conn.task.abort();
+            w
+        }));
+    }
+    barrier.wait().await;
+    let t0 = Instant::now();
+    let mut wakes = Vec::new();
+    let mut last_ack = Duration::ZERO;
+    for t in tasks {
+        if let Ok(w) = t.await {
+            if let Some(l) = w.latency {
+                last_ack = last_ack.max(l);
+            }
+            wakes.push(w);
+        }
+    }
+    let elapsed = if last_ack > Duration::ZERO {
+        last_ack.as_secs_f64()
+    } else {
+        t0.elapsed().as_secs_f64()
+    };
+    LoadResult {
+        devices: n,
+        elapsed,
+        chunk_msgs: counters.chunk_msgs.load(Ordering::Relaxed),
+        resent: counters.resent.load(Ordering::Relaxed),
+        wakes,
+    }
+}
+
+// ---------------------------------------------------------------- processes
+
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    // fields 14 and 15 of stat; index 11 and 12 after the `)`.
+    (t(11) + t(12)) / clk_tck()
+}
+
+/// VmHWM (peak RSS) in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+struct Proc {
+    child: Child,
+}
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    fn term(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+    }
+}
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}
+
+/// Waits for a line on the child's stdout that starts with `prefix`.
+fn wait_line(child: &mut Child, prefix: &str) -> String {
+    let out = child.stdout.take().expect("stdout piped");
+    let mut r = BufReader::new(out);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            panic!("process exited before printing {prefix:?}");
+        }
+        if line.starts_with(prefix) {
+            // Keep draining so the child never blocks on a full pipe.
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                while r.read_line(&mut s).unwrap_or(0) > 0 {
+                    s.clear();
+                }
+            });
+            return line.trim().to_string();
+        }
+    }
+}
+
+fn gateway_config(c: &Common) -> String {
+    format!(
+        "[site]\ntimezone = \"UTC\"\n[ingest]\nquiet_gap_ms = {}\ncommit_interval_ms = {}\nmax_streaming = {}\n",
+        c.quiet_gap_ms, c.commit_interval_ms, c.max_streaming
+    )
+}
+
+fn start_gateway(c: &Common, dir: &Path) -> (Proc, SocketAddr) {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join("bench.toml");
+    if !cfg.exists() {
+        std::fs::write(&cfg, gateway_config(c)).unwrap();
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("gateway.log"))
+        .unwrap();
+    let mut child = Command::new(&c.gateway_bin)
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--config")
+        .arg(&cfg)
+        .args([
+            "serve",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {} ({e}); run `cargo build --release` first",
+                c.gateway_bin.display()
+            )
+        });
+    let line = wait_line(&mut child, "barngate ready");
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("mqtt="))
+        .and_then(|a| a.parse().ok())
+        .expect("mqtt address in the ready line");
+    (Proc { child }, addr)
+}
+
+fn start_ceiling() -> (Proc, SocketAddr) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .arg("ceiling-server")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = wait_line(&mut child, "ceiling ready");
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("mqtt="))
+        .and_then(|a| a.parse().ok())
+        .unwrap();
+    (Proc { child }, addr)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_seed(c: &Common, dir: &Path) -> (Proc, Proc, SocketAddr) {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = free_port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 100\nmax_queued_messages 100000\n"),
+    )
+    .unwrap();
+    let mosq = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto (apt-get install mosquitto)");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let worker = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/baseline/worker.py");
+    let mut w = Command::new("python3")
+        .arg(worker)
+        .args(["--port", &port.to_string(), "--out"])
+        .arg(dir.join("images"))
+        .args(["--quiet-gap-ms", &c.quiet_gap_ms.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python3 with paho-mqtt (pip install paho-mqtt)");
+    wait_line(&mut w, "worker ready");
+    (Proc { child: mosq }, Proc { child: w }, addr)
+}
+
+// ---------------------------------------------------------------- ceiling
+
+/// rumqttd with the gateway's router settings and a local link subscribed to
+/// `ESP32CAM/#` that does nothing with chunks but count them; it answers
+/// HELLO with capture_image, METADATA with send_image, and sends ACK_OK when
+/// a device's chunk count reaches the announced total (no validation, no
+/// storage, no missing_chunks: run it without loss).
+fn ceiling_server() {
+    use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings};
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let d = barngate::config::MqttConfig::default();
+    let server = ServerSettings {
+        name: "ceiling".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: d.max_payload_size,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: false,
+        },
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: d.max_connections + 16,
+            max_outgoing_packet_count: 200,
+            max_segment_size: d.segment_size,
+            max_segment_count: d.segment_count,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("v4".to_string(), server)])),
+        ..Default::default()
+    };
+    let mut broker = Broker::new(config);
+    let (mut tx, mut rx) = broker.link("ceiling").unwrap();
+    tx.subscribe("ESP32CAM/#").unwrap();
+    std::thread::spawn(move || broker.start());
+    while std::net::TcpStream::connect(addr).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("ceiling ready mqtt={addr}");
+    let _ = std::io::stdout().flush();
+    // device → (image name, total, received)
+    let mut state: HashMap<String, (String, u64, u64)> = HashMap::new();
+    loop {
+        let n = match rx.recv() {
+            Ok(Some(n)) => n,
+            Ok(None) => continue,
+            Err(_) => return,
+        };
+        let f = match n {
+            Notification::Forward(f) => f,
+            Notification::Unschedule => {
+                let _ = rx.ready();
+                continue;
+            }
+            _ => continue,
+        };
+        let topic = String::from_utf8_lossy(&f.publish.topic);
+        let mut parts = topic.split('/');
+        let (Some(_), Some(dev), Some(ch)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let dev = dev.to_string();
+        let p = &f.publish.payload;
+        match ch {
+            "status" => {
+                let _ = tx.publish(
+                    format!("ESP32CAM/{dev}/cmd"),
+                    format!(r#"{{"device_id":"{dev}","capture_image":true}}"#),
+                );
+            }
+            "data" => {
+                // METADATA is the only small data message without `chunk_id`.
+                if !memfind(p, b"\"chunk_id\"") {
+                    let v: Value = serde_json::from_slice(p).unwrap_or(Value::Null);
+                    let name = v["image_name"].as_str().unwrap_or("").to_string();
+                    let total = v["total_chunks_count"].as_u64().unwrap_or(0);
+                    let _ = tx.publish(
+                        format!("ESP32CAM/{dev}/cmd"),
+                        format!(r#"{{"device_id":"{dev}","send_image":"{name}"}}"#),
+                    );
+                    state.insert(dev, (name, total, 0));
+                } else if let Some(s) = state.get_mut(&dev) {
+                    s.2 += 1;
+                    if s.2 == s.1 {
+                        let _ = tx.publish(
+                            format!("ESP32CAM/{dev}/ack"),
+                            format!(
+                                r#"{{"device_id":"{dev}","image_name":"{}","ACK_OK":{{"next_wake_time":"5:30PM"}}}}"#,
+                                s.0
+                            ),
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn memfind(h: &[u8], n: &[u8]) -> bool {
+    h.len() >= n.len() && h.windows(n.len()).take(64).any(|w| w == n)
+}
+
+// ---------------------------------------------------------------- scenarios
+
+#[derive(serde::Serialize, Clone)]
+struct Row {
+    stack: String,
+    devices: usize,
+    image_size: usize,
+    chunk: usize,
+    encoding: String,
+    loss: f64,
+    chunk_msgs: u64,
+    resent: u64,
+    elapsed_s: f64,
+    chunk_msgs_per_s: f64,
+    images: usize,
+    failed: usize,
+    images_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    cpu_s: f64,
+    peak_rss_mib: f64,
+}
+
+fn row(stack: &str, c: &Common, r: &LoadResult, cpu_s: f64, rss: f64) -> Row {
+    Row {
+        stack: stack.into(),
+        devices: r.devices,
+        image_size: c.image_size,
+        chunk: c.chunk,
+        encoding: format!("{:?}", c.encoding).to_lowercase(),
+        loss: c.loss,
+        chunk_msgs: r.chunk_msgs,
+        resent: r.resent,
+        elapsed_s: r.elapsed,
+        chunk_msgs_per_s: r.chunk_msgs as f64 / r.elapsed,
+        images: r.images(),
+        failed: r.devices - r.images(),
+        images_per_s: r.images() as f64 / r.elapsed,
+        p50_ms: r.pct(0.5),
+        p99_ms: r.pct(0.99),
+        cpu_s,
+        peak_rss_mib: rss,
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<8} {:>7} {:>9} {:>10} {:>8} {:>6} {:>9} {:>9} {:>7} {:>8}",
+        "stack",
+        "devices",
+        "chunks",
+        "chunks/s",
+        "images/s",
+        "failed",
+        "p50 ms",
+        "p99 ms",
+        "cpu s",
+        "rss MiB"
+    );
+    for r in rows {
+        println!(
+            "{:<8} {:>7} {:>9} {:>10.0} {:>8.1} {:>6} {:>9.0} {:>9.0} {:>7.2} {:>8.1}",
+            r.stack,
+            r.devices,
+            r.chunk_msgs,
+            r.chunk_msgs_per_s,
+            r.images_per_s,
+            r.failed,
+            r.p50_ms,
+            r.p99_ms,
+            r.cpu_s,
+            r.peak_rss_mib
+        );
+    }
+}
+
+fn report_errors(r: &LoadResult) {
+    for w in r.wakes.iter().filter(|w| w.error.is_some()).take(3) {
+        eprintln!("  {}: {}", w.id, w.error.as_deref().unwrap_or(""));
+    }
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("barngate-bench-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+async fn scenario_run(c: Common, devices: Vec<usize>, stacks: Vec<String>, out: PathBuf) {
+    let cfg = LoadCfg::from(&c);
+    let mut rows = Vec::new();
+    for &n in &devices {
+        for stack in &stacks {
+            let r = match stack.as_str() {
+                "gateway" => {
+                    let dir = tmpdir(&format!("gw{n}"));
+                    let (mut p, addr) = start_gateway(&c, &dir);
+                    let cpu0 = cpu_secs(p.pid());
+                    let r = run_load(addr, "bench", n, 0, &cfg).await;
+                    let cpu = cpu_secs(p.pid()) - cpu0;
+                    let rss = peak_rss_mib(p.pid());
+                    p.term();
+                    let _ = std::fs::remove_dir_all(&dir);
+                    report_errors(&r);
+                    row("gateway", &c, &r, cpu, rss)
+                }
+                "ceiling" => {
+                    let (mut p, addr) = start_ceiling();
+                    let cpu0 = cpu_secs(p.pid());
+                    let r = run_load(addr, "bench", n, 0, &cfg).await;
+                    let cpu = cpu_secs(p.pid()) - cpu0;
+                    let rss = peak_rss_mib(p.pid());
+                    p.kill9();
+                    row("ceiling", &c, &r, cpu, rss)
+                }
+                "seed" => {
+                    let dir = tmpdir(&format!("seed{n}"));
+                    let (mut m, mut w, addr) = start_seed(&c, &dir);
+                    let cpu0 = cpu_secs(m.pid()) + cpu_secs(w.pid());
+                    let r = run_load(addr, "bench", n, 0, &cfg).await;
+                    let cpu = cpu_secs(m.pid()) + cpu_secs(w.pid()) - cpu0;
+                    let rss = peak_rss_mib(m.pid()) + peak_rss_mib(w.pid());
+                    w.kill9();
+                    m.kill9();
+                    let _ = std::fs::remove_dir_all(&dir);
+                    report_errors(&r);
+                    row("seed", &c, &r, cpu, rss)
+                }
+                other => panic!("unknown stack {other}"),
+            };
+            print_table(std::slice::from_ref(&r));
+            rows.push(r);
+        }
+    }
+    println!();
+    print_table(&rows);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&out)
+        .unwrap();
+    for r in &rows {
+        writeln!(f, "{}", serde_json::to_string(r).unwrap()).unwrap();
+    }
+    // Ratios per device count.
+    for &n in &devices {
+        let get = |s: &str| {
+            rows.iter()
+                .find(|r| r.stack == s && r.devices == n)
+                .map(|r| r.chunk_msgs_per_s)
+        };
+        if let Some(g) = get("gateway") {
+            let vs_seed = get("seed").map(|s| g / s);
+            let vs_ceil = get("ceiling").map(|s| g / s * 100.0);
+            println!(
+                "devices {n}: gateway/seed = {}  gateway/ceiling = {}",
+                vs_seed.map_or("-".into(), |x| format!("{x:.1}x")),
+                vs_ceil.map_or("-".into(), |x| format!("{x:.0} %"))
+            );
+        }
+    }
+}
+
+fn verify_images(dir: &Path, expect: &[Wake]) -> (usize, Vec<String>) {
+    let store = Store::open(&dir.join("barngate.redb")).expect("open store");
+    let mut ok = 0;
+    let mut bad = Vec::new();
+    let images = store.images(None).expect("images");
+    for w in expect {
+        let found = images
+            .iter()
+            .find(|c| c.mac == w.id && c.image_name == w.name);
+        match found {
+            Some(c) => {
+                let bytes = store.image_bytes(c.id).ok().flatten().unwrap_or_default();
+                let sha = hex::encode(sha2::Sha256::digest(&bytes));
+                if sha == w.sha256 && c.sha256.as_deref() == Some(sha.as_str()) {
+                    ok += 1;
+                } else {
+                    bad.push(format!("{}/{}: sha mismatch", w.id, w.name));
+                }
+            }
+            None => bad.push(format!("{}/{}: not stored", w.id, w.name)),
+        }
+    }
+    (ok, bad)
+}
+
+async fn scenario_burst(c: Common, devices: usize, registered: usize) {
+    let dir = tmpdir("burst");
+    {
+        let store = Store::open(&dir.join("barngate.redb")).unwrap();
+        let now = chrono::Utc::now();
+        for i in 0..registered {
+            let id = format!("burst{i:05}");
+            let rec = DeviceRecord {
+                mac: id.clone(),
+                wire_id: id,
+                dialect: barngate::protocol::Dialect::Firmware,
+                dialect_pinned: false,
+                chunk_base: None,
+                site: Some("site-1".into()),
+                location: None,
+                firmware_version: None,
+                hardware_version: None,
+                registered_at: now,
+                last_seen: None,
+                next_wake: None,
+                battery: None,
+                status: "active".into(),
+                cert_serial: None,
+                registration_index: i as u64,
+                stagger_slot: (i % 3600) as u32,
+                schedule: None,
+                last_current_capture_at: None,
+                pending_reported: 0,
+                last_error: None,
+            };
+            store.put_device(&rec, now).unwrap();
+        }
+    }
+    let cfg = LoadCfg::from(&c);
+    let (mut p, addr) = start_gateway(&c, &dir);
+    let idle_rss = peak_rss_mib(p.pid());
+    let cpu0 = cpu_secs(p.pid());
+    let r = run_load(addr, "burst", devices, 0, &cfg).await;
+    let cpu = cpu_secs(p.pid()) - cpu0;
+    let rss = peak_rss_mib(p.pid());
+    p.term();
+    let rw = row("gateway", &c, &r, cpu, rss);
+    print_table(std::slice::from_ref(&rw));
+    let errors: Vec<_> = r.wakes.iter().filter_map(|w| w.error.clone()).collect();
+    let (ok, bad) = verify_images(&dir, &r.wakes);
+    println!(
+        "burst: {devices} devices ({registered} registered), loss {:.0} %: {} ACK_OK, {} errors {:?}, {ok} images byte-exact in the store, {} bad {:?}",
+        c.loss * 100.0,
+        r.images(),
+        errors.len(),
+        errors.iter().take(5).collect::<Vec<_>>(),
+        bad.len(),
+        bad.iter().take(5).collect::<Vec<_>>()
+    );
+    println!(
+        "burst: resent {} chunks; gateway peak RSS {rss:.1} MiB (idle after start {idle_rss:.1} MiB), CPU {cpu:.1} s",
+        r.resent
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn scenario_crash(c: Common, devices: usize, trials: usize, seed: u64) {
+    let dir = tmpdir("crash");
+    let cfg = LoadCfg::from(&c);
+    let images = Arc::new(Images::new(c.image_size, c.chunk, c.enc()));
+    let counters = Arc::new(Counters::default());
+    let mut rng = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
+    // Every device delivers a new image each trial; one whose wake was cut
+    // by the kill retries the same image (pendingImg=1) in the next trial.
+    let mut current: Vec<u64> = (0..devices as u64).collect();
+    let mut next_image = devices as u64;
+    let mut acked: Vec<Wake> = Vec::new();
+    let mut outstanding: Vec<Option<u64>> = vec![None; devices];
+    let mut failures = Vec::new();
+    for trial in 0..=trials {
+        let (mut p, addr) = start_gateway(&c, &dir);
+        let last = trial == trials;
+        let mut tasks = Vec::new();
+        for d in 0..devices {
+            if last && outstanding[d].is_none() {
+                continue;
+            }
+            let (images, counters, cfg) = (images.clone(), counters.clone(), cfg.clone());
+            let img = current[d];
+            tasks.push(tokio::spawn(async move {
+                let id = format!("crash{d:05}");
+                let mut conn = match connect(addr, &id, &cfg).await {
+                    Ok(c) => c,
+                    Err(_) => return (d, img, None),
+                };
+                let w = wake(&mut conn, &id, img, 1, &images, &cfg, &counters).await;
+                conn.task.abort();
+                (d, img, Some(w))
+            }));
+        }
+        if !last {
+            let delay = Duration::from_millis(20 + (rng.next() * 400.0) as u64);
+            tokio::time::sleep(delay).await;
+            p.kill9();
+        }
+        let mut cut = 0;
+        for t in tasks {
+            if let Ok((d, img, w)) = t.await {
+                match w {
+                    Some(w) if w.latency.is_some() => {
+                        acked.push(w);
+                        outstanding[d] = None;
+                        current[d] = next_image;
+                        next_image += 1;
+                    }
+                    _ => {
+                        cut += 1;
+                        outstanding[d] = Some(img);
+                    }
+                }
+            }
+        }
+        if last {
+            p.term();
+        }
+        // After the kill (or the final clean stop): every ACKed image intact.
+        let (ok, bad) = verify_images(&dir, &acked);
+        println!(
+            "trial {trial:>2}{}: {} images ACKed so far, {ok} intact, {} bad; {cut} wakes cut by the kill",
+            if last { " (no kill)" } else { "" },
+            acked.len(),
+            bad.len()
+        );
+        failures.extend(bad);
+    }
+    let left = outstanding.iter().filter(|o| o.is_some()).count();
+    println!(
+        "crash: {trials} kill -9 trials, {devices} devices: {} images ACKed and intact, {left} never completed, {} integrity failures {:?}",
+        acked.len(),
+        failures.len(),
+        failures.iter().take(5).collect::<Vec<_>>()
+    );
+    if left > 0 || !failures.is_empty() {
+        std::process::exit(1);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Cmd::CeilingServer = cli.cmd {
+        return ceiling_server();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Run {
+                c,
+                devices,
+                stacks,
+                out,
+            } => scenario_run(c, devices, stacks, out).await,
+            Cmd::Burst {
+                c,
+                devices,
+                registered,
+            } => scenario_burst(c, devices, registered).await,
+            Cmd::Crash {
+                c,
+                devices,
+                trials,
+                seed,
+            } => scenario_crash(c, devices, trials, seed).await,
+            Cmd::Load { c, addr, devices } => {
+                let cfg = LoadCfg::from(&c);
+                let r = run_load(addr, "load", devices, 0, &cfg).await;
+                print_table(&[row("target", &c, &r, 0.0, 0.0)]);
+                for w in r.wakes.iter().filter(|w| w.error.is_some()).take(5) {
+                    println!("{}: {:?}", w.id, w.error);
+                }
+            }
+            Cmd::CeilingServer => {}
+        }
+    });
+}
