@@ -120,6 +120,14 @@ struct SimulateArgs {
     /// Simulated days to run (simulated time).
     #[arg(long, default_value_t = 3.0)]
     days: f64,
+    /// With --gateway: the site CA (`<data-dir>/certs/ca.crt.pem`) for mutual TLS.
+    #[arg(long, requires = "cert_dir")]
+    ca: Option<PathBuf>,
+    /// With --gateway: directory of device certificates issued with
+    /// `barngate device issue MAC --out DIR` (`{MAC}.crt.pem`, `{MAC}.key.pem`).
+    /// Devices are B8F862000001, B8F862000002, …
+    #[arg(long, requires = "ca")]
+    cert_dir: Option<PathBuf>,
     /// Real-time run length in minutes (with --gateway; default: until Ctrl-C).
     #[arg(long)]
     minutes: Option<f64>,
@@ -662,7 +670,12 @@ async fn simulate(data_dir: &Path, config: Option<&Path>, a: SimulateArgs) -> Re
             if !opts.faults.restarts.is_empty() {
                 bail!("--restart-at needs the in-process gateway (drop --gateway)");
             }
-            let conn = sim::Connection::parse(g)?;
+            let mut conn = sim::Connection::parse(g)?;
+            match (&a.ca, &a.cert_dir) {
+                (Some(ca), Some(dir)) => conn = conn.with_tls(ca, dir)?,
+                (None, None) => {}
+                _ => bail!("--ca and --cert-dir go together (mutual TLS)"),
+            }
             let minutes = a.minutes;
             let stop = async move {
                 match minutes {

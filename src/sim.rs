@@ -1763,6 +1763,15 @@ pub struct Connection {
     pub keep_alive: std::time::Duration,
     /// How long to wait for CONNACK and SUBACKs.
     pub connect_timeout: std::time::Duration,
+    /// Mutual TLS: the site CA and a directory of issued device
+    /// certificates (`{MAC}.crt.pem`, `{MAC}.key.pem`, as `device issue` writes them).
+    pub tls: Option<ConnTls>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnTls {
+    pub ca: Vec<u8>,
+    pub cert_dir: std::path::PathBuf,
 }
 
 impl Connection {
@@ -1782,15 +1791,47 @@ impl Connection {
             port,
             keep_alive: std::time::Duration::from_secs(30),
             connect_timeout: std::time::Duration::from_secs(10),
+            tls: None,
         })
     }
 
-    fn options(&self, client_id: &str) -> rumqttc::MqttOptions {
+    /// Connects over mutual TLS with the CA file and the devices' certificates in `cert_dir`.
+    pub fn with_tls(mut self, ca: &Path, cert_dir: &Path) -> Result<Connection, SimError> {
+        let ca = std::fs::read(ca)
+            .map_err(|e| opt_err("ca", format!("cannot read {}: {e}", ca.display())))?;
+        self.tls = Some(ConnTls {
+            ca,
+            cert_dir: cert_dir.to_path_buf(),
+        });
+        Ok(self)
+    }
+
+    fn options(&self, client_id: &str) -> Result<rumqttc::MqttOptions, SimError> {
         let mut o = rumqttc::MqttOptions::new(client_id, self.host.clone(), self.port);
         o.set_keep_alive(self.keep_alive);
         o.set_clean_session(true);
         o.set_max_packet_size(1 << 20, 1 << 20);
-        o
+        if let Some(t) = &self.tls {
+            let read = |ext: &str| {
+                let p = t.cert_dir.join(format!("{client_id}.{ext}"));
+                std::fs::read(&p).map_err(|e| {
+                    opt_err(
+                        "cert-dir",
+                        format!(
+                            "cannot read {} ({e}); issue it with `barngate device issue {client_id} --out {}`",
+                            p.display(),
+                            t.cert_dir.display()
+                        ),
+                    )
+                })
+            };
+            o.set_transport(rumqttc::Transport::tls(
+                t.ca.clone(),
+                Some((read("crt.pem")?, read("key.pem")?)),
+                None,
+            ));
+        }
+        Ok(o)
     }
 }
 
@@ -1821,7 +1862,7 @@ async fn mqtt_session(
             return Ok(until); // offline wake
         }
     }
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(conn.options(&dev.params.id), 256);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(conn.options(&dev.params.id)?, 256);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Wire>(256);
     let poller = tokio::spawn(async move {
         loop {
