@@ -23,12 +23,19 @@ use tracing::{error, info};
 pub enum BrokerError {
     #[error("cannot reserve a loopback port for the embedded broker: {0}")]
     Port(std::io::Error),
+    /// Boxed: rumqttd's link error carries a whole router event.
     #[error("embedded broker link: {0}")]
-    Link(#[from] LinkError),
+    Link(Box<LinkError>),
     #[error("cannot start the broker thread: {0}")]
     Thread(std::io::Error),
     #[error(transparent)]
     Ingest(#[from] IngestError),
+}
+
+impl From<LinkError> for BrokerError {
+    fn from(e: LinkError) -> Self {
+        BrokerError::Link(Box::new(e))
+    }
 }
 
 /// The topic filters the ingest consumes: both dialects, every channel, so

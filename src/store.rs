@@ -588,14 +588,13 @@ impl Store {
                 queue("telemetry", &r.mac, ms.to_string())?;
             }
             let mut t = tx.open_table(COMMANDS).map_err(db)?;
-            let mut seq = t
+            let first = t
                 .last()
                 .map_err(db)?
                 .map(|(k, _)| k.value() + 1)
                 .unwrap_or(1);
-            for c in &batch.commands {
+            for (seq, c) in (first..).zip(&batch.commands) {
                 t.insert(seq, enc(c).as_slice()).map_err(db)?;
-                seq += 1;
             }
             let mut t = tx.open_table(ALERTS).map_err(db)?;
             for a in batch.alerts.values() {
