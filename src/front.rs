@@ -602,7 +602,7 @@ impl Front {
                 "CONNECT without user name and password".into(),
             ));
         };
-        let Ok(mac) = normalize_device_id(&username) else {
+        let Ok(mac) = crate::pki::normalize_mac(&username) else {
             return Err(refusal(
                 "password_bad_username",
                 Some(CONNACK_BAD_CREDENTIALS),
