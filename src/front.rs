@@ -357,7 +357,9 @@ impl Front {
                 if mode == TlsMode::Password {
                     debug!(%peer, "TLS handshake complete (password listener)");
                     // The handshake slot is held until the password is checked.
-                    front.session(stream, peer, Auth::Password, permit, Some(hs)).await;
+                    front
+                        .session(stream, peer, Auth::Password, permit, Some(hs))
+                        .await;
                     return;
                 }
                 drop(hs);
@@ -611,7 +613,12 @@ impl Front {
             ));
         };
         let Ok(_slot) = self.inner.verifications.clone().acquire_owned().await else {
-            return Err(refusal("password_check_failed", None, &mac, "closed".into()));
+            return Err(refusal(
+                "password_check_failed",
+                None,
+                &mac,
+                "closed".into(),
+            ));
         };
         let store = self.inner.cfg.passwords.clone();
         let m = mac.clone();

@@ -149,8 +149,8 @@ async fn password_device_completes_a_wake() {
     assert_eq!(mode, 0o600);
     let header = std::fs::read_to_string(out.path().join(format!("{mac}.h"))).unwrap();
     assert!(header.contains(&format!("#define BARNGATE_MQTT_PASSWORD \"{pw}\"")));
-    let stored = std::fs::read_to_string(data.path().join(format!("certs/passwords/{mac}.json")))
-        .unwrap();
+    let stored =
+        std::fs::read_to_string(data.path().join(format!("certs/passwords/{mac}.json"))).unwrap();
     assert!(!stored.contains(&pw) && stored.contains("argon2id") && stored.contains(&serial));
 
     // rumqttc: TLS with the CA only, user name = MAC.
@@ -159,8 +159,13 @@ async fn password_device_completes_a_wake() {
     d.hello(0).await;
     let (_, v) = d.expect("capture_image").await;
     assert_eq!(v["capture_image"], true);
-    d.deliver("img_1.jpg", &image_bytes(7, 2500), 200, "2025-01-03T10:00:00Z")
-        .await;
+    d.deliver(
+        "img_1.jpg",
+        &image_bytes(7, 2500),
+        200,
+        "2025-01-03T10:00:00Z",
+    )
+    .await;
     assert_eq!(gw.store.images(Some(mac)).unwrap().len(), 1);
     drop(d);
 
@@ -284,7 +289,10 @@ async fn revocation_covers_passwords_and_hand_edits() {
     d.expect("capture_image").await;
     cli(data.path(), &["device", "revoke", a]);
     d.expect_disconnect(Duration::from_secs(1)).await;
-    assert!(!login(addr, &ca, a, a, &pw).await, "revoked password accepted");
+    assert!(
+        !login(addr, &ca, a, a, &pw).await,
+        "revoked password accepted"
+    );
     rejected(&gw, "password_revoked", 1).await;
 
     // A second password device, connected.
@@ -357,7 +365,13 @@ async fn reissue_without_password_removes_it() {
     assert!(login(addr, &ca, mac, mac, &pw).await);
     let o = cli(
         data.path(),
-        &["device", "issue", mac, "--out", out.path().to_str().unwrap()],
+        &[
+            "device",
+            "issue",
+            mac,
+            "--out",
+            out.path().to_str().unwrap(),
+        ],
     );
     assert!(String::from_utf8_lossy(&o.stdout).contains("previous MQTT password removed"));
     assert!(!login(addr, &ca, mac, mac, &pw).await);
