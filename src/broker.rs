@@ -67,7 +67,7 @@ pub fn start(cfg: &MqttConfig, auth_secret: Option<String>) -> Result<EmbeddedBr
         external_auth: None,
         dynamic_filters: false,
     };
-    if let Some(secret) = auth_secret {
+    if let Some(secret) = auth_secret.clone() {
         connections.set_auth_handler(move |_client_id, _user, pass| {
             let ok = pass == secret;
             async move { ok }
@@ -107,12 +107,18 @@ pub fn start(cfg: &MqttConfig, auth_secret: Option<String>) -> Result<EmbeddedBr
             }
         })
         .map_err(BrokerError::Thread)?;
-    // The listener binds on the broker thread; wait until it accepts.
+    // The listener binds on the broker thread; wait until it admits a
+    // client. A bare TCP connect would do, but rumqttd logs every connection
+    // that sends no CONNECT as an error; a real MQTT session does not.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+    loop {
+        let err = match probe(addr, auth_secret.as_deref()) {
+            Ok(()) => break,
+            Err(e) => e,
+        };
         if Instant::now() > deadline {
             return Err(BrokerError::Port(std::io::Error::other(format!(
-                "broker did not start listening on {addr}"
+                "broker on {addr} did not admit the gateway: {err}"
             ))));
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -123,6 +129,40 @@ pub fn start(cfg: &MqttConfig, auth_secret: Option<String>) -> Result<EmbeddedBr
         link_tx,
         link_rx,
     })
+}
+
+/// One MQTT session with the broker: CONNECT (with the front's credentials
+/// when the broker checks them), CONNACK accepted, close.
+fn probe(addr: SocketAddr, secret: Option<&str>) -> std::io::Result<()> {
+    use rumqttd::protocol::v4::V4;
+    use rumqttd::protocol::{Connect, Login, Packet, Protocol};
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let connect = Connect {
+        keep_alive: 10,
+        client_id: "barngate-probe".into(),
+        clean_session: true,
+    };
+    let login = secret.map(|p| Login {
+        username: crate::front::BROKER_USER.into(),
+        password: p.to_string(),
+    });
+    let mut buf = bytes::BytesMut::new();
+    V4.write(Packet::Connect(connect, None, None, None, login), &mut buf)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    s.write_all(&buf)?;
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack)?;
+    if connack[0] != 0x20 || connack[3] != 0 {
+        return Err(std::io::Error::other(format!(
+            "broker refused the probe: CONNACK {connack:02x?}"
+        )));
+    }
+    // Closed without a DISCONNECT packet: rumqttd 0.20 handles a DISCONNECT
+    // and then the closed socket as two removals and logs the second as an
+    // error ("no-connection id … is already gone").
+    Ok(())
 }
 
 /// Most messages handled between two commits.

@@ -81,6 +81,11 @@ pub struct MqttConfig {
     /// the identity). Off unless set; loopback addresses only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plain_listen: Option<SocketAddr>,
+    /// TLS listener for devices that log in with a per-device password
+    /// (`device issue --password`) instead of a client certificate. Off
+    /// unless set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_listen: Option<SocketAddr>,
     /// Largest MQTT packet accepted from a device, in bytes.
     pub max_payload_size: usize,
     /// Most simultaneous device connections.
@@ -97,6 +102,7 @@ impl Default for MqttConfig {
             handshake_timeout_ms: 10_000,
             max_handshakes: 64,
             plain_listen: None,
+            password_listen: None,
             max_payload_size: 256 * 1024,
             max_connections: 12_000,
             segment_size: 4 * 1024 * 1024,
@@ -422,6 +428,14 @@ impl Config {
                 return Err(invalid(
                     "mqtt.plain_listen",
                     format!("{a} is not a loopback address (plaintext MQTT carries no identity)"),
+                ));
+            }
+        }
+        if let Some(a) = self.mqtt.password_listen {
+            if a.port() != 0 && a.port() == self.mqtt.listen.port() {
+                return Err(invalid(
+                    "mqtt.password_listen",
+                    format!("{a} uses the port of mqtt.listen"),
                 ));
             }
         }

@@ -3,23 +3,29 @@
 //! It owns the device listeners. The TLS listener requires a client
 //! certificate from the site CA (rustls, checked against the live revocation
 //! set); the device's identity is the MAC in that certificate. The optional
-//! plaintext listener (loopback only) takes the CONNECT client id as the
-//! identity. Either way the front then reads the MQTT packets the device
-//! sends (parsed with `rumqttd::protocol::v4`) and enforces:
+//! password listener (TLS, server authentication only) takes the CONNECT
+//! user name as the MAC and checks the password against its argon2 hash
+//! ([`crate::devpass`]); the password is bound to a certificate serial, so
+//! the same revocation set covers it. The optional plaintext listener
+//! (loopback only) takes the CONNECT client id as the identity. Whichever
+//! listener, the front then reads the MQTT packets the device sends (parsed
+//! with `rumqttd::protocol::v4`) and enforces:
 //!
 //! - the first packet is CONNECT and its client id is the identity;
 //! - PUBLISH (and the CONNECT will) only to the device's own `…/status` and
 //!   `…/data`; SUBSCRIBE only to its own `…/cmd` and `…/ack` (both dialects).
 //!
 //! A violation closes the connection before any of it reaches the broker. The
-//! CONNECT is re-encoded with the per-process broker secret as its password,
-//! so the loopback broker admits the front and nothing else. The front keeps
+//! CONNECT is re-encoded with the per-process broker secret as its
+//! credentials (a device's own password never reaches the broker), so the
+//! loopback broker admits the front and nothing else. The front keeps
 //! one session per device: a new connection of the same MAC closes the old
 //! one first (a rumqttd quirk lets the old one kick the new one otherwise),
 //! and a revocation closes the sessions of the revoked certificate at once.
 
+use crate::devpass::{self, PasswordStore};
 use crate::metrics::Metrics;
-use crate::pki::{peer_identity, PeerIdentity, SharedRevoked};
+use crate::pki::{peer_identity, SharedRevoked};
 use crate::protocol::{normalize_device_id, parse_topic, Channel};
 use bytes::BytesMut;
 use rumqttd::protocol::v4::{check, V4};
@@ -55,7 +61,48 @@ pub struct FrontConfig {
     pub handshake_timeout: Duration,
     /// Largest MQTT packet accepted from a device.
     pub max_packet_size: usize,
+    /// Device password hashes, for the password listener.
+    pub passwords: PasswordStore,
 }
+
+/// Who a connection is, once authenticated.
+#[derive(Debug, Clone)]
+struct Identity {
+    mac: String,
+    /// The certificate serial the credentials belong to (revocation).
+    serial: String,
+    /// "certificate" or "password".
+    via: &'static str,
+}
+
+/// How a connection authenticates.
+enum Auth {
+    /// A verified client certificate.
+    Certificate(Identity),
+    /// User name (the MAC) and password in the CONNECT.
+    Password,
+    /// Plaintext loopback listener: the client id is trusted.
+    Trusted,
+}
+
+/// Which TLS listener accepted a connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TlsMode {
+    ClientCertificate,
+    Password,
+}
+
+/// A password login refused: metric reason, CONNACK return code, log text.
+struct Refusal {
+    reason: &'static str,
+    code: Option<u8>,
+    device: String,
+    detail: String,
+}
+
+/// MQTT 3.1.1 CONNACK return codes.
+const CONNACK_BAD_CREDENTIALS: u8 = 4;
+const CONNACK_NOT_AUTHORIZED: u8 = 5;
 
 /// Why a connection was closed by the front (also the metric reason).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,7 +150,7 @@ impl std::fmt::Display for Violation {
             Violation::ClientIdMismatch { client_id } => {
                 write!(
                     f,
-                    "CONNECT client id {client_id:?} is not the certificate's MAC"
+                    "CONNECT client id {client_id:?} is not the authenticated MAC"
                 )
             }
             Violation::BadClientId { client_id } => {
@@ -132,6 +179,8 @@ struct Inner {
     sessions: Mutex<HashMap<String, Session>>,
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
+    /// Concurrent argon2 verifications (each takes ~19 MiB and a core).
+    verifications: Arc<Semaphore>,
     next_id: AtomicU64,
 }
 
@@ -167,6 +216,12 @@ impl Front {
             inner: Arc::new(Inner {
                 connections: Arc::new(Semaphore::new(cfg.max_connections)),
                 handshakes: Arc::new(Semaphore::new(cfg.max_handshakes)),
+                verifications: Arc::new(Semaphore::new(
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(1)
+                        .min(4),
+                )),
                 cfg,
                 metrics,
                 revoked,
@@ -219,17 +274,49 @@ impl Front {
         closed
     }
 
+    /// True when `serial` is in the live revocation set.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.inner
+            .revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(serial)
+    }
+
     fn refuse(&self, reason: &'static str) {
         Metrics::inc(&self.inner.metrics.connections_refused);
         self.inner.metrics.reject(reason);
     }
 
-    /// Accepts TLS connections until shutdown.
+    /// Accepts TLS connections with client certificates until shutdown.
     pub async fn run_tls(
         self,
         listener: TcpListener,
         tls: Arc<rustls::ServerConfig>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        self.accept_tls(listener, tls, shutdown, TlsMode::ClientCertificate)
+            .await
+    }
+
+    /// Accepts TLS connections that log in with a device password (`tls`
+    /// asks for no client certificate) until shutdown.
+    pub async fn run_password(
+        self,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        self.accept_tls(listener, tls, shutdown, TlsMode::Password)
+            .await
+    }
+
+    async fn accept_tls(
+        self,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
         mut shutdown: watch::Receiver<bool>,
+        mode: TlsMode,
     ) {
         let acceptor = TlsAcceptor::from(tls);
         loop {
@@ -267,6 +354,14 @@ impl Front {
                         return;
                     }
                 };
+                if mode == TlsMode::Password {
+                    debug!(%peer, "TLS handshake complete (password listener)");
+                    // The handshake slot is held until the password is checked.
+                    front
+                        .session(stream, peer, Auth::Password, permit, Some(hs))
+                        .await;
+                    return;
+                }
                 drop(hs);
                 let id = match stream
                     .get_ref()
@@ -289,7 +384,14 @@ impl Front {
                     }
                 };
                 debug!(%peer, device = %id.mac, serial = %id.serial_hex, "TLS handshake complete");
-                front.session(stream, peer, Some(id), permit).await;
+                let id = Identity {
+                    mac: id.mac,
+                    serial: id.serial_hex,
+                    via: "certificate",
+                };
+                front
+                    .session(stream, peer, Auth::Certificate(id), permit, None)
+                    .await;
             });
         }
     }
@@ -310,7 +412,7 @@ impl Front {
             let front = self.clone();
             tokio::spawn(async move {
                 let _ = sock.set_nodelay(true);
-                front.session(sock, peer, None, permit).await;
+                front.session(sock, peer, Auth::Trusted, permit, None).await;
             });
         }
     }
@@ -331,15 +433,23 @@ impl Front {
         &self,
         stream: S,
         peer: SocketAddr,
-        cert: Option<PeerIdentity>,
+        auth: Auth,
         permit: OwnedSemaphorePermit,
+        handshake: Option<OwnedSemaphorePermit>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let metrics = self.inner.metrics.clone();
         let cfg = &self.inner.cfg;
-        let cert_mac = cert.as_ref().map(|c| c.mac.clone());
-        let shown = cert_mac.clone().unwrap_or_else(|| "-".into());
+        let password = matches!(auth, Auth::Password);
+        let mut ident = match auth {
+            Auth::Certificate(id) => Some(id),
+            Auth::Password | Auth::Trusted => None,
+        };
+        let shown = ident
+            .as_ref()
+            .map(|c| c.mac.clone())
+            .unwrap_or_else(|| "-".into());
         let (mut dev_r, mut dev_w) = tokio::io::split(stream);
         let mut buf = BytesMut::with_capacity(4096);
 
@@ -367,7 +477,38 @@ impl Front {
                 return;
             }
         };
-        let (device, connect_bytes) = match self.check_connect(frame, cert_mac.as_deref()) {
+        if password {
+            // Bounded like the CONNECT itself: a queue of slow argon2
+            // checks must not hold a connection open forever.
+            let checked =
+                tokio::time::timeout(cfg.handshake_timeout, self.password_identity(&frame)).await;
+            let refusal = match checked {
+                Ok(Ok(id)) => {
+                    ident = Some(id);
+                    None
+                }
+                Ok(Err(r)) => Some(r),
+                Err(_) => Some(Refusal {
+                    reason: "password_check_timeout",
+                    code: Some(CONNACK_NOT_AUTHORIZED),
+                    device: "-".into(),
+                    detail: "password check did not finish in time".into(),
+                }),
+            };
+            if let Some(r) = refusal {
+                self.refuse(r.reason);
+                warn!(%peer, device = %r.device, reason = r.reason, error = %r.detail, "password login refused");
+                if let Some(code) = r.code {
+                    let _ = dev_w.write_all(&[0x20, 0x02, 0x00, code]).await;
+                }
+                let _ = dev_w.shutdown().await;
+                return;
+            }
+        }
+        drop(handshake);
+        let id_mac = ident.as_ref().map(|c| c.mac.clone());
+        let shown = id_mac.clone().unwrap_or(shown);
+        let (device, connect_bytes) = match self.check_connect(frame, id_mac.as_deref()) {
             Ok(v) => v,
             Err(v) => {
                 metrics.reject(v.reason());
@@ -378,7 +519,7 @@ impl Front {
 
         let (kill_tx, mut kill_rx) = watch::channel(false);
         let conn_id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        self.take_over(&device, conn_id, cert.as_ref(), kill_tx)
+        self.take_over(&device, conn_id, ident.as_ref(), kill_tx)
             .await;
 
         let result = async {
@@ -387,7 +528,8 @@ impl Front {
             up.write_all(&connect_bytes).await?;
             let (mut up_r, mut up_w) = up.into_split();
             Metrics::inc(&metrics.connections);
-            info!(%peer, device = %device, tls = cert.is_some(), "device connected");
+            let via = ident.as_ref().map_or("plaintext", |i| i.via);
+            info!(%peer, device = %device, auth = via, "device connected");
             let to_broker = async {
                 loop {
                     match next_frame(&mut dev_r, &mut buf, cfg.max_packet_size).await {
@@ -417,7 +559,7 @@ impl Front {
                 Err(Violation::Io(e)) => debug!(%peer, device = %device, error = %e, "connection closed"),
                 Err(v) => {
                 metrics.reject(v.reason());
-                warn!(%peer, device = %device, certificate = %shown, reason = v.reason(), violation = %v, "connection closed: identity violation");
+                warn!(%peer, device = %device, identity = %shown, reason = v.reason(), violation = %v, "connection closed: identity violation");
                 }
             }
             let _ = dev_w.shutdown().await;
@@ -430,6 +572,101 @@ impl Front {
         self.release(&device, conn_id);
         info!(%peer, device = %device, "device disconnected");
         drop(permit);
+    }
+
+    /// Checks the user name (the MAC) and password of a CONNECT against the
+    /// stored hash, and the certificate serial the password is bound to
+    /// against the live revocation set.
+    async fn password_identity(&self, frame: &BytesMut) -> Result<Identity, Refusal> {
+        let refusal = |reason, code, device: &str, detail: String| Refusal {
+            reason,
+            code,
+            device: device.to_string(),
+            detail,
+        };
+        let login = match parse(frame.clone(), self.inner.cfg.max_packet_size) {
+            Ok(Packet::Connect(_, _, _, _, login)) => login,
+            Ok(_) => {
+                return Err(refusal(
+                    "mqtt_protocol_violation",
+                    None,
+                    "-",
+                    Violation::NotConnect.to_string(),
+                ))
+            }
+            Err(v) => return Err(refusal(v.reason(), None, "-", v.to_string())),
+        };
+        let Some(Login { username, password }) = login else {
+            return Err(refusal(
+                "password_missing",
+                Some(CONNACK_BAD_CREDENTIALS),
+                "-",
+                "CONNECT without user name and password".into(),
+            ));
+        };
+        let Ok(mac) = crate::pki::normalize_mac(&username) else {
+            return Err(refusal(
+                "password_bad_username",
+                Some(CONNACK_BAD_CREDENTIALS),
+                "-",
+                format!("user name {:?} is not a device MAC", truncate(&username)),
+            ));
+        };
+        let Ok(_slot) = self.inner.verifications.clone().acquire_owned().await else {
+            return Err(refusal(
+                "password_check_failed",
+                None,
+                &mac,
+                "closed".into(),
+            ));
+        };
+        let store = self.inner.cfg.passwords.clone();
+        let m = mac.clone();
+        let checked = tokio::task::spawn_blocking(move || match store.get(&m) {
+            Ok(Some(rec)) => {
+                let ok = devpass::verify(&rec.hash, &password);
+                Ok(Some((rec.serial, ok)))
+            }
+            Ok(None) => {
+                devpass::verify_nothing(&password);
+                Ok(None)
+            }
+            Err(e) => Err(e.to_string()),
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        match checked {
+            Err(e) => Err(refusal(
+                "password_check_failed",
+                Some(CONNACK_NOT_AUTHORIZED),
+                &mac,
+                e,
+            )),
+            Ok(None) => Err(refusal(
+                "password_unknown_device",
+                Some(CONNACK_BAD_CREDENTIALS),
+                &mac,
+                "no password issued for this device".into(),
+            )),
+            Ok(Some((_, false))) => Err(refusal(
+                "password_wrong",
+                Some(CONNACK_BAD_CREDENTIALS),
+                &mac,
+                "wrong password".into(),
+            )),
+            Ok(Some((serial, true))) if self.is_revoked(&serial) => Err(refusal(
+                "password_revoked",
+                Some(CONNACK_NOT_AUTHORIZED),
+                &mac,
+                format!("the password's certificate {serial} is revoked"),
+            )),
+            Ok(Some((serial, true))) => Ok(Identity {
+                mac,
+                serial,
+                via: "password",
+            }),
+        }
     }
 
     /// Validates the CONNECT and re-encodes it with the broker secret.
@@ -475,7 +712,7 @@ impl Front {
         &self,
         device: &str,
         conn_id: u64,
-        cert: Option<&PeerIdentity>,
+        ident: Option<&Identity>,
         kill: watch::Sender<bool>,
     ) {
         let old = {
@@ -488,7 +725,7 @@ impl Front {
                 device.to_string(),
                 Session {
                     id: conn_id,
-                    serial: cert.map(|c| c.serial_hex.clone()),
+                    serial: ident.map(|c| c.serial.clone()),
                     kill,
                 },
             )

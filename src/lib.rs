@@ -6,6 +6,7 @@ pub mod alerts;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod devpass;
 pub mod front;
 pub mod http;
 pub mod ingest;

@@ -203,7 +203,7 @@ enum UpstreamCmd {
 enum DeviceCmd {
     /// Issue a device certificate, register the device and write
     /// {MAC}.crt.pem, {MAC}.key.pem, ca.crt.pem and {MAC}.h into --out.
-    /// Re-issuing rotates: the previous certificate stops working.
+    /// Re-issuing rotates: the previous certificate (and password) stops working.
     Issue {
         /// The device's MAC (any common spelling).
         mac: String,
@@ -220,6 +220,12 @@ enum DeviceCmd {
         /// Output directory for the device's files.
         #[arg(long)]
         out: PathBuf,
+        /// Also issue a random MQTT password for the password listener
+        /// (mqtt.password_listen): printed once, written to {MAC}.password
+        /// and into {MAC}.h; only its argon2 hash is kept. Without it, a
+        /// re-issue removes the device's password.
+        #[arg(long)]
+        password: bool,
     },
     /// Revoke a device: its certificate stops working at once (also on the
     /// running gateway, whose open session with it is closed).
@@ -312,10 +318,24 @@ async fn main() -> Result<()> {
                     dialect,
                     days,
                     out,
+                    password,
                 },
         } => {
             let pki = server::pki(&cli.data_dir);
-            let issued = pki.issue_device(&mac, days, &out)?;
+            let password = password.then(barngate::devpass::generate);
+            let now = chrono::Utc::now();
+            let issued = pki.issue_device_with(&mac, days, &out, password.as_deref(), now)?;
+            // The hash is in place before the registry change: on a running
+            // gateway that change revokes the previous serial (and with it
+            // the previous password).
+            let passwords = barngate::devpass::PasswordStore::new(pki.dir());
+            let had_password = match &password {
+                Some(pw) => {
+                    passwords.set(&issued.mac, &issued.serial_hex, pw, now)?;
+                    false
+                }
+                None => passwords.remove(&issued.mac)?,
+            };
             let change = RegistryChange::Issue {
                 mac: issued.mac.clone(),
                 serial: issued.serial_hex.clone(),
@@ -336,6 +356,15 @@ async fn main() -> Result<()> {
                 &issued.paths.header,
             ] {
                 println!("  {}", p.display());
+            }
+            if let (Some(pw), Some(p)) = (&password, &issued.paths.password) {
+                println!("  {}", p.display());
+                println!("MQTT user name: {}", issued.mac);
+                println!("MQTT password:  {pw}");
+                println!("(shown once; only its hash is kept)");
+            }
+            if had_password {
+                println!("previous MQTT password removed");
             }
             for s in o.revoked_serials {
                 println!("previous certificate {s} revoked");

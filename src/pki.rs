@@ -309,6 +309,8 @@ pub struct DeviceFiles {
     pub ca_cert: PathBuf,
     /// `{MAC}.h` (contains the private key too; mode 0600)
     pub header: PathBuf,
+    /// `{MAC}.password` (mode 0600), when a password was issued too.
+    pub password: Option<PathBuf>,
 }
 
 /// A freshly issued device certificate. The caller records `serial_hex` as
@@ -547,6 +549,20 @@ impl Pki {
         out_dir: &Path,
         now: DateTime<Utc>,
     ) -> Result<IssuedDevice, PkiError> {
+        self.issue_device_with(mac, days, out_dir, None, now)
+    }
+
+    /// [`Pki::issue_device_at`]; with `password`, also writes
+    /// `{MAC}.password` and puts it into the header as
+    /// `BARNGATE_MQTT_PASSWORD` (the caller stores its hash).
+    pub fn issue_device_with(
+        &self,
+        mac: &str,
+        days: u32,
+        out_dir: &Path,
+        password: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<IssuedDevice, PkiError> {
         let mac = normalize_mac(mac)?;
         let now = whole_seconds(now);
         if days == 0 {
@@ -582,7 +598,10 @@ impl Pki {
 
         let cert_pem = cert.pem();
         let key_pem = key.serialize_pem();
-        let header = device_header(&mac, &ca.pem, &cert_pem, &key_pem, &serial_hex, not_after);
+        let mut header = device_header(&mac, &ca.pem, &cert_pem, &key_pem, &serial_hex, not_after);
+        if let Some(pw) = password {
+            header = header_with_password(&header, &mac, pw);
+        }
 
         create_private_dir(out_dir)?;
         let paths = DeviceFiles {
@@ -590,7 +609,11 @@ impl Pki {
             key: out_dir.join(format!("{mac}.key.pem")),
             ca_cert: out_dir.join(CA_CERT_FILE),
             header: out_dir.join(format!("{mac}.h")),
+            password: password.map(|_| out_dir.join(format!("{mac}.password"))),
         };
+        if let (Some(path), Some(pw)) = (&paths.password, password) {
+            write_atomic(path, format!("{pw}\n").as_bytes(), KEY_MODE)?;
+        }
         write_atomic(&paths.key, key_pem.as_bytes(), KEY_MODE)?;
         write_atomic(&paths.cert, cert_pem.as_bytes(), PUBLIC_MODE)?;
         write_atomic(&paths.ca_cert, ca.pem.as_bytes(), PUBLIC_MODE)?;
@@ -751,13 +774,7 @@ impl Pki {
                 .add(cert.map_err(pem_err(&ca_path))?)
                 .map_err(|e| PkiError::Tls(format!("{}: {e}", ca_path.display())))?;
         }
-        let cert_path = self.server_cert_path();
-        let key_path = self.server_key_path();
-        let chain = CertificateDer::pem_file_iter(&cert_path)
-            .map_err(pem_err(&cert_path))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(pem_err(&cert_path))?;
-        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(pem_err(&key_path))?;
+        let (chain, key) = self.server_identity()?;
 
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
@@ -770,6 +787,43 @@ impl Pki {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(|e| PkiError::Tls(e.to_string()))
+    }
+
+    /// A rustls server configuration for the password listener: the same
+    /// gateway certificate and protocol versions, no client certificate.
+    pub fn server_tls_config_server_auth_only(&self) -> Result<rustls::ServerConfig, PkiError> {
+        if !self.exists() {
+            return Err(PkiError::NoCa(self.dir.clone()));
+        }
+        let (chain, key) = self.server_identity()?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| PkiError::Tls(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| PkiError::Tls(e.to_string()))
+    }
+
+    /// The gateway's certificate chain and key.
+    fn server_identity(
+        &self,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PkiError> {
+        let pem_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e: rustls_pki_types::pem::Error| PkiError::Pem {
+                path,
+                detail: e.to_string(),
+            }
+        };
+        let cert_path = self.server_cert_path();
+        let key_path = self.server_key_path();
+        let chain = CertificateDer::pem_file_iter(&cert_path)
+            .map_err(pem_err(&cert_path))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(pem_err(&cert_path))?;
+        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(pem_err(&key_path))?;
+        Ok((chain, key))
     }
 }
 
@@ -980,7 +1034,7 @@ fn detect_server_names() -> (Vec<String>, Vec<IpAddr>) {
     (hostnames, ips)
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), PkiError> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), PkiError> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -995,7 +1049,7 @@ fn create_private_dir(dir: &Path) -> Result<(), PkiError> {
 
 /// Writes `data` to a new temporary file created with `mode`, then renames
 /// it over `path`.
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path
@@ -1089,6 +1143,25 @@ pub fn device_header(
         h.push_str(";\n\n");
     }
     h.push_str(&format!("#endif /* {guard} */\n"));
+    h
+}
+
+/// `header` (from [`device_header`]) with the device's MQTT password added,
+/// for the password listener (`mqtt.password_listen`).
+fn header_with_password(header: &str, mac: &str, password: &str) -> String {
+    let guard_end = header.rfind("#endif").unwrap_or(header.len());
+    let mut h = header[..guard_end].to_string();
+    h.push_str(&format!(
+        "/* Password listener (mqtt.password_listen), for firmware without a client\n\
+         \x20* certificate: TLS with BARNGATE_CA_CERT only, then\n\
+         \x20*   mqtt.connect(BARNGATE_DEVICE_ID, BARNGATE_DEVICE_ID, BARNGATE_MQTT_PASSWORD);\n\
+         \x20* (client id and user name = the MAC). */\n\
+         #define BARNGATE_MQTT_USERNAME {}\n\
+         #define BARNGATE_MQTT_PASSWORD {}\n\n",
+        c_string_literal(mac),
+        c_string_literal(password)
+    ));
+    h.push_str(&header[guard_end..]);
     h
 }
 

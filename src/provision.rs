@@ -20,7 +20,7 @@ use crate::store::{DeviceRecord, Store, StoreError};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
@@ -244,6 +244,68 @@ pub async fn apply_live(
         revoked_serials: revoke,
         closed_sessions: closed,
     })
+}
+
+/// How often `revoked.json` is checked for changes made by hand.
+pub const REVOKED_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// What identifies one version of a file without reading it.
+fn file_stamp(path: &Path) -> Option<(Option<std::time::SystemTime>, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok(), m.len(), m.ino()))
+}
+
+/// Watches `revoked.json` for changes made outside the admin socket (an
+/// editor, a config-management tool): serials added there join the live
+/// revocation set and their open sessions are closed, within
+/// [`REVOKED_POLL`] plus a read. Only additions are applied: a serial removed
+/// by hand stays revoked until a restart, so a racing read can never
+/// un-revoke anything; an unreadable file keeps the live set as it is.
+pub async fn watch_revocation_file(
+    pki: Pki,
+    front: Front,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let path = pki.revoked_path();
+    // The first tick always reads: a change between the gateway's own load
+    // and this task's start is not missed.
+    let mut last = None;
+    let mut every = tokio::time::interval(REVOKED_POLL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let p = path.clone();
+        let stamp = tokio::task::spawn_blocking(move || file_stamp(&p))
+            .await
+            .ok()
+            .flatten();
+        if last == Some(stamp) {
+            continue;
+        }
+        last = Some(stamp);
+        let reader = pki.clone();
+        let set = match tokio::task::spawn_blocking(move || reader.load_revoked()).await {
+            Ok(Ok(set)) => set,
+            Ok(Err(e)) => {
+                warn!(path = %path.display(), error = %e, "revoked.json changed but cannot be read; the live revocation set is kept");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let mut added: Vec<String> = set.into_iter().filter(|s| !front.is_revoked(s)).collect();
+        if added.is_empty() {
+            continue;
+        }
+        added.sort();
+        for s in &added {
+            info!(serial = %s, "certificate revoked (revoked.json edited)");
+        }
+        front.revoke(&added);
+    }
 }
 
 /// Applies a change through the running gateway if there is one, else

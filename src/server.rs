@@ -5,12 +5,13 @@ use crate::admin;
 use crate::broker::{self, BrokerError};
 use crate::clock::SharedClock;
 use crate::config::{Config, ConfigError, TEMPLATE};
+use crate::devpass::PasswordStore;
 use crate::front::{Front, FrontConfig};
 use crate::http;
 use crate::ingest::{Engine, IngestError};
 use crate::metrics::Metrics;
 use crate::pki::{Pki, PkiError};
-use crate::provision::{Live, REGISTRY_QUEUE};
+use crate::provision::{self, Live, REGISTRY_QUEUE};
 use crate::schedule::Schedule;
 use crate::store::{Store, StoreError};
 use std::net::SocketAddr;
@@ -116,6 +117,8 @@ pub struct Gateway {
     pub mqtt_addr: SocketAddr,
     /// The plaintext loopback listener, when configured.
     pub plain_addr: Option<SocketAddr>,
+    /// The password listener (TLS, no client certificate), when configured.
+    pub password_addr: Option<SocketAddr>,
     /// The embedded broker's loopback address (admits only the front).
     pub broker_addr: SocketAddr,
     pub pki: Pki,
@@ -200,6 +203,7 @@ impl Gateway {
                 max_handshakes: cfg.mqtt.max_handshakes,
                 handshake_timeout: std::time::Duration::from_millis(cfg.mqtt.handshake_timeout_ms),
                 max_packet_size: cfg.mqtt.max_payload_size,
+                passwords: PasswordStore::new(pki.dir()),
             },
             metrics.clone(),
             revoked,
@@ -225,6 +229,33 @@ impl Gateway {
             }
             None => None,
         };
+
+        let password_addr = match cfg.mqtt.password_listen {
+            Some(addr) => {
+                let tls = Arc::new(pki.server_tls_config_server_auth_only()?);
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::Io {
+                        what: "cannot listen for password MQTT on",
+                        path: addr.to_string(),
+                        source,
+                    })?;
+                let a = l.local_addr().map_err(|source| ServeError::Io {
+                    what: "listener",
+                    path: addr.to_string(),
+                    source,
+                })?;
+                info!(addr = %a, "password MQTT listener enabled (TLS, per-device passwords)");
+                tokio::spawn(front.clone().run_password(l, tls, shutdown_rx.clone()));
+                Some(a)
+            }
+            None => None,
+        };
+        tokio::spawn(provision::watch_revocation_file(
+            pki.clone(),
+            front.clone(),
+            shutdown_rx.clone(),
+        ));
 
         let admin_listener = admin::bind(&opts.data_dir)?;
         let live = Live {
@@ -291,6 +322,7 @@ impl Gateway {
         Ok(Gateway {
             mqtt_addr,
             plain_addr,
+            password_addr,
             broker_addr: upstream,
             pki,
             front,

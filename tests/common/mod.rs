@@ -96,7 +96,7 @@ impl Device {
     /// Connects over plaintext MQTT, subscribes to its cmd and ack topics
     /// and waits for the SUBACKs.
     pub async fn connect(addr: std::net::SocketAddr, id: &str, v1: bool) -> Device {
-        Device::connect_with(addr, id, v1, None).await
+        Device::connect_with(addr, id, v1, None, None).await
     }
 
     /// [`Device::connect`] over TLS with a client certificate.
@@ -106,7 +106,18 @@ impl Device {
         v1: bool,
         certs: &DeviceCerts,
     ) -> Device {
-        Device::connect_with(addr, id, v1, Some(certs)).await
+        Device::connect_with(addr, id, v1, Some(certs), None).await
+    }
+
+    /// [`Device::connect`] to the password listener: TLS verifying the
+    /// gateway with `ca` (PEM), user name = `id`.
+    pub async fn connect_password(
+        addr: std::net::SocketAddr,
+        id: &str,
+        ca: &[u8],
+        password: &str,
+    ) -> Device {
+        Device::connect_with(addr, id, false, None, Some((ca, password))).await
     }
 
     async fn connect_with(
@@ -114,6 +125,7 @@ impl Device {
         id: &str,
         v1: bool,
         certs: Option<&DeviceCerts>,
+        login: Option<(&[u8], &str)>,
     ) -> Device {
         let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
         if let Some(c) = certs {
@@ -122,6 +134,10 @@ impl Device {
                 Some((c.cert.clone(), c.key.clone())),
                 None,
             ));
+        }
+        if let Some((ca, password)) = login {
+            opts.set_transport(rumqttc::Transport::tls(ca.to_vec(), None, None));
+            opts.set_credentials(id, password);
         }
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(1 << 20, 1 << 20);
