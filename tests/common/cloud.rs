@@ -164,8 +164,9 @@ pub struct ObjectStore {
 impl ObjectStore {
     pub async fn start() -> ObjectStore {
         let port = free_port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        // `python3 -m` needs no console-script shim on PATH (pyenv, --user installs).
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
