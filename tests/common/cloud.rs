@@ -166,7 +166,14 @@ impl ObjectStore {
         let port = free_port();
         // `python3 -m` needs no console-script shim on PATH (pyenv, --user installs).
         let child = Command::new("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
