@@ -65,6 +65,21 @@ pub enum ServeError {
     },
 }
 
+/// Binds a TCP listener; the error names what it was for and the address.
+async fn bind(
+    addr: SocketAddr,
+    what: &'static str,
+) -> Result<(tokio::net::TcpListener, SocketAddr), ServeError> {
+    let io = |source| ServeError::Io {
+        what,
+        path: addr.to_string(),
+        source,
+    };
+    let l = tokio::net::TcpListener::bind(addr).await.map_err(io)?;
+    let a = l.local_addr().map_err(io)?;
+    Ok((l, a))
+}
+
 /// Creates the data directory (0700: it holds keys and a farm's images).
 pub fn ensure_data_dir(dir: &Path) -> Result<(), ServeError> {
     use std::os::unix::fs::PermissionsExt;
@@ -183,18 +198,7 @@ impl Gateway {
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let mqtt_listen = opts.mqtt_listen.unwrap_or(cfg.mqtt.listen);
-        let listener = tokio::net::TcpListener::bind(mqtt_listen)
-            .await
-            .map_err(|source| ServeError::Io {
-                what: "cannot listen for devices on",
-                path: mqtt_listen.to_string(),
-                source,
-            })?;
-        let mqtt_addr = listener.local_addr().map_err(|source| ServeError::Io {
-            what: "listener",
-            path: mqtt_listen.to_string(),
-            source,
-        })?;
+        let (listener, mqtt_addr) = bind(mqtt_listen, "cannot listen for devices on").await?;
         let front = Front::new(
             FrontConfig {
                 upstream,
@@ -211,18 +215,7 @@ impl Gateway {
         tokio::spawn(front.clone().run_tls(listener, tls, shutdown_rx.clone()));
         let plain_addr = match cfg.mqtt.plain_listen {
             Some(addr) => {
-                let l = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| ServeError::Io {
-                        what: "cannot listen for plaintext MQTT on",
-                        path: addr.to_string(),
-                        source,
-                    })?;
-                let a = l.local_addr().map_err(|source| ServeError::Io {
-                    what: "listener",
-                    path: addr.to_string(),
-                    source,
-                })?;
+                let (l, a) = bind(addr, "cannot listen for plaintext MQTT on").await?;
                 tracing::warn!(addr = %a, "plaintext MQTT listener enabled (loopback, no certificates)");
                 tokio::spawn(front.clone().run_plain(l, shutdown_rx.clone()));
                 Some(a)
@@ -233,18 +226,7 @@ impl Gateway {
         let password_addr = match cfg.mqtt.password_listen {
             Some(addr) => {
                 let tls = Arc::new(pki.server_tls_config_server_auth_only()?);
-                let l = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| ServeError::Io {
-                        what: "cannot listen for password MQTT on",
-                        path: addr.to_string(),
-                        source,
-                    })?;
-                let a = l.local_addr().map_err(|source| ServeError::Io {
-                    what: "listener",
-                    path: addr.to_string(),
-                    source,
-                })?;
+                let (l, a) = bind(addr, "cannot listen for password MQTT on").await?;
                 info!(addr = %a, "password MQTT listener enabled (TLS, per-device passwords)");
                 tokio::spawn(front.clone().run_password(l, tls, shutdown_rx.clone()));
                 Some(a)
@@ -284,20 +266,7 @@ impl Gateway {
         }
 
         let http_listen = opts.http_listen.unwrap_or(cfg.http.listen);
-        let http_listener = tokio::net::TcpListener::bind(http_listen)
-            .await
-            .map_err(|source| ServeError::Io {
-                what: "cannot listen for HTTP on",
-                path: http_listen.to_string(),
-                source,
-            })?;
-        let http_addr = http_listener
-            .local_addr()
-            .map_err(|source| ServeError::Io {
-                what: "listener",
-                path: http_listen.to_string(),
-                source,
-            })?;
+        let (http_listener, http_addr) = bind(http_listen, "cannot listen for HTTP on").await?;
         let require_login = !http_addr.ip().is_loopback();
         if require_login && !http::auth::password_is_set(&opts.data_dir) {
             tracing::warn!(http = %http_addr, "dashboard is not on loopback and no admin password is set: run `barngate admin set-password`");
