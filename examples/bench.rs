@@ -15,9 +15,18 @@
 //! wake (HELLO → capture_image → METADATA → send_image → all chunks without
 //! per-chunk application ACKs → missing_chunks / ACK_OK).
 //!
-//! mTLS: `--ca FILE --cert-dir DIR` makes every device connect with TLS,
-//! presenting `DIR/{device_id}.crt` / `DIR/{device_id}.key` (PEM).
+//! The gateway's device listener is MQTT over mutual TLS: before starting
+//! `barngate serve` the runner creates the site CA in `<data dir>/certs`
+//! (`Pki::init_ca`) and issues one client certificate per device
+//! (`Pki::issue_device`, on all cores) into `<data dir>/devices`; every
+//! device id is a MAC (`B8F8` + 8 hex digits, distinct per scenario) and each
+//! device presents `{MAC}.crt.pem` / `{MAC}.key.pem`. The ceiling and the
+//! seed stack are plaintext (they have no TLS front to compare with);
+//! `--gateway-plain` runs the gateway's loopback plaintext listener instead,
+//! to measure what TLS costs. `load --ca FILE --cert-dir DIR` connects to an
+//! external broker with certificates from `DIR`.
 
+use barngate::pki::{CaInitOptions, Pki};
 use barngate::store::{DeviceRecord, Store};
 use base64::Engine as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -74,12 +83,16 @@ struct Common {
     /// Gateway `ingest.max_streaming`.
     #[arg(long, default_value_t = 64)]
     max_streaming: u32,
-    /// mTLS: CA certificate (PEM) the devices trust. With --cert-dir.
+    /// `load` only: CA certificate (PEM) the devices trust. With --cert-dir.
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// mTLS: directory with `{device_id}.crt` and `{device_id}.key`.
+    /// `load` only: directory with `{MAC}.crt.pem` and `{MAC}.key.pem`.
     #[arg(long)]
     cert_dir: Option<PathBuf>,
+    /// Connect to the gateway's loopback plaintext listener
+    /// (`mqtt.plain_listen`) instead of the mutual-TLS listener.
+    #[arg(long)]
+    gateway_plain: bool,
     /// Give up on a wake after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
@@ -285,8 +298,8 @@ async fn connect(addr: SocketAddr, id: &str, cfg: &LoadCfg) -> Result<Conn, Stri
     opts.set_max_packet_size(1 << 20, 1 << 20);
     opts.set_clean_session(true);
     if let Some((ca, dir)) = &cfg.tls {
-        let cert = std::fs::read(dir.join(format!("{id}.crt"))).map_err(|e| e.to_string())?;
-        let key = std::fs::read(dir.join(format!("{id}.key"))).map_err(|e| e.to_string())?;
+        let cert = std::fs::read(dir.join(format!("{id}.crt.pem"))).map_err(|e| e.to_string())?;
+        let key = std::fs::read(dir.join(format!("{id}.key.pem"))).map_err(|e| e.to_string())?;
         opts.set_transport(Transport::tls(ca.clone(), Some((cert, key)), None));
     }
     let (client, mut el) = AsyncClient::new(opts, 256);
@@ -468,10 +481,68 @@ impl LoadResult {
     }
 }
 
+/// First MAC index of each scenario, so their devices never collide.
+const RUN_BASE: u32 = 0x0000_0000;
+const BURST_BASE: u32 = 0x1000_0000;
+const CRASH_BASE: u32 = 0x2000_0000;
+const LOAD_BASE: u32 = 0x3000_0000;
+
+/// Device `idx` of a scenario: a MAC, 12 upper-case hex digits.
+fn mac(base: u32, idx: usize) -> String {
+    format!("B8F8{:08X}", base.wrapping_add(idx as u32))
+}
+
+/// Connects, retrying: a thousand devices at once meet the gateway's
+/// handshake limit (`mqtt.max_handshakes`) just as real ones would.
+async fn connect_retry(addr: SocketAddr, id: &str, cfg: &LoadCfg) -> Result<Conn, String> {
+    let mut last = String::new();
+    for attempt in 0..30u64 {
+        match connect(addr, id, cfg).await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(50 + 50 * attempt.min(10))).await;
+    }
+    Err(format!("{id}: cannot connect: {last}"))
+}
+
+/// Creates the site CA in `<data_dir>/certs` (as `barngate ca init` would)
+/// and issues a client certificate for every id into `<data_dir>/devices`,
+/// on all cores. Returns the CA PEM and the certificate directory.
+fn provision_tls(data_dir: &Path, ids: &[String]) -> (Vec<u8>, PathBuf) {
+    let t0 = Instant::now();
+    let pki = Pki::new(data_dir.join("certs"));
+    if !pki.exists() {
+        pki.init_ca(&CaInitOptions::default()).expect("init CA");
+    }
+    let out = data_dir.join("devices");
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    std::thread::scope(|s| {
+        for part in ids.chunks(ids.len().div_ceil(threads).max(1)) {
+            let (pki, out) = (&pki, &out);
+            s.spawn(move || {
+                for id in part {
+                    if !out.join(format!("{id}.crt.pem")).exists() {
+                        pki.issue_device(id, 30, out).expect("issue device cert");
+                    }
+                }
+            });
+        }
+    });
+    eprintln!(
+        "mTLS: CA in {}, {} device certificates in {:.1} s",
+        pki.dir().display(),
+        ids.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    let ca = std::fs::read(pki.ca_cert_path()).expect("read CA cert");
+    (ca, out)
+}
+
 /// Connects `n` devices, then wakes them all at once (a wake burst).
 async fn run_load(
     addr: SocketAddr,
-    prefix: &str,
+    base: u32,
     n: usize,
     pending: u32,
     cfg: &LoadCfg,
@@ -487,12 +558,12 @@ async fn run_load(
             barrier.clone(),
             cfg.clone(),
         );
-        let id = format!("{prefix}{d:05}");
+        let id = mac(base, d);
         tasks.push(tokio::spawn(async move {
             // Stagger connection setup a little: a thousand SYNs at once
             // overflow the listen backlog.
             tokio::time::sleep(Duration::from_millis((d / 50) as u64 * 20)).await;
-            let conn = connect(addr, &id, &cfg).await;
+            let conn = connect_retry(addr, &id, &cfg).await;
             barrier.wait().await;
             let mut conn = match conn {
                 Ok(c) => c,
@@ -634,18 +705,35 @@ fn wait_line(child: &mut Child, prefix: &str) -> String {
 }
 
 fn gateway_config(c: &Common) -> String {
-    format!(
+    let mut s = format!(
         "[site]\ntimezone = \"UTC\"\n[ingest]\nquiet_gap_ms = {}\ncommit_interval_ms = {}\nmax_streaming = {}\n",
         c.quiet_gap_ms, c.commit_interval_ms, c.max_streaming
-    )
+    );
+    if c.gateway_plain {
+        s += &format!("[mqtt]\nplain_listen = \"127.0.0.1:{}\"\n", free_port());
+    }
+    s
 }
 
+/// The device-side TLS settings for the gateway in `dir` (CA and device
+/// certificates created there first), or `None` with `--gateway-plain`.
+fn gateway_tls(c: &Common, dir: &Path, ids: &[String]) -> Option<(Vec<u8>, PathBuf)> {
+    (!c.gateway_plain).then(|| provision_tls(dir, ids))
+}
+
+/// Starts `barngate serve` on `dir`; returns the address devices connect to
+/// (the mutual-TLS listener, or the plaintext one with `--gateway-plain`).
 fn start_gateway(c: &Common, dir: &Path) -> (Proc, SocketAddr) {
     std::fs::create_dir_all(dir).unwrap();
     let cfg = dir.join("bench.toml");
     if !cfg.exists() {
         std::fs::write(&cfg, gateway_config(c)).unwrap();
     }
+    let plain: Option<SocketAddr> = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("plain_listen = "))
+        .map(|a| a.trim_matches('"').parse().unwrap());
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -678,7 +766,7 @@ fn start_gateway(c: &Common, dir: &Path) -> (Proc, SocketAddr) {
         .find_map(|w| w.strip_prefix("mqtt="))
         .and_then(|a| a.parse().ok())
         .expect("mqtt address in the ready line");
-    (Proc { child }, addr)
+    (Proc { child }, plain.unwrap_or(addr))
 }
 
 fn start_ceiling() -> (Proc, SocketAddr) {
@@ -944,15 +1032,25 @@ fn tmpdir(tag: &str) -> PathBuf {
 
 async fn scenario_run(c: Common, devices: Vec<usize>, stacks: Vec<String>, out: PathBuf) {
     let cfg = LoadCfg::from(&c);
+    // The ceiling and the seed stack have no TLS front: plaintext.
+    let plain = LoadCfg {
+        tls: None,
+        ..cfg.clone()
+    };
     let mut rows = Vec::new();
     for &n in &devices {
         for stack in &stacks {
             let r = match stack.as_str() {
                 "gateway" => {
                     let dir = tmpdir(&format!("gw{n}"));
+                    let ids: Vec<String> = (0..n).map(|d| mac(RUN_BASE, d)).collect();
+                    let cfg = LoadCfg {
+                        tls: gateway_tls(&c, &dir, &ids),
+                        ..cfg.clone()
+                    };
                     let (mut p, addr) = start_gateway(&c, &dir);
                     let cpu0 = cpu_secs(p.pid());
-                    let r = run_load(addr, "bench", n, 0, &cfg).await;
+                    let r = run_load(addr, RUN_BASE, n, 0, &cfg).await;
                     let cpu = cpu_secs(p.pid()) - cpu0;
                     let rss = peak_rss_mib(p.pid());
                     p.term();
@@ -963,7 +1061,7 @@ async fn scenario_run(c: Common, devices: Vec<usize>, stacks: Vec<String>, out: 
                 "ceiling" => {
                     let (mut p, addr) = start_ceiling();
                     let cpu0 = cpu_secs(p.pid());
-                    let r = run_load(addr, "bench", n, 0, &cfg).await;
+                    let r = run_load(addr, RUN_BASE, n, 0, &plain).await;
                     let cpu = cpu_secs(p.pid()) - cpu0;
                     let rss = peak_rss_mib(p.pid());
                     p.kill9();
@@ -973,7 +1071,7 @@ async fn scenario_run(c: Common, devices: Vec<usize>, stacks: Vec<String>, out: 
                     let dir = tmpdir(&format!("seed{n}"));
                     let (mut m, mut w, addr) = start_seed(&c, &dir);
                     let cpu0 = cpu_secs(m.pid()) + cpu_secs(w.pid());
-                    let r = run_load(addr, "bench", n, 0, &cfg).await;
+                    let r = run_load(addr, RUN_BASE, n, 0, &plain).await;
                     let cpu = cpu_secs(m.pid()) + cpu_secs(w.pid()) - cpu0;
                     let rss = peak_rss_mib(m.pid()) + peak_rss_mib(w.pid());
                     w.kill9();
@@ -1048,7 +1146,7 @@ async fn scenario_burst(c: Common, devices: usize, registered: usize) {
         let store = Store::open(&dir.join("barngate.redb")).unwrap();
         let now = chrono::Utc::now();
         for i in 0..registered {
-            let id = format!("burst{i:05}");
+            let id = mac(BURST_BASE, i);
             let rec = DeviceRecord {
                 mac: id.clone(),
                 wire_id: id,
@@ -1075,11 +1173,15 @@ async fn scenario_burst(c: Common, devices: usize, registered: usize) {
             store.put_device(&rec, now).unwrap();
         }
     }
-    let cfg = LoadCfg::from(&c);
+    let ids: Vec<String> = (0..devices).map(|d| mac(BURST_BASE, d)).collect();
+    let cfg = LoadCfg {
+        tls: gateway_tls(&c, &dir, &ids),
+        ..LoadCfg::from(&c)
+    };
     let (mut p, addr) = start_gateway(&c, &dir);
     let idle_rss = peak_rss_mib(p.pid());
     let cpu0 = cpu_secs(p.pid());
-    let r = run_load(addr, "burst", devices, 0, &cfg).await;
+    let r = run_load(addr, BURST_BASE, devices, 0, &cfg).await;
     let cpu = cpu_secs(p.pid()) - cpu0;
     let rss = peak_rss_mib(p.pid());
     p.term();
@@ -1105,7 +1207,11 @@ async fn scenario_burst(c: Common, devices: usize, registered: usize) {
 
 async fn scenario_crash(c: Common, devices: usize, trials: usize, seed: u64) {
     let dir = tmpdir("crash");
-    let cfg = LoadCfg::from(&c);
+    let ids: Vec<String> = (0..devices).map(|d| mac(CRASH_BASE, d)).collect();
+    let cfg = LoadCfg {
+        tls: gateway_tls(&c, &dir, &ids),
+        ..LoadCfg::from(&c)
+    };
     let images = Arc::new(Images::new(c.image_size, c.chunk, c.enc()));
     let counters = Arc::new(Counters::default());
     let mut rng = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
@@ -1127,7 +1233,7 @@ async fn scenario_crash(c: Common, devices: usize, trials: usize, seed: u64) {
             let (images, counters, cfg) = (images.clone(), counters.clone(), cfg.clone());
             let img = current[d];
             tasks.push(tokio::spawn(async move {
-                let id = format!("crash{d:05}");
+                let id = mac(CRASH_BASE, d);
                 let mut conn = match connect(addr, &id, &cfg).await {
                     Ok(c) => c,
                     Err(_) => return (d, img, None),
@@ -1216,7 +1322,7 @@ fn main() {
             } => scenario_crash(c, devices, trials, seed).await,
             Cmd::Load { c, addr, devices } => {
                 let cfg = LoadCfg::from(&c);
-                let r = run_load(addr, "load", devices, 0, &cfg).await;
+                let r = run_load(addr, LOAD_BASE, devices, 0, &cfg).await;
                 print_table(&[row("target", &c, &r, 0.0, 0.0)]);
                 for w in r.wakes.iter().filter(|w| w.error.is_some()).take(5) {
                     println!("{}: {:?}", w.id, w.error);

@@ -8,6 +8,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use chrono_tz::Tz;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::fmt;
 
 /// Largest `max_chunk_size` a device may announce.
@@ -285,6 +286,174 @@ impl<'de> Deserialize<'de> for Payload {
     }
 }
 
+/// The chunk payload when [`split_payload`] did not take the fast path
+/// (base64 strings, bad values, floats, …): serde, as before.
+fn decode_payload(raw: &serde_json::value::RawValue) -> Result<Vec<u8>, ProtocolError> {
+    serde_json::from_str::<Payload>(raw.get())
+        .map(|p| p.0)
+        .map_err(|e| ProtocolError::Json(format!("payload: {e}")))
+}
+
+fn is_ws(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+fn skip_ws(s: &[u8], mut i: usize) -> usize {
+    while i < s.len() && is_ws(s[i]) {
+        i += 1;
+    }
+    i
+}
+
+/// The fast path for chunk messages. Decoding a ~1.9 KB JSON byte array
+/// through serde (generic `i64` visitor per element, or even just skipping
+/// it as a `RawValue`) took ~100 instructions per byte, most of a chunk's
+/// ingest cost. This walks the top-level object once (strings skipped, no
+/// nesting), decodes a canonical `"payload":[n,…]` directly, and returns
+/// the decoded bytes plus the message with the payload replaced by `[]`
+/// for serde to read the small remaining fields. `None` (serde reads the
+/// whole message, with its usual errors) for anything unusual: nested
+/// values, escaped or repeated keys, non-canonical numbers, no payload.
+fn split_payload(s: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut i = skip_ws(s, 0);
+    if s.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    let mut span = None;
+    let mut first = true;
+    loop {
+        i = skip_ws(s, i);
+        if first && s.get(i) == Some(&b'}') {
+            i += 1;
+            break;
+        }
+        first = false;
+        if s.get(i) != Some(&b'"') {
+            return None;
+        }
+        let key_start = i + 1;
+        i = skip_string(s, i)?;
+        let key = &s[key_start..i - 1];
+        if key.contains(&b'\\') {
+            return None;
+        }
+        i = skip_ws(s, i);
+        if s.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(s, i + 1);
+        match *s.get(i)? {
+            b'[' if key == b"payload" && span.is_none() => {
+                let (bytes, end) = scan_byte_array(s, i)?;
+                span = Some((i, end, bytes));
+                i = end;
+            }
+            b'[' | b'{' => return None,
+            b'"' => i = skip_string(s, i)?,
+            _ => {
+                while i < s.len() && !matches!(s[i], b',' | b'}') && !is_ws(s[i]) {
+                    i += 1;
+                }
+            }
+        }
+        if key == b"payload" && span.as_ref().is_none_or(|x| x.1 != i) {
+            // A second or non-array payload: serde decides.
+            return None;
+        }
+        i = skip_ws(s, i);
+        match s.get(i)? {
+            b',' => i += 1,
+            b'}' => {
+                i += 1;
+                break;
+            }
+            _ => return None,
+        }
+    }
+    if skip_ws(s, i) != s.len() {
+        return None;
+    }
+    let (start, end, bytes) = span?;
+    let mut rest = Vec::with_capacity(s.len() - (end - start) + 2);
+    rest.extend_from_slice(&s[..start]);
+    rest.extend_from_slice(b"[]");
+    rest.extend_from_slice(&s[end..]);
+    Some((bytes, rest))
+}
+
+/// `s[i]` is `"`: the index after the closing quote.
+fn skip_string(s: &[u8], mut i: usize) -> Option<usize> {
+    i += 1;
+    while i < s.len() {
+        match s[i] {
+            b'"' => return Some(i + 1),
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// `s[i]` is `[`: a byte array whose every element is a JSON integer in
+/// 0..=255 without sign, fraction or exponent, and the index after its `]`;
+/// `None` for anything else.
+fn scan_byte_array(s: &[u8], mut i: usize) -> Option<(Vec<u8>, usize)> {
+    let ws = is_ws;
+    let n = s.len();
+    if s.get(i) != Some(&b'[') {
+        return None;
+    }
+    i += 1;
+    // Every element takes at least two characters ("7,").
+    let mut out = Vec::with_capacity(n / 2);
+    loop {
+        while i < n && ws(s[i]) {
+            i += 1;
+        }
+        let c = *s.get(i)?;
+        if c == b']' && out.is_empty() {
+            i += 1;
+            break;
+        }
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        let mut v = u32::from(c - b'0');
+        i += 1;
+        if c != b'0' {
+            // At most two more digits.
+            for _ in 0..2 {
+                match s.get(i) {
+                    Some(d) if d.is_ascii_digit() => {
+                        v = v * 10 + u32::from(d - b'0');
+                        i += 1;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        // A further digit (or a leading zero followed by one), a fraction or
+        // an exponent: not canonical, let serde decide.
+        if v > 255 || matches!(s.get(i), Some(b'0'..=b'9' | b'.' | b'e' | b'E')) {
+            return None;
+        }
+        out.push(v as u8);
+        while i < n && ws(s[i]) {
+            i += 1;
+        }
+        match s.get(i)? {
+            b',' => i += 1,
+            b']' => {
+                i += 1;
+                break;
+            }
+            _ => return None,
+        }
+    }
+    Some((out, i))
+}
+
 fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
     use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
     let s = s.trim();
@@ -300,10 +469,15 @@ fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
 }
 
 /// Every field that may appear on the data topic; METADATA and CHUNK share it.
+/// Strings are borrowed from the message when they have no escapes, and the
+/// payload is kept raw for [`decode_payload`]: a chunk costs no allocation
+/// but its decoded bytes.
 #[derive(Debug, Deserialize)]
-struct RawData {
-    device_id: Option<String>,
-    image_name: Option<String>,
+struct RawData<'a> {
+    #[serde(borrow)]
+    device_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    image_name: Option<Cow<'a, str>>,
     capture_timestamp: Option<String>,
     image_size: Option<i64>,
     max_chunk_size: Option<i64>,
@@ -315,7 +489,8 @@ struct RawData {
     pressure: Option<f64>,
     gas_resistance: Option<f64>,
     chunk_id: Option<i64>,
-    payload: Option<Payload>,
+    #[serde(borrow)]
+    payload: Option<&'a serde_json::value::RawValue>,
     battery: Option<f64>,
     sha256: Option<String>,
 }
@@ -415,13 +590,21 @@ impl DataMessage {
     /// Parses and validates a data-topic payload. `max_image_size` bounds
     /// `image_size`.
     pub fn parse(payload: &[u8], max_image_size: u32) -> Result<DataMessage, ProtocolError> {
+        let (fast, text) = match split_payload(payload) {
+            Some((bytes, rest)) => (Some(bytes), std::borrow::Cow::Owned(rest)),
+            None => (None, std::borrow::Cow::Borrowed(payload)),
+        };
         let raw: RawData =
-            serde_json::from_slice(payload).map_err(|e| ProtocolError::Json(e.to_string()))?;
+            serde_json::from_slice(&text).map_err(|e| ProtocolError::Json(e.to_string()))?;
         if raw.chunk_id.is_some() || raw.payload.is_some() {
             let image_name = req(raw.image_name, "image_name")?;
             check_image_name(&image_name)?;
             let chunk_id = to_u32(req(raw.chunk_id, "chunk_id")?, "chunk_id")?;
-            let payload = req(raw.payload, "payload")?.0;
+            let raw_payload = req(raw.payload, "payload")?;
+            let payload = match fast {
+                Some(bytes) => bytes,
+                None => decode_payload(raw_payload)?,
+            };
             let max_chunk_size = match raw.max_chunk_size {
                 Some(v) => Some(to_u32(v, "max_chunk_size")?),
                 None => None,
@@ -433,8 +616,8 @@ impl DataMessage {
                 ));
             }
             return Ok(DataMessage::Chunk(Chunk {
-                device_id: raw.device_id,
-                image_name,
+                device_id: raw.device_id.map(Cow::into_owned),
+                image_name: image_name.into_owned(),
                 chunk_id,
                 max_chunk_size,
                 payload,
@@ -443,8 +626,8 @@ impl DataMessage {
         if raw.total_chunks_count.is_none() && raw.image_size.is_none() {
             return Err(ProtocolError::UnknownDataMessage);
         }
-        let device_id = req(raw.device_id, "device_id")?;
-        let image_name = req(raw.image_name, "image_name")?;
+        let device_id = req(raw.device_id, "device_id")?.into_owned();
+        let image_name = req(raw.image_name, "image_name")?.into_owned();
         check_image_name(&image_name)?;
         let capture_timestamp = req(raw.capture_timestamp, "capture_timestamp")?;
         let image_size = to_u32(req(raw.image_size, "image_size")?, "image_size")?;
@@ -821,11 +1004,83 @@ mod tests {
         assert_eq!(p, br#"{"device_id":"X1","next_wake":"11:00AM"}"#);
     }
 
+    #[test]
+    fn payload_fast_path_keeps_serde_semantics() {
+        let chunk = |m: &str| match DataMessage::parse(m.as_bytes(), 1 << 20) {
+            Ok(DataMessage::Chunk(c)) => Ok((c.image_name, c.payload)),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.kind()),
+        };
+        let ok = |n: &str, p: &[u8]| Ok((n.to_string(), p.to_vec()));
+        assert_eq!(
+            chunk(r#"{"image_name":"a.jpg","chunk_id":1,"payload":[1, 2 ,255]}"#),
+            ok("a.jpg", &[1, 2, 255])
+        );
+        // The key text inside a string value is not the key.
+        assert_eq!(
+            chunk(r#"{"image_name":"\"payload\":[9]","chunk_id":1,"payload":[7]}"#),
+            ok("\"payload\":[9]", &[7])
+        );
+        // Escaped key: serde sees "payload".
+        assert_eq!(
+            chunk(r#"{"image_name":"a.jpg","chunk_id":1,"pay\u006coad":[3]}"#),
+            ok("a.jpg", &[3])
+        );
+        // A repeated payload is an error, as with serde alone.
+        assert_eq!(
+            chunk(r#"{"image_name":"a.jpg","chunk_id":1,"payload":[1],"payload":[2]}"#),
+            Err("malformed_json")
+        );
+        for bad in [
+            r#"{"image_name":"a.jpg","chunk_id":1,"payload":[256]}"#,
+            r#"{"image_name":"a.jpg","chunk_id":1,"payload":[-1]}"#,
+            r#"{"image_name":"a.jpg","chunk_id":1,"payload":[01]}"#,
+            r#"{"image_name":"a.jpg","chunk_id":1,"payload":[1,]}"#,
+            r#"{"image_name":"a.jpg","chunk_id":1,"payload":[1.5]}"#,
+            r#"{"image_name":"a.jpg","chunk_id":1,"payload":[1]} x"#,
+            r#"{"image_name":"a.jpg","chunk_id":1,"payload":[1],}"#,
+        ] {
+            assert_eq!(chunk(bad), Err("malformed_json"), "{bad}");
+        }
+    }
+
     proptest! {
         #[test]
         fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = DataMessage::parse(&bytes, 1 << 20);
             let _ = Hello::parse(&bytes);
+        }
+
+        /// The direct byte-array scan accepts exactly what serde accepts,
+        /// with the same bytes, for arrays written with odd spacing and
+        /// stray values.
+        #[test]
+        fn byte_array_scan_matches_serde(
+            items in proptest::collection::vec(
+                (0i64..300, 0usize..4, prop_oneof![Just(""), Just(" "), Just("\n\t"), Just(".0"), Just("e1")]),
+                0..40),
+            lead in prop_oneof![Just(""), Just("0"), Just("-")],
+        ) {
+            let mut s = String::from(" [");
+            for (i, (v, sp, tail)) in items.iter().enumerate() {
+                if i > 0 { s.push(','); }
+                s.push_str(&" ".repeat(*sp));
+                if i == 0 { s.push_str(lead); }
+                s.push_str(&v.to_string());
+                if *v % 7 == 0 { s.push_str(tail); }
+            }
+            s.push_str(" ] ");
+            let serde: Option<Vec<u8>> = serde_json::from_str::<Payload>(&s).ok().map(|p| p.0);
+            let scan = scan_byte_array(s.trim().as_bytes(), 0).filter(|(_, end)| *end == s.trim().len()).map(|x| x.0);
+            if let Some(v) = &scan {
+                prop_assert_eq!(Some(v.clone()), serde.clone());
+            }
+            let msg = format!(r#"{{"image_name":"x.jpg","chunk_id":1,"payload":{s}}}"#);
+            match (DataMessage::parse(msg.as_bytes(), 1 << 20), serde) {
+                (Ok(DataMessage::Chunk(c)), Some(v)) => prop_assert_eq!(c.payload, v),
+                (Err(_), None) => {}
+                (r, v) => prop_assert!(false, "{s}: parse {r:?} vs serde {v:?}"),
+            }
         }
 
         #[test]
