@@ -182,7 +182,7 @@ pub fn run_ingest(
     let mut last_tick = Instant::now();
     loop {
         if stop.load(Ordering::Relaxed) {
-            let out = engine.commit(clock.now())?;
+            let out = engine.flush(clock.now())?;
             for p in out {
                 tx.publish(p.topic, p.payload)?;
             }

@@ -188,10 +188,30 @@ impl Engine {
 
     /// Commits the pending batch and returns the messages that may now be sent.
     pub fn commit(&mut self, now: DateTime<Utc>) -> Result<Vec<Publish>, IngestError> {
-        let (batch, mut out) = self.take();
+        self.commit_inner(now, false)
+    }
+
+    /// Like [`Engine::commit`], but always durable: for a shutdown, so that
+    /// every chunk received so far survives the restart.
+    pub fn flush(&mut self, now: DateTime<Utc>) -> Result<Vec<Publish>, IngestError> {
+        self.commit_inner(now, true)
+    }
+
+    fn commit_inner(
+        &mut self,
+        now: DateTime<Utc>,
+        durable: bool,
+    ) -> Result<Vec<Publish>, IngestError> {
+        let (mut batch, mut out) = self.take();
         if batch.is_empty() && out.is_empty() {
+            if durable {
+                // Persist earlier relaxed commits too.
+                self.store.commit(batch, now)?;
+            }
             return Ok(out);
         }
+        // Only what is acknowledged must be on disk before the message goes out.
+        batch.relaxed = !durable && out.is_empty();
         let report = self.store.commit(batch, now)?;
         Metrics::inc(&self.metrics.commits);
         if !report.failed.is_empty() {

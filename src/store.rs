@@ -305,6 +305,10 @@ pub struct Batch {
     pub drop_chunks: Vec<u64>,
     /// When the oldest change in this batch was made.
     pub since: Option<std::time::Instant>,
+    /// Nothing waits on this batch (no ACK_OK, no command): commit it without
+    /// an fsync. A crash may lose it (the chunks are requested again), never
+    /// corrupt the database; the next durable commit persists it.
+    pub relaxed: bool,
 }
 
 impl Batch {
@@ -466,7 +470,10 @@ impl Store {
     pub fn commit(&self, batch: Batch, now: DateTime<Utc>) -> Result<CommitReport, StoreError> {
         let mut report = CommitReport::default();
         let mut captures = batch.captures;
-        let tx = self.db.begin_write().map_err(db)?;
+        let mut tx = self.db.begin_write().map_err(db)?;
+        if batch.relaxed {
+            tx.set_durability(redb::Durability::None);
+        }
         {
             let mut outbox = tx.open_table(OUTBOX).map_err(db)?;
             let mut next_seq = outbox
@@ -1137,6 +1144,28 @@ mod tests {
                 .filter(|o| o.kind == "image")
                 .count(),
             1
+        );
+    }
+
+    #[test]
+    fn relaxed_commits_are_persisted_by_the_next_durable_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        {
+            let s = Store::open(&path).unwrap();
+            let mut b = Batch::default();
+            b.chunk(3, 1, vec![9, 9]);
+            b.relaxed = true;
+            s.commit(b, t0()).unwrap();
+            assert_eq!(s.chunk_lengths(3).unwrap(), vec![(1, 2)], "visible at once");
+            // What `Engine::flush` does on shutdown: an empty durable commit.
+            s.commit(Batch::default(), t0()).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(
+            s.chunk_lengths(3).unwrap(),
+            vec![(1, 2)],
+            "survives reopening"
         );
     }
 
