@@ -320,15 +320,8 @@ impl Front {
     ) {
         let acceptor = TlsAcceptor::from(tls);
         loop {
-            let (sock, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(v) => v,
-                    Err(e) => { warn!(error = %e, "accept failed"); continue; }
-                },
-                _ = shutdown.changed() => return,
-            };
-            let Some(permit) = self.connection_permit(peer) else {
-                continue;
+            let Some((sock, peer, permit)) = self.accept(&listener, &mut shutdown).await else {
+                return;
             };
             let Ok(hs) = self.inner.handshakes.clone().try_acquire_owned() else {
                 self.refuse("too_many_handshakes");
@@ -399,21 +392,34 @@ impl Front {
     /// Accepts plaintext connections (loopback only) until shutdown.
     pub async fn run_plain(self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
         loop {
-            let (sock, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(v) => v,
-                    Err(e) => { warn!(error = %e, "accept failed"); continue; }
-                },
-                _ = shutdown.changed() => return,
-            };
-            let Some(permit) = self.connection_permit(peer) else {
-                continue;
+            let Some((sock, peer, permit)) = self.accept(&listener, &mut shutdown).await else {
+                return;
             };
             let front = self.clone();
             tokio::spawn(async move {
                 let _ = sock.set_nodelay(true);
                 front.session(sock, peer, Auth::Trusted, permit, None).await;
             });
+        }
+    }
+
+    /// The next connection within `mqtt.max_connections`; `None` on shutdown.
+    async fn accept(
+        &self,
+        listener: &TcpListener,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+        loop {
+            let (sock, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(v) => v,
+                    Err(e) => { warn!(error = %e, "accept failed"); continue; }
+                },
+                _ = shutdown.changed() => return None,
+            };
+            if let Some(permit) = self.connection_permit(peer) {
+                return Some((sock, peer, permit));
+            }
         }
     }
 

@@ -14,24 +14,6 @@ use std::process::{Command, Output};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_barngate");
-
-fn cli(data_dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(BIN)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .env("BARNGATE_LOG", "warn")
-        .output()
-        .expect("run barngate");
-    assert!(
-        out.status.success(),
-        "barngate {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// `barngate device issue MAC --password --out DIR`: (serial, password).
 fn issue_password(data_dir: &Path, mac: &str, out: &Path) -> (String, String) {
     let o = cli(

@@ -12,24 +12,6 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_barngate");
-
-fn cli(data_dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(BIN)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .env("BARNGATE_LOG", "warn")
-        .output()
-        .expect("run barngate");
-    assert!(
-        out.status.success(),
-        "barngate {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// `barngate device issue MAC --out DIR`; returns the serial it printed.
 fn issue(data_dir: &Path, mac: &str, out: &Path) -> String {
     let o = cli(

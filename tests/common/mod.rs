@@ -307,3 +307,20 @@ pub fn sha256_hex(b: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(b))
 }
+
+/// Runs the real `barngate` binary on `data_dir`; panics with its stderr if it fails.
+pub fn cli(data_dir: &Path, args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_barngate"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env("BARNGATE_LOG", "warn")
+        .output()
+        .expect("run barngate");
+    assert!(
+        out.status.success(),
+        "barngate {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
