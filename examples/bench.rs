@@ -123,6 +123,9 @@ enum Cmd {
         devices: usize,
         #[arg(long, default_value_t = 10_000)]
         registered: usize,
+        /// Only connect the devices (measure memory), do not wake them.
+        #[arg(long)]
+        connect_only: bool,
     },
     /// kill -9 of the gateway at random moments during a device run.
     Crash {
@@ -143,6 +146,12 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(long, default_value_t = 10)]
         devices: usize,
+        /// Only connect the devices, do not wake them.
+        #[arg(long)]
+        connect_only: bool,
+        /// Report this process's memory once every device is connected.
+        #[arg(long)]
+        watch_pid: Option<u32>,
     },
     /// (internal) The ceiling: rumqttd + a local-link consumer that answers minimally.
     CeilingServer,
@@ -160,6 +169,8 @@ struct LoadCfg {
     timeout: Duration,
     /// Pseudo-random seed for losses.
     seed: u64,
+    /// Connect and subscribe, then disconnect without waking (memory probes).
+    connect_only: bool,
 }
 
 impl LoadCfg {
@@ -176,6 +187,7 @@ impl LoadCfg {
             tls,
             timeout: Duration::from_secs(c.timeout_s),
             seed: 7,
+            connect_only: false,
         }
     }
 }
@@ -461,6 +473,35 @@ struct LoadResult {
     chunk_msgs: u64,
     resent: u64,
     wakes: Vec<Wake>,
+    /// The watched process's memory once every device was connected and
+    /// subscribed, before the wake (after a 2 s settle).
+    connected: Option<Mem>,
+}
+
+/// Resident memory of a process, MiB.
+#[derive(Clone, Copy, Debug)]
+struct Mem {
+    rss: f64,
+    peak: f64,
+}
+
+fn mem_of(pid: u32) -> Mem {
+    let field = |name: &str| -> f64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with(name))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|k| k.parse::<f64>().ok())
+            })
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(0.0)
+    };
+    Mem {
+        rss: field("VmRSS:"),
+        peak: field("VmHWM:"),
+    }
 }
 
 impl LoadResult {
@@ -546,16 +587,19 @@ async fn run_load(
     n: usize,
     pending: u32,
     cfg: &LoadCfg,
+    watch: Option<u32>,
 ) -> LoadResult {
     let images = Arc::new(Images::new(cfg.image_size, cfg.chunk, cfg.enc));
     let counters = Arc::new(Counters::default());
     let barrier = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let go = Arc::new(tokio::sync::Barrier::new(n + 1));
     let mut tasks = Vec::new();
     for d in 0..n {
-        let (images, counters, barrier, cfg) = (
+        let (images, counters, barrier, go, cfg) = (
             images.clone(),
             counters.clone(),
             barrier.clone(),
+            go.clone(),
             cfg.clone(),
         );
         let id = mac(base, d);
@@ -565,6 +609,21 @@ async fn run_load(
             tokio::time::sleep(Duration::from_millis((d / 50) as u64 * 20)).await;
             let conn = connect_retry(addr, &id, &cfg).await;
             barrier.wait().await;
+            go.wait().await;
+            if cfg.connect_only {
+                if let Ok(conn) = conn {
+                    let _ = conn.client.disconnect().await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    conn.task.abort();
+                }
+                return Wake {
+                    id,
+                    name: String::new(),
+                    sha256: String::new(),
+                    latency: None,
+                    error: None,
+                };
+            }
             let mut conn = match conn {
                 Ok(c) => c,
                 Err(e) => {
@@ -585,6 +644,14 @@ async fn run_load(
         }));
     }
     barrier.wait().await;
+    let connected = match watch {
+        Some(pid) => {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Some(mem_of(pid))
+        }
+        None => None,
+    };
+    go.wait().await;
     let t0 = Instant::now();
     let mut wakes = Vec::new();
     let mut last_ack = Duration::ZERO;
@@ -607,6 +674,7 @@ async fn run_load(
         chunk_msgs: counters.chunk_msgs.load(Ordering::Relaxed),
         resent: counters.resent.load(Ordering::Relaxed),
         wakes,
+        connected,
     }
 }
 
@@ -1050,7 +1118,7 @@ async fn scenario_run(c: Common, devices: Vec<usize>, stacks: Vec<String>, out: 
                     };
                     let (mut p, addr) = start_gateway(&c, &dir);
                     let cpu0 = cpu_secs(p.pid());
-                    let r = run_load(addr, RUN_BASE, n, 0, &cfg).await;
+                    let r = run_load(addr, RUN_BASE, n, 0, &cfg, None).await;
                     let cpu = cpu_secs(p.pid()) - cpu0;
                     let rss = peak_rss_mib(p.pid());
                     p.term();
@@ -1061,7 +1129,7 @@ async fn scenario_run(c: Common, devices: Vec<usize>, stacks: Vec<String>, out: 
                 "ceiling" => {
                     let (mut p, addr) = start_ceiling();
                     let cpu0 = cpu_secs(p.pid());
-                    let r = run_load(addr, RUN_BASE, n, 0, &plain).await;
+                    let r = run_load(addr, RUN_BASE, n, 0, &plain, None).await;
                     let cpu = cpu_secs(p.pid()) - cpu0;
                     let rss = peak_rss_mib(p.pid());
                     p.kill9();
@@ -1071,7 +1139,7 @@ async fn scenario_run(c: Common, devices: Vec<usize>, stacks: Vec<String>, out: 
                     let dir = tmpdir(&format!("seed{n}"));
                     let (mut m, mut w, addr) = start_seed(&c, &dir);
                     let cpu0 = cpu_secs(m.pid()) + cpu_secs(w.pid());
-                    let r = run_load(addr, RUN_BASE, n, 0, &plain).await;
+                    let r = run_load(addr, RUN_BASE, n, 0, &plain, None).await;
                     let cpu = cpu_secs(m.pid()) + cpu_secs(w.pid()) - cpu0;
                     let rss = peak_rss_mib(m.pid()) + peak_rss_mib(w.pid());
                     w.kill9();
@@ -1140,7 +1208,7 @@ fn verify_images(dir: &Path, expect: &[Wake]) -> (usize, Vec<String>) {
     (ok, bad)
 }
 
-async fn scenario_burst(c: Common, devices: usize, registered: usize) {
+async fn scenario_burst(c: Common, devices: usize, registered: usize, connect_only: bool) {
     let dir = tmpdir("burst");
     {
         let store = Store::open(&dir.join("barngate.redb")).unwrap();
@@ -1176,12 +1244,13 @@ async fn scenario_burst(c: Common, devices: usize, registered: usize) {
     let ids: Vec<String> = (0..devices).map(|d| mac(BURST_BASE, d)).collect();
     let cfg = LoadCfg {
         tls: gateway_tls(&c, &dir, &ids),
+        connect_only,
         ..LoadCfg::from(&c)
     };
     let (mut p, addr) = start_gateway(&c, &dir);
     let idle_rss = peak_rss_mib(p.pid());
     let cpu0 = cpu_secs(p.pid());
-    let r = run_load(addr, BURST_BASE, devices, 0, &cfg).await;
+    let r = run_load(addr, BURST_BASE, devices, 0, &cfg, Some(p.pid())).await;
     let cpu = cpu_secs(p.pid()) - cpu0;
     let rss = peak_rss_mib(p.pid());
     p.term();
@@ -1198,9 +1267,10 @@ async fn scenario_burst(c: Common, devices: usize, registered: usize) {
         bad.len(),
         bad.iter().take(5).collect::<Vec<_>>()
     );
+    let conn = r.connected.unwrap_or(Mem { rss: 0.0, peak: 0.0 });
     println!(
-        "burst: resent {} chunks; gateway peak RSS {rss:.1} MiB (idle after start {idle_rss:.1} MiB), CPU {cpu:.1} s",
-        r.resent
+        "burst: resent {} chunks; gateway RSS {idle_rss:.1} MiB after start ({registered} registered), {:.1} MiB with {devices} connected and idle (peak so far {:.1}), peak {rss:.1} MiB during the burst, CPU {cpu:.1} s",
+        r.resent, conn.rss, conn.peak
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1313,16 +1383,29 @@ fn main() {
                 c,
                 devices,
                 registered,
-            } => scenario_burst(c, devices, registered).await,
+                connect_only,
+            } => scenario_burst(c, devices, registered, connect_only).await,
             Cmd::Crash {
                 c,
                 devices,
                 trials,
                 seed,
             } => scenario_crash(c, devices, trials, seed).await,
-            Cmd::Load { c, addr, devices } => {
-                let cfg = LoadCfg::from(&c);
-                let r = run_load(addr, LOAD_BASE, devices, 0, &cfg).await;
+            Cmd::Load {
+                c,
+                addr,
+                devices,
+                connect_only,
+                watch_pid,
+            } => {
+                let cfg = LoadCfg {
+                    connect_only,
+                    ..LoadCfg::from(&c)
+                };
+                let r = run_load(addr, LOAD_BASE, devices, 0, &cfg, watch_pid).await;
+                if let Some(m) = r.connected {
+                    println!("connected: {devices} devices, RSS {:.1} MiB (peak {:.1})", m.rss, m.peak);
+                }
                 print_table(&[row("target", &c, &r, 0.0, 0.0)]);
                 for w in r.wakes.iter().filter(|w| w.error.is_some()).take(5) {
                     println!("{}: {:?}", w.id, w.error);
