@@ -483,6 +483,8 @@ struct LoadResult {
 struct Mem {
     rss: f64,
     peak: f64,
+    /// Of `rss`: pages of the binary and other mapped files.
+    file: f64,
 }
 
 fn mem_of(pid: u32) -> Mem {
@@ -501,6 +503,7 @@ fn mem_of(pid: u32) -> Mem {
     Mem {
         rss: field("VmRSS:"),
         peak: field("VmHWM:"),
+        file: field("RssFile:"),
     }
 }
 
@@ -1267,10 +1270,14 @@ async fn scenario_burst(c: Common, devices: usize, registered: usize, connect_on
         bad.len(),
         bad.iter().take(5).collect::<Vec<_>>()
     );
-    let conn = r.connected.unwrap_or(Mem { rss: 0.0, peak: 0.0 });
+    let conn = r.connected.unwrap_or(Mem {
+        rss: 0.0,
+        peak: 0.0,
+        file: 0.0,
+    });
     println!(
-        "burst: resent {} chunks; gateway RSS {idle_rss:.1} MiB after start ({registered} registered), {:.1} MiB with {devices} connected and idle (peak so far {:.1}), peak {rss:.1} MiB during the burst, CPU {cpu:.1} s",
-        r.resent, conn.rss, conn.peak
+        "burst: resent {} chunks; gateway RSS {idle_rss:.1} MiB after start ({registered} registered), {:.1} MiB with {devices} connected and idle (of which {:.1} MiB file-backed; peak so far {:.1}), peak {rss:.1} MiB during the burst, CPU {cpu:.1} s",
+        r.resent, conn.rss, conn.file, conn.peak
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

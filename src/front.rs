@@ -550,7 +550,11 @@ impl Front {
                     }
                 }
             };
-            let to_device = tokio::io::copy(&mut up_r, &mut dev_w);
+            // The gateway sends a device a few small commands per wake; a
+            // 1 KiB buffer (tokio::io::copy would hold 8 KiB per device)
+            // keeps 1,000 idle connections small.
+            let mut up_r = tokio::io::BufReader::with_capacity(1024, &mut up_r);
+            let to_device = tokio::io::copy_buf(&mut up_r, &mut dev_w);
             let r: Result<(), Violation> = tokio::select! {
                 r = to_broker => r,
                 _ = to_device => Ok(()),

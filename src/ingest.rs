@@ -1271,14 +1271,25 @@ impl Engine {
             }
         }
         let idle = Duration::minutes(10);
-        for d in self.devices.values_mut() {
+        // A device between wakes lives only in the store: its record is
+        // written with every change, so dropping it here loses nothing, and
+        // the cache stays proportional to devices awake, not registered.
+        let busy: HashSet<&str> = self
+            .active
+            .keys()
+            .chain(self.waiting.iter())
+            .map(|k| k.0.as_str())
+            .collect();
+        let pending = &self.batch.devices;
+        self.devices.retain(|mac, d| {
             if d.session
                 .as_ref()
                 .is_some_and(|s| now - s.last_activity > idle)
             {
                 d.session = None;
             }
-        }
+            d.session.is_some() || busy.contains(mac.as_str()) || pending.contains_key(mac)
+        });
         self.evaluate_alerts(now);
     }
 
@@ -1321,22 +1332,40 @@ impl Engine {
             return;
         }
         self.alerts_evaluated_at = Some(now);
-        let mut devices: HashMap<String, DeviceRecord> = match self.store.devices() {
-            Ok(v) => v.into_iter().map(|d| (d.mac.clone(), d)).collect(),
-            Err(e) => {
-                warn!(error = %e, "cannot read the registry for alert rules");
-                return;
-            }
-        };
-        for (mac, d) in &self.devices {
-            devices.insert(mac.clone(), d.rec.clone());
-        }
-        let open = self
+        let open: HashMap<(String, &'static str), String> = self
             .open_alerts
             .iter()
             .map(|(k, a)| (k.clone(), a.severity.clone()))
             .collect();
-        let changes = crate::alerts::evaluate(devices.values(), &open, now);
+        // One stored record at a time, this thread's newer in-memory record
+        // in its place.
+        let mut changes = crate::alerts::Changes::default();
+        let mut merge = |c: crate::alerts::Changes| {
+            changes.resolve.extend(c.resolve);
+            changes.raise.extend(c.raise);
+        };
+        let mut cached_seen: HashSet<&str> = HashSet::new();
+        let visited = self.store.for_each_device(|stored| {
+            let d = match self.devices.get_key_value(&stored.mac) {
+                Some((mac, d)) => {
+                    cached_seen.insert(mac.as_str());
+                    &d.rec
+                }
+                None => &stored,
+            };
+            merge(crate::alerts::evaluate(std::iter::once(d), &open, now));
+        });
+        if let Err(e) = visited {
+            warn!(error = %e, "cannot read the registry for alert rules");
+            return;
+        }
+        // Registered in the batch not yet committed.
+        let unstored = self
+            .devices
+            .iter()
+            .filter(|(mac, _)| !cached_seen.contains(mac.as_str()))
+            .map(|(_, d)| &d.rec);
+        merge(crate::alerts::evaluate(unstored, &open, now));
         for (mac, kind) in changes.resolve {
             self.resolve_alert(&mac, kind, now);
         }

@@ -1,3 +1,5 @@
+// barngate patch: a vendored dependency; its warnings are upstream's.
+#![allow(warnings)]
 use std::fmt;
 use std::future::IntoFuture;
 use std::net::SocketAddr;

@@ -336,7 +336,9 @@ impl LinkRx {
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
-            cache: VecDeque::with_capacity(100),
+            // barngate patch: grow on demand (was with_capacity(100),
+            // ~25 KiB per connection).
+            cache: VecDeque::new(),
         }
     }
 

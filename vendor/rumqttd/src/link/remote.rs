@@ -120,7 +120,8 @@ impl<P: Protocol> RemoteLink<P> {
             network,
             link_tx,
             link_rx,
-            notifications: VecDeque::with_capacity(100),
+            // barngate patch: grow on demand (was with_capacity(100)).
+            notifications: VecDeque::new(),
             will_delay_interval,
         })
     }

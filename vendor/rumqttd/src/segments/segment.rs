@@ -29,14 +29,18 @@ where
 {
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            // barngate patch: grow on demand (was with_capacity(1024),
+            // ~220 KiB per subscription filter).
+            data: Vec::new(),
             absolute_offset,
             total_size: 0,
         }
     }
     pub(crate) fn new() -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            // barngate patch: grow on demand (was with_capacity(1024),
+            // ~220 KiB per subscription filter).
+            data: Vec::new(),
             absolute_offset: 0,
             total_size: 0,
         }
