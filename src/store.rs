@@ -1341,6 +1341,150 @@ mod tests {
     }
 
     #[test]
+    fn many_small_batches_keep_few_runs_and_assemble() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.redb")).unwrap();
+        // One chunk per batch, as with many interleaved devices.
+        for id in 1..=100u32 {
+            let mut b = Batch::default();
+            b.chunk(5, id, vec![id as u8; 3]);
+            b.relaxed = true;
+            s.commit(b, t0()).unwrap();
+        }
+        let lengths = s.chunk_lengths(5).unwrap();
+        assert_eq!(lengths, (1..=100).map(|id| (id, 3)).collect::<Vec<_>>());
+        assert_eq!(s.counts().unwrap().chunks, 100);
+        {
+            let tx = s.db.begin_read().unwrap();
+            let t = tx.open_table(PARTIALS).unwrap();
+            // 100 = 0b1100100: three levels.
+            assert_eq!(t.len().unwrap(), 3);
+        }
+        let mut b = Batch::default();
+        b.capture(&capture(5, 300, 3));
+        b.finalize.push(Finalize {
+            capture_id: 5,
+            chunk_ids: (1..=100).collect(),
+        });
+        assert!(s.commit(b, t0()).unwrap().failed.is_empty());
+        let want: Vec<u8> = (1..=100u8).flat_map(|i| [i; 3]).collect();
+        assert_eq!(s.image_bytes(5).unwrap().unwrap(), want);
+        assert_eq!(s.counts().unwrap().chunks, 0);
+    }
+
+    #[test]
+    fn drop_chunks_discards_stored_and_batched_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.redb")).unwrap();
+        let mut b = Batch::default();
+        b.chunk(2, 1, vec![1]);
+        b.chunk(4, 1, vec![7]);
+        s.commit(b, t0()).unwrap();
+        let mut b = Batch::default();
+        b.chunk(2, 2, vec![2]);
+        b.drop_chunks.push(2);
+        s.commit(b, t0()).unwrap();
+        assert!(s.chunk_lengths(2).unwrap().is_empty());
+        assert_eq!(s.chunk_lengths(4).unwrap(), vec![(1, 1)]);
+    }
+
+    #[test]
+    fn version_1_chunk_rows_migrate_to_partials() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        {
+            // A schema-1 file as barngate 1 wrote it: one CHUNKS row per chunk.
+            let d = Database::create(&path).unwrap();
+            let tx = d.begin_write().unwrap();
+            {
+                let mut meta = tx.open_table(META).unwrap();
+                meta.insert("schema_version", 1).unwrap();
+                let mut chunks = tx.open_table(CHUNKS_V1).unwrap();
+                chunks.insert((1, 2), [3u8, 4].as_slice()).unwrap();
+                chunks.insert((1, 1), [1u8, 2].as_slice()).unwrap();
+                chunks.insert((9, 0), [9u8].as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 2);
+        assert_eq!(s.chunk_lengths(1).unwrap(), vec![(1, 2), (2, 2)]);
+        assert_eq!(s.chunk_lengths(9).unwrap(), vec![(0, 1)]);
+        {
+            let tx = s.db.begin_read().unwrap();
+            assert!(tx.open_table(CHUNKS_V1).is_err(), "CHUNKS deleted");
+        }
+        let mut b = Batch::default();
+        b.capture(&capture(1, 5, 2));
+        b.chunk(1, 3, vec![5]);
+        b.finalize.push(Finalize {
+            capture_id: 1,
+            chunk_ids: vec![1, 2, 3],
+        });
+        assert!(s.commit(b, t0()).unwrap().failed.is_empty());
+        assert_eq!(s.image_bytes(1).unwrap().unwrap(), vec![1, 2, 3, 4, 5]);
+        drop(s);
+        // Reopening a migrated file is a no-op.
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 2);
+        assert_eq!(s.chunk_lengths(9).unwrap(), vec![(0, 1)]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Any batches of chunks, with repeats within and across batches,
+        /// then a finalize: the image and the lengths are those of a
+        /// last-write-wins map.
+        #[test]
+        fn partials_match_a_last_write_wins_model(
+            batches in proptest::collection::vec(
+                proptest::collection::vec(
+                    (1u64..4, 0u32..12, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..5)),
+                    0..10,
+                ),
+                0..20,
+            ),
+            relaxed in proptest::prelude::any::<bool>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let s = Store::open(&dir.path().join("db.redb")).unwrap();
+            let mut model: BTreeMap<u64, BTreeMap<u32, Vec<u8>>> = BTreeMap::new();
+            for batch in batches {
+                let mut b = Batch::default();
+                b.relaxed = relaxed;
+                for (cid, id, bytes) in batch {
+                    model.entry(cid).or_default().insert(id, bytes.clone());
+                    b.chunk(cid, id, bytes);
+                }
+                s.commit(b, t0()).unwrap();
+                for cid in 1..4 {
+                    let want: Vec<(u32, u32)> = model
+                        .get(&cid)
+                        .map(|m| m.iter().map(|(id, v)| (*id, v.len() as u32)).collect())
+                        .unwrap_or_default();
+                    proptest::prop_assert_eq!(s.chunk_lengths(cid).unwrap(), want);
+                }
+            }
+            let mut b = Batch::default();
+            for (cid, m) in &model {
+                let image: Vec<u8> = m.values().flatten().copied().collect();
+                b.capture(&capture(*cid, image.len() as u32, 4));
+                b.finalize.push(Finalize {
+                    capture_id: *cid,
+                    chunk_ids: m.keys().copied().collect(),
+                });
+            }
+            proptest::prop_assert!(s.commit(b, t0()).unwrap().failed.is_empty());
+            for (cid, m) in &model {
+                let image: Vec<u8> = m.values().flatten().copied().collect();
+                proptest::prop_assert_eq!(s.image_bytes(*cid).unwrap().unwrap(), image);
+                proptest::prop_assert!(s.chunk_lengths(*cid).unwrap().is_empty());
+            }
+            proptest::prop_assert_eq!(s.counts().unwrap().chunks, 0);
+        }
+    }
+
+    #[test]
     fn truncated_database_gives_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
