@@ -1346,9 +1346,11 @@ mod tests {
         let s = Store::open(&dir.path().join("db.redb")).unwrap();
         // One chunk per batch, as with many interleaved devices.
         for id in 1..=100u32 {
-            let mut b = Batch::default();
+            let mut b = Batch {
+                relaxed: true,
+                ..Batch::default()
+            };
             b.chunk(5, id, vec![id as u8; 3]);
-            b.relaxed = true;
             s.commit(b, t0()).unwrap();
         }
         let lengths = s.chunk_lengths(5).unwrap();
@@ -1450,8 +1452,10 @@ mod tests {
             let s = Store::open(&dir.path().join("db.redb")).unwrap();
             let mut model: BTreeMap<u64, BTreeMap<u32, Vec<u8>>> = BTreeMap::new();
             for batch in batches {
-                let mut b = Batch::default();
-                b.relaxed = relaxed;
+                let mut b = Batch {
+                    relaxed,
+                    ..Batch::default()
+                };
                 for (cid, id, bytes) in batch {
                     model.entry(cid).or_default().insert(id, bytes.clone());
                     b.chunk(cid, id, bytes);
