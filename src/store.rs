@@ -423,11 +423,12 @@ fn parse_run(mut v: &[u8]) -> Result<Vec<(u32, &[u8])>, StoreError> {
         };
         let id = u32::from_le_bytes(id.try_into().unwrap_or_default());
         let len = u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
-        let Some(bytes) = v.get(8..8 + len) else {
+        let end = len.saturating_add(8);
+        let Some(bytes) = v.get(8..end) else {
             return Err(corrupt("truncated chunk"));
         };
         out.push((id, bytes));
-        v = &v[8 + len..];
+        v = &v[end..];
     }
     Ok(out)
 }
