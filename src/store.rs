@@ -4,18 +4,21 @@
 //! and the upstream outbox entries for them — in one durable transaction.
 //!
 //! Records are stored as JSON values (self-describing, so a later release can
-//! migrate them); chunk and image bytes are stored raw.
+//! migrate them); chunk and image bytes are stored raw. The chunks of a
+//! capture still in progress live in a few PARTIALS values per capture (not
+//! one row per chunk), so a chunk costs one small share of a write per batch.
 
 use crate::protocol::{Dialect, Metadata};
 use chrono::{DateTime, Utc};
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 /// Bump when a table or record changes incompatibly; `open` migrates or refuses.
-pub const SCHEMA_VERSION: u64 = 1;
+/// 2: chunks in PARTIALS runs instead of CHUNKS rows (1 migrates on open).
+pub const SCHEMA_VERSION: u64 = 2;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
@@ -23,7 +26,11 @@ const SESSIONS: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("wake
 const CAPTURES: TableDefinition<u64, &[u8]> = TableDefinition::new("captures");
 const CAPTURE_NAMES: TableDefinition<(&str, &str), u64> = TableDefinition::new("capture_names");
 const DEVICE_CAPTURES: TableDefinition<(&str, u64), ()> = TableDefinition::new("device_captures");
-const CHUNKS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("chunks");
+/// Schema 1's chunk rows, `(capture id, chunk id)` → bytes; only read to migrate.
+const CHUNKS_V1: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("chunks");
+/// Received chunks of captures in progress: `(capture id, level)` → a run of
+/// chunks ([`encode_run`]); see [`append_partial`] for the levels.
+const PARTIALS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("partials");
 const IMAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("images");
 const TELEMETRY: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("telemetry");
 const COMMANDS: TableDefinition<u64, &[u8]> = TableDefinition::new("commands");
@@ -392,6 +399,113 @@ fn dec<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, Stor
     })
 }
 
+/// A run of chunks, as stored in a PARTIALS value: repeated
+/// `[chunk_id u32 LE][len u32 LE][bytes]`, sorted by chunk id, ids unique.
+fn encode_run<'a>(chunks: impl IntoIterator<Item = (u32, &'a [u8])>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (id, bytes) in chunks {
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// The chunks of a run, borrowed from it (see [`encode_run`]).
+fn parse_run(mut v: &[u8]) -> Result<Vec<(u32, &[u8])>, StoreError> {
+    let corrupt = |message: &str| StoreError::Corrupt {
+        table: "partials",
+        message: message.to_string(),
+    };
+    let mut out = Vec::new();
+    while !v.is_empty() {
+        let (Some(id), Some(len)) = (v.get(0..4), v.get(4..8)) else {
+            return Err(corrupt("truncated chunk header"));
+        };
+        let id = u32::from_le_bytes(id.try_into().unwrap_or_default());
+        let len = u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
+        let end = len.saturating_add(8);
+        let Some(bytes) = v.get(8..end) else {
+            return Err(corrupt("truncated chunk"));
+        };
+        out.push((id, bytes));
+        v = &v[end..];
+    }
+    Ok(out)
+}
+
+/// Removes every run of a capture's partial.
+fn remove_partial(t: &mut Partials, cid: u64) -> Result<(), StoreError> {
+    t.retain_in((cid, 0)..=(cid, u32::MAX), |_, _| false)
+        .map_err(db)
+}
+
+/// Schema 1 → 2: folds the CHUNKS rows into one PARTIALS run per capture
+/// and deletes the CHUNKS table, inside the opening transaction.
+fn migrate_chunks_to_partials(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    {
+        let chunks = tx.open_table(CHUNKS_V1).map_err(db)?;
+        let mut partials = tx.open_table(PARTIALS).map_err(db)?;
+        let mut current: Option<(u64, Vec<u8>)> = None;
+        // Rows come sorted by (capture, chunk id), which is a run's order.
+        for r in chunks.iter().map_err(db)? {
+            let (k, v) = r.map_err(db)?;
+            let (cid, id) = k.value();
+            if current.as_ref().is_some_and(|(c, _)| *c != cid) {
+                if let Some((c, run)) = current.take() {
+                    partials.insert((c, 0), run.as_slice()).map_err(db)?;
+                }
+            }
+            let run = &mut current.get_or_insert_with(|| (cid, Vec::new())).1;
+            run.extend(encode_run([(id, v.value())]));
+        }
+        if let Some((c, run)) = current {
+            partials.insert((c, 0), run.as_slice()).map_err(db)?;
+        }
+    }
+    tx.delete_table(CHUNKS_V1).map_err(db)?;
+    Ok(())
+}
+
+type Partials<'t> = redb::Table<'t, (u64, u32), &'static [u8]>;
+
+/// Adds a batch's new chunks of one capture to its partial. The partial is
+/// a binary counter of runs, level 0 the newest: the new run is merged with
+/// the occupied levels 0, 1, … up to the first free one and written there.
+/// Each chunk is so rewritten O(log batches) times, however the batches
+/// interleave devices, and a capture has at most ~log2(batches) values.
+fn append_partial(
+    t: &mut Partials,
+    cid: u64,
+    new: &BTreeMap<u32, &[u8]>,
+) -> Result<(), StoreError> {
+    let (merged, level) = {
+        let mut guards = Vec::new();
+        for r in t.range((cid, 0)..=(cid, u32::MAX)).map_err(db)? {
+            let (k, v) = r.map_err(db)?;
+            if k.value().1 != guards.len() as u32 {
+                break;
+            }
+            guards.push(v);
+        }
+        if guards.is_empty() {
+            (encode_run(new.iter().map(|(k, v)| (*k, *v))), 0)
+        } else {
+            let mut map: BTreeMap<u32, &[u8]> = BTreeMap::new();
+            for g in guards.iter().rev() {
+                map.extend(parse_run(g.value())?);
+            }
+            map.extend(new.iter().map(|(k, v)| (*k, *v)));
+            (encode_run(map), guards.len() as u32)
+        }
+    };
+    for l in 0..level {
+        t.remove((cid, l)).map_err(db)?;
+    }
+    t.insert((cid, level), merged.as_slice()).map_err(db)?;
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if absent) the database at `path` and checks its schema.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -437,6 +551,10 @@ impl Store {
                     })
                 }
                 // Older versions migrate here, one step at a time.
+                Some(1) => {
+                    migrate_chunks_to_partials(&tx)?;
+                    meta.insert("schema_version", 2).map_err(db)?;
+                }
                 Some(_) => {}
             }
             tx.open_table(DEVICES).map_err(db)?;
@@ -444,7 +562,7 @@ impl Store {
             tx.open_table(CAPTURES).map_err(db)?;
             tx.open_table(CAPTURE_NAMES).map_err(db)?;
             tx.open_table(DEVICE_CAPTURES).map_err(db)?;
-            tx.open_table(CHUNKS).map_err(db)?;
+            tx.open_table(PARTIALS).map_err(db)?;
             tx.open_table(IMAGES).map_err(db)?;
             tx.open_table(TELEMETRY).map_err(db)?;
             tx.open_table(COMMANDS).map_err(db)?;
@@ -496,32 +614,56 @@ impl Store {
             };
 
             {
-                let mut chunks = tx.open_table(CHUNKS).map_err(db)?;
+                let mut partials = tx.open_table(PARTIALS).map_err(db)?;
+                // This batch's chunks per capture; a repeated id: the later wins.
+                let mut runs: BTreeMap<u64, BTreeMap<u32, &[u8]>> = BTreeMap::new();
                 for (cid, chunk_id, bytes) in &batch.chunks {
-                    chunks
-                        .insert((*cid, *chunk_id), bytes.as_slice())
-                        .map_err(db)?;
+                    runs.entry(*cid)
+                        .or_default()
+                        .insert(*chunk_id, bytes.as_slice());
                 }
                 for cid in &batch.drop_chunks {
-                    chunks
-                        .retain_in((*cid, 0)..=(*cid, u32::MAX), |_, _| false)
-                        .map_err(db)?;
+                    runs.remove(cid);
+                    remove_partial(&mut partials, *cid)?;
                 }
                 let mut images = tx.open_table(IMAGES).map_err(db)?;
                 for f in &batch.finalize {
                     let Some(cap) = captures.get_mut(&f.capture_id) else {
                         continue;
                     };
+                    let new = runs.remove(&f.capture_id).unwrap_or_default();
                     let mut bytes = Vec::with_capacity(cap.image_size().unwrap_or(0) as usize);
                     let mut missing = None;
-                    for id in &f.chunk_ids {
-                        match chunks.get((f.capture_id, *id)).map_err(db)? {
-                            Some(v) => bytes.extend_from_slice(v.value()),
-                            None => {
-                                missing = Some(*id);
-                                break;
+                    let levels = {
+                        let mut levels = Vec::new();
+                        let mut guards = Vec::new();
+                        for r in partials
+                            .range((cap.id, 0)..=(cap.id, u32::MAX))
+                            .map_err(db)?
+                        {
+                            let (k, v) = r.map_err(db)?;
+                            levels.push(k.value().1);
+                            guards.push(v);
+                        }
+                        // Oldest (highest level) first, so newer chunks win.
+                        let mut all: BTreeMap<u32, &[u8]> = BTreeMap::new();
+                        for g in guards.iter().rev() {
+                            all.extend(parse_run(g.value())?);
+                        }
+                        all.extend(new);
+                        for id in &f.chunk_ids {
+                            match all.get(id) {
+                                Some(v) => bytes.extend_from_slice(v),
+                                None => {
+                                    missing = Some(*id);
+                                    break;
+                                }
                             }
                         }
+                        levels
+                    };
+                    for l in levels {
+                        partials.remove((cap.id, l)).map_err(db)?;
                     }
                     let sha = hex::encode(Sha256::digest(&bytes));
                     let problem = if let Some(id) = missing {
@@ -545,18 +687,15 @@ impl Store {
                         cap.failed_reason = Some(reason.clone());
                         cap.acked_at = None;
                         report.failed.push((cap.id, reason));
-                        chunks
-                            .retain_in((cap.id, 0)..=(cap.id, u32::MAX), |_, _| false)
-                            .map_err(db)?;
                         continue;
                     }
                     images.insert(cap.id, bytes.as_slice()).map_err(db)?;
                     cap.sha256 = Some(sha);
                     cap.assembled_at.get_or_insert(now);
-                    chunks
-                        .retain_in((cap.id, 0)..=(cap.id, u32::MAX), |_, _| false)
-                        .map_err(db)?;
                     queue("image", &cap.mac, cap.id.to_string())?;
+                }
+                for (cid, new) in &runs {
+                    append_partial(&mut partials, *cid, new)?;
                 }
             }
 
@@ -703,19 +842,23 @@ impl Store {
         Ok(last)
     }
 
-    /// Chunk ids stored for a capture, with their lengths.
+    /// Chunk ids stored for a capture, with their lengths, by id.
     pub fn chunk_lengths(&self, capture_id: u64) -> Result<Vec<(u32, u32)>, StoreError> {
         let tx = self.db.begin_read().map_err(db)?;
-        let t = tx.open_table(CHUNKS).map_err(db)?;
-        let mut out = Vec::new();
+        let t = tx.open_table(PARTIALS).map_err(db)?;
+        let mut out = BTreeMap::new();
+        // Oldest (highest level) first, so newer lengths win.
         for r in t
             .range((capture_id, 0)..=(capture_id, u32::MAX))
             .map_err(db)?
+            .rev()
         {
-            let (k, v) = r.map_err(db)?;
-            out.push((k.value().1, v.value().len() as u32));
+            let (_, v) = r.map_err(db)?;
+            for (id, bytes) in parse_run(v.value())? {
+                out.insert(id, bytes.len() as u32);
+            }
         }
-        Ok(out)
+        Ok(out.into_iter().collect())
     }
 
     /// All captures of one device (or every device), oldest first.
@@ -1060,7 +1203,17 @@ impl Store {
             devices: tx.open_table(DEVICES).map_err(db)?.len().map_err(db)?,
             captures: tx.open_table(CAPTURES).map_err(db)?.len().map_err(db)?,
             images: tx.open_table(IMAGES).map_err(db)?.len().map_err(db)?,
-            chunks: tx.open_table(CHUNKS).map_err(db)?.len().map_err(db)?,
+            chunks: {
+                let t = tx.open_table(PARTIALS).map_err(db)?;
+                let mut ids = HashSet::new();
+                for r in t.iter().map_err(db)? {
+                    let (k, v) = r.map_err(db)?;
+                    for (id, _) in parse_run(v.value())? {
+                        ids.insert((k.value().0, id));
+                    }
+                }
+                ids.len() as u64
+            },
             outbox: tx.open_table(OUTBOX).map_err(db)?.len().map_err(db)?,
             alerts: tx.open_table(ALERTS).map_err(db)?.len().map_err(db)?,
         })
@@ -1199,6 +1352,154 @@ mod tests {
         assert_eq!(r.failed.len(), 1);
         assert!(s.image_bytes(7).unwrap().is_none());
         assert_eq!(s.capture(7).unwrap().unwrap().state, CaptureState::Failed);
+    }
+
+    #[test]
+    fn many_small_batches_keep_few_runs_and_assemble() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.redb")).unwrap();
+        // One chunk per batch, as with many interleaved devices.
+        for id in 1..=100u32 {
+            let mut b = Batch {
+                relaxed: true,
+                ..Batch::default()
+            };
+            b.chunk(5, id, vec![id as u8; 3]);
+            s.commit(b, t0()).unwrap();
+        }
+        let lengths = s.chunk_lengths(5).unwrap();
+        assert_eq!(lengths, (1..=100).map(|id| (id, 3)).collect::<Vec<_>>());
+        assert_eq!(s.counts().unwrap().chunks, 100);
+        {
+            let tx = s.db.begin_read().unwrap();
+            let t = tx.open_table(PARTIALS).unwrap();
+            // 100 = 0b1100100: three levels.
+            assert_eq!(t.len().unwrap(), 3);
+        }
+        let mut b = Batch::default();
+        b.capture(&capture(5, 300, 3));
+        b.finalize.push(Finalize {
+            capture_id: 5,
+            chunk_ids: (1..=100).collect(),
+        });
+        assert!(s.commit(b, t0()).unwrap().failed.is_empty());
+        let want: Vec<u8> = (1..=100u8).flat_map(|i| [i; 3]).collect();
+        assert_eq!(s.image_bytes(5).unwrap().unwrap(), want);
+        assert_eq!(s.counts().unwrap().chunks, 0);
+    }
+
+    #[test]
+    fn drop_chunks_discards_stored_and_batched_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.redb")).unwrap();
+        let mut b = Batch::default();
+        b.chunk(2, 1, vec![1]);
+        b.chunk(4, 1, vec![7]);
+        s.commit(b, t0()).unwrap();
+        let mut b = Batch::default();
+        b.chunk(2, 2, vec![2]);
+        b.drop_chunks.push(2);
+        s.commit(b, t0()).unwrap();
+        assert!(s.chunk_lengths(2).unwrap().is_empty());
+        assert_eq!(s.chunk_lengths(4).unwrap(), vec![(1, 1)]);
+    }
+
+    #[test]
+    fn version_1_chunk_rows_migrate_to_partials() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        {
+            // A schema-1 file as barngate 1 wrote it: one CHUNKS row per chunk.
+            let d = Database::create(&path).unwrap();
+            let tx = d.begin_write().unwrap();
+            {
+                let mut meta = tx.open_table(META).unwrap();
+                meta.insert("schema_version", 1).unwrap();
+                let mut chunks = tx.open_table(CHUNKS_V1).unwrap();
+                chunks.insert((1, 2), [3u8, 4].as_slice()).unwrap();
+                chunks.insert((1, 1), [1u8, 2].as_slice()).unwrap();
+                chunks.insert((9, 0), [9u8].as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 2);
+        assert_eq!(s.chunk_lengths(1).unwrap(), vec![(1, 2), (2, 2)]);
+        assert_eq!(s.chunk_lengths(9).unwrap(), vec![(0, 1)]);
+        {
+            let tx = s.db.begin_read().unwrap();
+            assert!(tx.open_table(CHUNKS_V1).is_err(), "CHUNKS deleted");
+        }
+        let mut b = Batch::default();
+        b.capture(&capture(1, 5, 2));
+        b.chunk(1, 3, vec![5]);
+        b.finalize.push(Finalize {
+            capture_id: 1,
+            chunk_ids: vec![1, 2, 3],
+        });
+        assert!(s.commit(b, t0()).unwrap().failed.is_empty());
+        assert_eq!(s.image_bytes(1).unwrap().unwrap(), vec![1, 2, 3, 4, 5]);
+        drop(s);
+        // Reopening a migrated file is a no-op.
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 2);
+        assert_eq!(s.chunk_lengths(9).unwrap(), vec![(0, 1)]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Any batches of chunks, with repeats within and across batches,
+        /// then a finalize: the image and the lengths are those of a
+        /// last-write-wins map.
+        #[test]
+        fn partials_match_a_last_write_wins_model(
+            batches in proptest::collection::vec(
+                proptest::collection::vec(
+                    (1u64..4, 0u32..12, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..5)),
+                    0..10,
+                ),
+                0..20,
+            ),
+            relaxed in proptest::prelude::any::<bool>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let s = Store::open(&dir.path().join("db.redb")).unwrap();
+            let mut model: BTreeMap<u64, BTreeMap<u32, Vec<u8>>> = BTreeMap::new();
+            for batch in batches {
+                let mut b = Batch {
+                    relaxed,
+                    ..Batch::default()
+                };
+                for (cid, id, bytes) in batch {
+                    model.entry(cid).or_default().insert(id, bytes.clone());
+                    b.chunk(cid, id, bytes);
+                }
+                s.commit(b, t0()).unwrap();
+                for cid in 1..4 {
+                    let want: Vec<(u32, u32)> = model
+                        .get(&cid)
+                        .map(|m| m.iter().map(|(id, v)| (*id, v.len() as u32)).collect())
+                        .unwrap_or_default();
+                    proptest::prop_assert_eq!(s.chunk_lengths(cid).unwrap(), want);
+                }
+            }
+            let mut b = Batch::default();
+            for (cid, m) in &model {
+                let image: Vec<u8> = m.values().flatten().copied().collect();
+                b.capture(&capture(*cid, image.len() as u32, 4));
+                b.finalize.push(Finalize {
+                    capture_id: *cid,
+                    chunk_ids: m.keys().copied().collect(),
+                });
+            }
+            proptest::prop_assert!(s.commit(b, t0()).unwrap().failed.is_empty());
+            for (cid, m) in &model {
+                let image: Vec<u8> = m.values().flatten().copied().collect();
+                proptest::prop_assert_eq!(s.image_bytes(*cid).unwrap().unwrap(), image);
+                proptest::prop_assert!(s.chunk_lengths(*cid).unwrap().is_empty());
+            }
+            proptest::prop_assert_eq!(s.counts().unwrap().chunks, 0);
+        }
     }
 
     #[test]
