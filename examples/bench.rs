@@ -1411,7 +1411,10 @@ fn main() {
                 };
                 let r = run_load(addr, LOAD_BASE, devices, 0, &cfg, watch_pid).await;
                 if let Some(m) = r.connected {
-                    println!("connected: {devices} devices, RSS {:.1} MiB (peak {:.1})", m.rss, m.peak);
+                    println!(
+                        "connected: {devices} devices, RSS {:.1} MiB (peak {:.1})",
+                        m.rss, m.peak
+                    );
                 }
                 print_table(&[row("target", &c, &r, 0.0, 0.0)]);
                 for w in r.wakes.iter().filter(|w| w.error.is_some()).take(5) {

@@ -538,15 +538,38 @@ impl Front {
             info!(%peer, device = %device, auth = via, "device connected");
             let to_broker = async {
                 loop {
-                    match next_frame(&mut dev_r, &mut buf, cfg.max_packet_size).await {
-                        Ok(Some(frame)) => {
-                            check_packet(&frame, &device, cfg.max_packet_size)?;
-                            up_w.write_all(&frame)
-                                .await
-                                .map_err(|e| Violation::Io(format!("broker write: {e}")))?;
-                        }
+                    let mut run = match next_frame(&mut dev_r, &mut buf, cfg.max_packet_size).await {
+                        Ok(Some(frame)) => frame,
                         Ok(None) => return Ok(()),
                         Err(v) => return Err(v),
+                    };
+                    check_packet(&run, &device, cfg.max_packet_size)?;
+                    // Every further packet already read joins the same write:
+                    // a device streaming chunks costs one broker write per
+                    // TLS read, not one per packet. The frames are adjacent
+                    // in `buf`, so `unsplit` only moves an index.
+                    // A violation still lets the packets before it through,
+                    // as if they had been forwarded one by one.
+                    let mut violation = None;
+                    loop {
+                        let next = ready_frame(&mut buf, cfg.max_packet_size).and_then(|f| {
+                            f.map(|f| check_packet(&f, &device, cfg.max_packet_size).map(|()| f))
+                                .transpose()
+                        });
+                        match next {
+                            Ok(Some(frame)) => run.unsplit(frame),
+                            Ok(None) => break,
+                            Err(v) => {
+                                violation = Some(v);
+                                break;
+                            }
+                        }
+                    }
+                    up_w.write_all(&run)
+                        .await
+                        .map_err(|e| Violation::Io(format!("broker write: {e}")))?;
+                    if let Some(v) = violation {
+                        return Err(v);
                     }
                 }
             };
@@ -771,12 +794,8 @@ async fn next_frame<R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<Option<BytesMut>, Violation> {
     loop {
-        if !buf.is_empty() {
-            match check(buf.iter(), max) {
-                Ok(h) => return Ok(Some(buf.split_to(h.frame_length()))),
-                Err(MqttError::InsufficientBytes(_)) => {}
-                Err(e) => return Err(Violation::Malformed(e.to_string())),
-            }
+        if let Some(frame) = ready_frame(buf, max)? {
+            return Ok(Some(frame));
         }
         buf.reserve(4096);
         match r.read_buf(buf).await {
@@ -785,6 +804,18 @@ async fn next_frame<R: AsyncRead + Unpin>(
             Ok(_) => {}
             Err(e) => return Err(Violation::Io(format!("read: {e}"))),
         }
+    }
+}
+
+/// The next whole packet already in `buf`, if any (no read).
+fn ready_frame(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, Violation> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    match check(buf.iter(), max) {
+        Ok(h) => Ok(Some(buf.split_to(h.frame_length()))),
+        Err(MqttError::InsufficientBytes(_)) => Ok(None),
+        Err(e) => Err(Violation::Malformed(e.to_string())),
     }
 }
 
