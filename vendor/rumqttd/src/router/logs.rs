@@ -128,10 +128,21 @@ impl DataLog {
         match &self.publish_filters.get(topic) {
             Some(v) => Some(v.to_vec()),
             None => {
+                // barngate patch: a filter without wildcards matches only
+                // the identical topic, which a byte compare decides without
+                // `matches`' level splitting. A topic's first publish scans
+                // every filter (two per connected device), so this is
+                // O(devices) per new topic, once per device after a restart.
                 let v: Vec<usize> = self
                     .filter_indexes
                     .iter()
-                    .filter(|(filter, _)| matches(topic, filter))
+                    .filter(|(filter, _)| {
+                        if filter.bytes().any(|b| b == b'+' || b == b'#') {
+                            matches(topic, filter)
+                        } else {
+                            topic.as_bytes() == filter.as_bytes() && !topic.starts_with('$')
+                        }
+                    })
                     .map(|(_, filter_idx)| *filter_idx)
                     .collect();
 
