@@ -61,6 +61,13 @@ pub struct DataLog {
     retained_publishes: HashMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// barngate patch: the filters with a `+` or `#`, so that a new topic is
+    /// matched against these only (wildcard-free ones by a map lookup).
+    wildcard_filters: Vec<(Filter, FilterIdx)>,
+}
+
+fn has_wildcard(filter: &str) -> bool {
+    filter.bytes().any(|b| b == b'+' || b == b'#')
 }
 
 impl DataLog {
@@ -69,6 +76,7 @@ impl DataLog {
         let mut filter_indexes = HashMap::new();
         let retained_publishes = HashMap::new();
         let publish_filters = HashMap::new();
+        let mut wildcard_filters = Vec::new();
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
@@ -77,6 +85,9 @@ impl DataLog {
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = native.insert(data);
+                if has_wildcard(&filter) {
+                    wildcard_filters.push((filter.clone(), idx));
+                }
                 filter_indexes.insert(filter, idx);
             }
         }
@@ -87,6 +98,7 @@ impl DataLog {
             publish_filters,
             filter_indexes,
             retained_publishes,
+            wildcard_filters,
         })
     }
 
@@ -128,23 +140,22 @@ impl DataLog {
         match &self.publish_filters.get(topic) {
             Some(v) => Some(v.to_vec()),
             None => {
-                // barngate patch: a filter without wildcards matches only
-                // the identical topic, which a byte compare decides without
-                // `matches`' level splitting. A topic's first publish scans
-                // every filter (two per connected device), so this is
-                // O(devices) per new topic, once per device after a restart.
-                let v: Vec<usize> = self
-                    .filter_indexes
+                // barngate patch: a wildcard-free filter matches only the
+                // identical topic (a map lookup); only wildcard filters are
+                // scanned. Upstream scanned every filter (two per connected
+                // device) with `matches` on each topic's first publish:
+                // O(devices²) CPU when a thousand devices wake after a start.
+                let mut v: Vec<usize> = self
+                    .wildcard_filters
                     .iter()
-                    .filter(|(filter, _)| {
-                        if filter.bytes().any(|b| b == b'+' || b == b'#') {
-                            matches(topic, filter)
-                        } else {
-                            topic.as_bytes() == filter.as_bytes() && !topic.starts_with('$')
-                        }
-                    })
+                    .filter(|(filter, _)| matches(topic, filter))
                     .map(|(_, filter_idx)| *filter_idx)
                     .collect();
+                if !topic.starts_with('$') {
+                    if let Some(idx) = self.filter_indexes.get(topic) {
+                        v.push(*idx);
+                    }
+                }
 
                 if !v.is_empty() {
                     self.publish_filters.insert(topic.to_owned(), v.clone());
@@ -167,6 +178,9 @@ impl DataLog {
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = self.native.insert(data);
+                if has_wildcard(filter) {
+                    self.wildcard_filters.push((filter.to_owned(), idx));
+                }
                 self.filter_indexes.insert(filter.to_owned(), idx);
 
                 // Match new filter to existing topics and add to publish_filters if it matches
