@@ -535,6 +535,22 @@ impl Store {
         Ok(store)
     }
 
+    /// A store in memory (redb's `InMemoryBackend`): same tables, same
+    /// transactions, nothing on disk. For fuzzing and tests that need many
+    /// fresh stores; the gateway itself always uses [`Store::open`].
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|e| StoreError::Open {
+                path: "(memory)".into(),
+                message: e.to_string(),
+            })?;
+        let store = Store { db };
+        store.init_schema()?;
+        Ok(store)
+    }
+
     fn init_schema(&self) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db)?;
         {
@@ -1500,6 +1516,19 @@ mod tests {
             }
             proptest::prop_assert_eq!(s.counts().unwrap().chunks, 0);
         }
+    }
+
+    #[test]
+    fn in_memory_store_commits_and_finalizes_like_a_file() {
+        let s = Store::open_in_memory().unwrap();
+        let mut c = capture(9, 3, 2);
+        c.state = CaptureState::Receiving;
+        let mut b = Batch::default();
+        b.capture(&c);
+        b.chunk(9, 1, vec![1, 2]);
+        b.chunk(9, 2, vec![3]);
+        s.commit(b, t0()).unwrap();
+        assert_eq!(s.chunk_lengths(9).unwrap(), vec![(1, 2), (2, 1)]);
     }
 
     #[test]

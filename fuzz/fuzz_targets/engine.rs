@@ -28,8 +28,8 @@ fn topic(dev: u8, channel: &str) -> String {
 }
 
 fuzz_target!(|ops: Vec<Op>| {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(&dir.path().join("f.redb")).unwrap());
+    // In memory: a file store per input fsyncs at every commit (19 execs/s).
+    let store = Arc::new(Store::open_in_memory().unwrap());
     let mut cfg = Config::default();
     cfg.site.timezone = "UTC".into();
     cfg.ingest.max_image_size = 1 << 16;
