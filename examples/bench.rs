@@ -93,6 +93,10 @@ struct Common {
     /// (`mqtt.plain_listen`) instead of the mutual-TLS listener.
     #[arg(long)]
     gateway_plain: bool,
+    /// Pin the stack under test to CPU 0 and the load generator to CPU 1
+    /// (`taskset`), so that neither takes the other's core.
+    #[arg(long)]
+    pin: bool,
     /// Give up on a wake after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
@@ -810,7 +814,7 @@ fn start_gateway(c: &Common, dir: &Path) -> (Proc, SocketAddr) {
         .append(true)
         .open(dir.join("gateway.log"))
         .unwrap();
-    let mut child = Command::new(&c.gateway_bin)
+    let mut child = stack_command(&c.gateway_bin)
         .arg("--data-dir")
         .arg(dir)
         .arg("--config")
@@ -840,8 +844,22 @@ fn start_gateway(c: &Common, dir: &Path) -> (Proc, SocketAddr) {
     (Proc { child }, plain.unwrap_or(addr))
 }
 
+/// With `--pin`: stacks run on CPU 0 (`taskset` execs, so the pid stays the
+/// process measured); the load generator was moved to CPU 1 in `main`.
+static PIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn stack_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    if PIN.load(Ordering::Relaxed) {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
 fn start_ceiling() -> (Proc, SocketAddr) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    let mut child = stack_command(std::env::current_exe().unwrap())
         .arg("ceiling-server")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -873,7 +891,7 @@ fn start_seed(c: &Common, dir: &Path) -> (Proc, Proc, SocketAddr) {
         format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 100\nmax_queued_messages 100000\n"),
     )
     .unwrap();
-    let mosq = Command::new("mosquitto")
+    let mosq = stack_command("mosquitto")
         .arg("-c")
         .arg(&conf)
         .stdout(Stdio::null())
@@ -887,7 +905,7 @@ fn start_seed(c: &Common, dir: &Path) -> (Proc, Proc, SocketAddr) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let worker = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/baseline/worker.py");
-    let mut w = Command::new("python3")
+    let mut w = stack_command("python3")
         .arg(worker)
         .args(["--port", &port.to_string(), "--out"])
         .arg(dir.join("images"))
@@ -1372,6 +1390,25 @@ fn main() {
     let cli = Cli::parse();
     if let Cmd::CeilingServer = cli.cmd {
         return ceiling_server();
+    }
+    let pin = match &cli.cmd {
+        Cmd::Run { c, .. } | Cmd::Burst { c, .. } | Cmd::Crash { c, .. } | Cmd::Load { c, .. } => {
+            c.pin
+        }
+        Cmd::CeilingServer => false,
+    };
+    if pin {
+        PIN.store(true, Ordering::Relaxed);
+        // The load generator (this process, before its runtime starts, so
+        // every thread inherits it) on CPU 1.
+        // SAFETY: a zeroed cpu_set_t is valid; the call only reads it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(1, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                eprintln!("--pin: cannot move the load generator to CPU 1");
+            }
+        }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
