@@ -1274,6 +1274,9 @@ async fn scenario_burst(c: Common, devices: usize, registered: usize, connect_on
     let r = run_load(addr, BURST_BASE, devices, 0, &cfg, Some(p.pid())).await;
     let cpu = cpu_secs(p.pid()) - cpu0;
     let rss = peak_rss_mib(p.pid());
+    // What stays resident once the wake is over and the devices are gone.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let after = mem_of(p.pid());
     p.term();
     let rw = row("gateway", &c, &r, cpu, rss);
     print_table(std::slice::from_ref(&rw));
@@ -1294,8 +1297,8 @@ async fn scenario_burst(c: Common, devices: usize, registered: usize, connect_on
         file: 0.0,
     });
     println!(
-        "burst: resent {} chunks; gateway RSS {idle_rss:.1} MiB after start ({registered} registered), {:.1} MiB with {devices} connected and idle (of which {:.1} MiB file-backed; peak so far {:.1}), peak {rss:.1} MiB during the burst, CPU {cpu:.1} s",
-        r.resent, conn.rss, conn.file, conn.peak
+        "burst: resent {} chunks; gateway RSS {idle_rss:.1} MiB after start ({registered} registered), {:.1} MiB with {devices} connected and idle (of which {:.1} MiB file-backed; peak so far {:.1}), peak {rss:.1} MiB during the burst, {:.1} MiB 7 s after it, CPU {cpu:.1} s",
+        r.resent, conn.rss, conn.file, conn.peak, after.rss
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -239,6 +239,8 @@ impl Gateway {
             shutdown_rx.clone(),
         ));
 
+        tokio::spawn(release_freed_memory(metrics.clone(), shutdown_rx.clone()));
+
         let admin_listener = admin::bind(&opts.data_dir)?;
         let live = Live {
             registry: registry_tx,
@@ -331,3 +333,40 @@ impl Gateway {
         r.map_err(ServeError::from)
     }
 }
+
+/// After a wake burst, the buffers of the connections that closed are free
+/// but stay in the C allocator's heap: the gateway still held 108 MiB five
+/// seconds after a 1,000-device burst with every device gone. When the number
+/// of open device connections has fallen by a good part since its high, the
+/// free heap pages go back to the kernel (`malloc_trim`, glibc only; a few
+/// milliseconds, at most once per check interval).
+async fn release_freed_memory(
+    metrics: Arc<crate::metrics::Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use std::sync::atomic::Ordering;
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+    let mut high = 0u64;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let open = metrics.connections.load(Ordering::Relaxed);
+        high = high.max(open);
+        if high >= 64 && open <= high / 2 {
+            high = open;
+            let _ = tokio::task::spawn_blocking(trim_heap).await;
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_heap() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    let released = unsafe { libc::malloc_trim(0) };
+    tracing::debug!(released, "free heap returned to the kernel");
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
