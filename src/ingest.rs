@@ -1297,6 +1297,11 @@ impl Engine {
     pub fn active_captures(&self) -> usize {
         self.active.len()
     }
+
+    /// Number of device records cached (devices awake, not devices registered).
+    pub fn cached_devices(&self) -> usize {
+        self.devices.len()
+    }
 }
 
 fn alert_kind(s: &str) -> Option<&'static str> {

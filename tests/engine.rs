@@ -191,3 +191,37 @@ fn thousand_devices_wake_in_distinct_slots_inside_the_window() {
         assert!(seen.insert(w), "two devices share the wake {w}");
     }
 }
+
+/// The engine keeps only devices that are awake: ten minutes after its wake a
+/// device's record leaves memory (it is in the store), and its next wake
+/// works from the stored record.
+#[test]
+fn devices_between_wakes_leave_the_cache_and_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 1, 8, 0, 0).unwrap());
+    let mut e = engine(dir.path(), &Config::default());
+    let img: Vec<u8> = (0..700u32).map(|i| (i * 7) as u8).collect();
+    let wake = |e: &mut Engine, id: &str, name: &str, now| {
+        for (t, p) in [hello(id, 0), metadata(id, name, img.len(), 100)] {
+            e.handle(&t, &p, now);
+        }
+        for pos in 0..7 {
+            let (t, p) = chunk(id, name, &img, 100, pos);
+            e.handle(&t, &p, now);
+        }
+        payloads(&e.commit(now).unwrap())
+            .iter()
+            .filter(|v| v.get("ACK_OK").is_some())
+            .count()
+    };
+    let ids: Vec<String> = (0..20).map(|i| format!("AABBCCDD00{i:02X}")).collect();
+    for id in &ids {
+        assert_eq!(wake(&mut e, id, "a.jpg", clock.now()), 1, "{id}");
+    }
+    assert_eq!(e.cached_devices(), 20);
+    clock.advance(Duration::minutes(11));
+    e.tick(clock.now());
+    assert_eq!(e.cached_devices(), 0, "idle devices stay cached");
+    assert_eq!(wake(&mut e, &ids[3], "b.jpg", clock.now()), 1);
+    assert_eq!(e.cached_devices(), 1);
+}
