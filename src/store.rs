@@ -789,13 +789,8 @@ impl Store {
     }
 
     pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        let tx = self.db.begin_read().map_err(db)?;
-        let t = tx.open_table(DEVICES).map_err(db)?;
         let mut out = Vec::new();
-        for r in t.iter().map_err(db)? {
-            let (_, v) = r.map_err(db)?;
-            out.push(dec("devices", v.value())?);
-        }
+        self.for_each_device(|d| out.push(d))?;
         Ok(out)
     }
 
