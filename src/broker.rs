@@ -1,15 +1,26 @@
-//! The embedded rumqttd broker and the ingest loop on its local link.
+//! The embedded rumqttd broker and the ingest loop that consumes device
+//! messages.
 //!
 //! rumqttd listens on loopback only; devices reach it through the gateway's
-//! front (`front`). The ingest subscribes to both dialects' device topics
-//! through a local link (in-process, no polling) and honours the link
-//! contract: on `Notification::Unschedule` it calls `ready()`, or the router
-//! would stop forwarding.
+//! front (`front`). The ingest reads one bounded queue of [`Inbound`]
+//! messages fed from two places:
+//!
+//! - the front hands over a device's QoS 0/1 PUBLISHes to its own topics
+//!   directly (the bulk: every chunk), so they skip the loopback socket and
+//!   the router;
+//! - a local link subscribed to both dialects' device topics carries what
+//!   still goes through the broker (wills, retained or QoS 2 publishes). Its
+//!   pump thread honours the link contract: on `Notification::Unschedule` it
+//!   calls `ready()`, or the router would stop forwarding.
+//!
+//! The gateway's own publishes (commands, ACK_OK) go out through the local
+//! link and the broker, which owns the device sessions and subscriptions.
 
 use crate::clock::SharedClock;
 use crate::config::MqttConfig;
 use crate::ingest::{Engine, IngestError};
 use crate::provision::RegistryOp;
+use bytes::Bytes;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings};
 use std::collections::HashMap;
@@ -41,6 +52,48 @@ impl From<LinkError> for BrokerError {
 /// The topic filters the ingest consumes: both dialects, every channel, so
 /// that publishes to unknown topics are seen (and counted) too.
 pub const INGEST_FILTERS: [&str; 2] = ["ESP32CAM/#", "device/#"];
+
+/// A device message for the ingest.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub topic: Bytes,
+    pub payload: Bytes,
+}
+
+/// Messages queued for the ingest: the front waits (and so stops reading the
+/// device) while it is full. A few batches' worth keeps the ingest busy
+/// while it commits, with bounded memory (≈ 2 KiB per chunk message).
+pub const INGEST_QUEUE: usize = 2048;
+
+/// The ingest's queue: the front and the link pump send, the ingest reads.
+pub fn ingest_queue() -> (flume::Sender<Inbound>, flume::Receiver<Inbound>) {
+    flume::bounded(INGEST_QUEUE)
+}
+
+/// Moves what the broker forwards on the ingest's local link into the
+/// ingest queue, until either side is gone (blocking; own thread).
+pub fn pump_link(mut rx: LinkRx, to_ingest: flume::Sender<Inbound>) {
+    loop {
+        match rx.recv() {
+            Ok(Some(Notification::Forward(f))) => {
+                let m = Inbound {
+                    topic: f.publish.topic,
+                    payload: f.publish.payload,
+                };
+                if to_ingest.send(m).is_err() {
+                    return;
+                }
+            }
+            Ok(Some(Notification::Unschedule)) => {
+                if rx.ready().is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
+}
 
 pub struct EmbeddedBroker {
     /// Where the broker listens (loopback).
@@ -173,13 +226,17 @@ const MAX_BATCH: usize = 4096;
 pub fn run_ingest(
     mut engine: Engine,
     mut tx: LinkTx,
-    mut rx: LinkRx,
+    inbound: flume::Receiver<Inbound>,
     clock: SharedClock,
     stop: Arc<AtomicBool>,
     registry: flume::Receiver<RegistryOp>,
 ) -> Result<(), BrokerError> {
     let tick_every = Duration::from_millis(50);
     let mut last_tick = Instant::now();
+    let handle = |engine: &mut Engine, m: Inbound| match std::str::from_utf8(&m.topic) {
+        Ok(topic) => engine.handle(topic, &m.payload, clock.now()),
+        Err(_) => engine.reject_topic_bytes(),
+    };
     loop {
         if stop.load(Ordering::Relaxed) {
             let out = engine.flush(clock.now())?;
@@ -188,31 +245,18 @@ pub fn run_ingest(
             }
             return Ok(());
         }
-        let mut n = 0;
-        let first_deadline = Instant::now() + Duration::from_millis(20);
-        while n < MAX_BATCH {
-            let deadline = if n == 0 {
-                first_deadline
-            } else {
-                Instant::now()
-            };
-            match rx.recv_deadline(deadline) {
-                Ok(Some(Notification::Forward(f))) => {
-                    n += 1;
-                    match std::str::from_utf8(&f.publish.topic) {
-                        Ok(topic) => engine.handle(topic, &f.publish.payload, clock.now()),
-                        Err(_) => engine.reject_topic_bytes(),
-                    }
+        // Wait up to 20 ms for the first message, then take what is queued.
+        match inbound.recv_deadline(Instant::now() + Duration::from_millis(20)) {
+            Ok(m) => {
+                handle(&mut engine, m);
+                for m in inbound.try_iter().take(MAX_BATCH - 1) {
+                    handle(&mut engine, m);
                 }
-                Ok(Some(Notification::Unschedule)) => rx.ready()?,
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    if n > 0 || Instant::now() >= first_deadline {
-                        break;
-                    }
-                }
-                Err(LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => break,
-                Err(e) => return Err(e.into()),
+            }
+            Err(flume::RecvTimeoutError::Timeout) => {}
+            // Every sender gone: only shutdown is left to wait for.
+            Err(flume::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(Duration::from_millis(20))
             }
         }
         // Admin registry changes: applied and committed before the answer.

@@ -15,7 +15,17 @@
 //! - PUBLISH (and the CONNECT will) only to the device's own `…/status` and
 //!   `…/data`; SUBSCRIBE only to its own `…/cmd` and `…/ack` (both dialects).
 //!
-//! A violation closes the connection before any of it reaches the broker. The
+//! A violation closes the connection before any of it reaches the broker.
+//!
+//! A device's QoS 0/1 PUBLISHes to its own topics (every chunk) do not go
+//! through the broker: the front hands them to the ingest queue
+//! ([`crate::broker::Inbound`]) and answers QoS 1 with its own PUBACK, written
+//! between whole packets of the broker's downlink. A publish waits until the
+//! broker has acknowledged the device's CONNECT and SUBSCRIBEs, so the
+//! ingest's reply always finds the subscription in place. The front enforces
+//! the device's keep-alive itself (the broker, which no longer sees every
+//! packet, gets the longest one). Wills, retained and QoS 2 publishes and
+//! every other packet go to the broker as before. The
 //! CONNECT is re-encoded with the per-process broker secret as its
 //! credentials (a device's own password never reaches the broker), so the
 //! loopback broker admits the front and nothing else. The front keeps
@@ -23,13 +33,14 @@
 //! one first (a rumqttd quirk lets the old one kick the new one otherwise),
 //! and a revocation closes the sessions of the revoked certificate at once.
 
+use crate::broker::Inbound;
 use crate::devpass::{self, PasswordStore};
 use crate::metrics::Metrics;
 use crate::pki::{peer_identity, SharedRevoked};
 use crate::protocol::{normalize_device_id, parse_topic, Channel};
 use bytes::BytesMut;
 use rumqttd::protocol::v4::{check, V4};
-use rumqttd::protocol::{Error as MqttError, LastWill, Login, Packet, Protocol};
+use rumqttd::protocol::{Error as MqttError, LastWill, Login, Packet, Protocol, QoS};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -48,11 +59,16 @@ pub const BROKER_USER: &str = "barngate-front";
 /// to be torn down.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 
+/// PUBACKs queued for a device's downlink before its uplink waits.
+const PUBACK_QUEUE: usize = 64;
+
 /// Settings of the front.
 #[derive(Debug, Clone)]
 pub struct FrontConfig {
     /// The loopback broker.
     pub upstream: SocketAddr,
+    /// The ingest queue: devices' own publishes go there directly.
+    pub ingest: flume::Sender<Inbound>,
     /// The broker's per-process secret (CONNECT password).
     pub secret: Arc<str>,
     pub max_connections: usize,
@@ -123,6 +139,12 @@ enum Violation {
     SecondConnect,
     ServerPacket,
     Malformed(String),
+    /// Nothing from the device within 1.5 × its keep-alive.
+    KeepAlive {
+        secs: u16,
+    },
+    /// The broker did not acknowledge the CONNECT or a SUBSCRIBE in time.
+    BrokerTimeout,
     /// Not a violation: the connection broke.
     Io(String),
 }
@@ -138,6 +160,8 @@ impl Violation {
             Violation::Publish { .. } => "publish_not_allowed",
             Violation::Subscribe { .. } => "subscribe_not_allowed",
             Violation::Malformed(_) => "malformed_mqtt",
+            Violation::KeepAlive { .. } => "keepalive_timeout",
+            Violation::BrokerTimeout => "broker_timeout",
             Violation::Io(_) => "connection_error",
         }
     }
@@ -161,6 +185,15 @@ impl std::fmt::Display for Violation {
             Violation::SecondConnect => write!(f, "second CONNECT"),
             Violation::ServerPacket => write!(f, "server-only packet from a device"),
             Violation::Malformed(e) => write!(f, "malformed MQTT: {e}"),
+            Violation::KeepAlive { secs } => {
+                write!(f, "no packet within 1.5 × the keep-alive of {secs} s")
+            }
+            Violation::BrokerTimeout => {
+                write!(
+                    f,
+                    "the embedded broker did not acknowledge the session in time"
+                )
+            }
             Violation::Io(e) => write!(f, "{e}"),
         }
     }
@@ -514,7 +547,8 @@ impl Front {
         drop(handshake);
         let id_mac = ident.as_ref().map(|c| c.mac.clone());
         let shown = id_mac.clone().unwrap_or(shown);
-        let (device, connect_bytes) = match self.check_connect(frame, id_mac.as_deref()) {
+        let (device, keep_alive, connect_bytes) = match self.check_connect(frame, id_mac.as_deref())
+        {
             Ok(v) => v,
             Err(v) => {
                 metrics.reject(v.reason());
@@ -535,49 +569,18 @@ impl Front {
             let (mut up_r, mut up_w) = up.into_split();
             Metrics::inc(&metrics.connections);
             let via = ident.as_ref().map_or("plaintext", |i| i.via);
-            info!(%peer, device = %device, auth = via, "device connected");
-            let to_broker = async {
-                loop {
-                    let mut run = match next_frame(&mut dev_r, &mut buf, cfg.max_packet_size).await {
-                        Ok(Some(frame)) => frame,
-                        Ok(None) => return Ok(()),
-                        Err(v) => return Err(v),
-                    };
-                    check_packet(&run, &device, cfg.max_packet_size)?;
-                    // Every further packet already read joins the same write:
-                    // a device streaming chunks costs one broker write per
-                    // TLS read, not one per packet. The frames are adjacent
-                    // in `buf`, so `unsplit` only moves an index.
-                    // A violation still lets the packets before it through,
-                    // as if they had been forwarded one by one.
-                    let mut violation = None;
-                    loop {
-                        let next = ready_frame(&mut buf, cfg.max_packet_size).and_then(|f| {
-                            f.map(|f| check_packet(&f, &device, cfg.max_packet_size).map(|()| f))
-                                .transpose()
-                        });
-                        match next {
-                            Ok(Some(frame)) => run.unsplit(frame),
-                            Ok(None) => break,
-                            Err(v) => {
-                                violation = Some(v);
-                                break;
-                            }
-                        }
-                    }
-                    up_w.write_all(&run)
-                        .await
-                        .map_err(|e| Violation::Io(format!("broker write: {e}")))?;
-                    if let Some(v) = violation {
-                        return Err(v);
-                    }
-                }
+            info!(%peer, device = %device, auth = via, keep_alive_s = keep_alive, "device connected");
+            let (acks_tx, acks_rx) = watch::channel(0u64);
+            let (puback_tx, puback_rx) = mpsc::channel(PUBACK_QUEUE);
+            let up = Uplink {
+                device: &device,
+                max_packet: cfg.max_packet_size,
+                keep_alive,
+                ack_wait: cfg.handshake_timeout,
+                ingest: &cfg.ingest,
             };
-            // The gateway sends a device a few small commands per wake; a
-            // 1 KiB buffer (tokio::io::copy would hold 8 KiB per device)
-            // keeps 1,000 idle connections small.
-            let mut up_r = tokio::io::BufReader::with_capacity(1024, &mut up_r);
-            let to_device = tokio::io::copy_buf(&mut up_r, &mut dev_w);
+            let to_broker = up.run(&mut dev_r, &mut buf, &mut up_w, acks_rx, puback_tx);
+            let to_device = downlink(&mut up_r, &mut dev_w, puback_rx, acks_tx);
             let r: Result<(), Violation> = tokio::select! {
                 r = to_broker => r,
                 _ = to_device => Ok(()),
@@ -702,14 +705,16 @@ impl Front {
         }
     }
 
-    /// Validates the CONNECT and re-encodes it with the broker secret.
+    /// Validates the CONNECT and re-encodes it with the broker secret and
+    /// the longest keep-alive (the front enforces the device's own, which it
+    /// returns).
     fn check_connect(
         &self,
         frame: BytesMut,
         cert_mac: Option<&str>,
-    ) -> Result<(String, BytesMut), Violation> {
+    ) -> Result<(String, u16, BytesMut), Violation> {
         let packet = parse(frame, self.inner.cfg.max_packet_size)?;
-        let Packet::Connect(connect, _, will, _, _) = packet else {
+        let Packet::Connect(mut connect, _, will, _, _) = packet else {
             return Err(Violation::NotConnect);
         };
         let claimed =
@@ -731,13 +736,14 @@ impl Front {
             username: BROKER_USER.into(),
             password: self.inner.cfg.secret.to_string(),
         };
+        let keep_alive = std::mem::replace(&mut connect.keep_alive, u16::MAX);
         let mut out = BytesMut::new();
         V4.write(
             Packet::Connect(connect, None, will, None, Some(login)),
             &mut out,
         )
         .map_err(|e| Violation::Malformed(e.to_string()))?;
-        Ok((device, out))
+        Ok((device, keep_alive, out))
     }
 
     /// Registers the session of `device`, closing an older one first.
@@ -849,6 +855,245 @@ fn check_publish_topic(topic: &[u8], device: &str) -> Result<(), Violation> {
             topic: truncate(&String::from_utf8_lossy(topic)),
         })
     }
+}
+
+/// Where a device packet (after CONNECT) goes.
+enum Route {
+    /// To the broker as it is. `awaits_ack`: a SUBSCRIBE, which the broker
+    /// answers with a SUBACK the direct path waits for.
+    Broker { frame: BytesMut, awaits_ack: bool },
+    /// A device publish for the ingest; QoS 1 is answered by the front.
+    Ingest {
+        message: Inbound,
+        puback: Option<u16>,
+    },
+}
+
+const PUBLISH: u8 = 3;
+const CONNACK: u8 = 2;
+const SUBSCRIBE: u8 = 8;
+const SUBACK: u8 = 9;
+
+/// Checks one packet after CONNECT against the device's identity and routes
+/// it. Publishes are parsed in place (no copy); the rare ones the broker must
+/// carry (retained, QoS 2) are re-encoded.
+fn route(frame: BytesMut, device: &str, max: usize) -> Result<Route, Violation> {
+    let kind = frame.first().map_or(0, |b| b >> 4);
+    if kind != PUBLISH {
+        check_packet(&frame, device, max)?;
+        return Ok(Route::Broker {
+            frame,
+            awaits_ack: kind == SUBSCRIBE,
+        });
+    }
+    let Packet::Publish(p, _) = parse(frame, max)? else {
+        return Err(Violation::Malformed("not a PUBLISH".into()));
+    };
+    check_publish_topic(&p.topic, device)?;
+    let puback = match p.qos() {
+        QoS::AtMostOnce => None,
+        QoS::AtLeastOnce => Some(p.pkid()),
+        QoS::ExactlyOnce => None,
+    };
+    if p.retain || p.qos() == QoS::ExactlyOnce {
+        let mut frame = BytesMut::new();
+        V4.write(Packet::Publish(p, None), &mut frame)
+            .map_err(|e| Violation::Malformed(e.to_string()))?;
+        return Ok(Route::Broker {
+            frame,
+            awaits_ack: false,
+        });
+    }
+    Ok(Route::Ingest {
+        message: Inbound {
+            topic: p.topic,
+            payload: p.payload,
+        },
+        puback,
+    })
+}
+
+/// The device-to-gateway half of a session.
+struct Uplink<'a> {
+    device: &'a str,
+    max_packet: usize,
+    /// The device's CONNECT keep-alive, seconds (0: none).
+    keep_alive: u16,
+    /// Longest wait for the broker's CONNACK/SUBACK.
+    ack_wait: Duration,
+    ingest: &'a flume::Sender<Inbound>,
+}
+
+impl Uplink<'_> {
+    /// Reads the device's packets until it closes: checks each, hands
+    /// publishes to the ingest and forwards the rest to the broker.
+    async fn run<R, W>(
+        self,
+        dev_r: &mut R,
+        buf: &mut BytesMut,
+        up_w: &mut W,
+        mut acks: watch::Receiver<u64>,
+        pubacks: mpsc::Sender<u16>,
+    ) -> Result<(), Violation>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        // MQTT 3.1.1 §3.1.2.10: a server closes a client silent for 1.5 ×
+        // its keep-alive.
+        let idle =
+            (self.keep_alive > 0).then(|| Duration::from_millis(self.keep_alive as u64 * 1500));
+        // Broker acknowledgements sent so far that a direct publish waits
+        // for: the CONNECT's, then one per SUBSCRIBE.
+        let mut awaited: u64 = 1;
+        loop {
+            let read = next_frame(dev_r, buf, self.max_packet);
+            let first =
+                match idle {
+                    Some(limit) => tokio::time::timeout(limit, read).await.map_err(|_| {
+                        Violation::KeepAlive {
+                            secs: self.keep_alive,
+                        }
+                    })?,
+                    None => read.await,
+                };
+            let Some(first) = first? else {
+                return Ok(());
+            };
+            // Every further packet already read is routed in the same pass,
+            // and the broker-bound ones join one write. The frames are
+            // adjacent in `buf`, so `unsplit` only moves an index. A
+            // violation still lets the packets before it through, as if
+            // they had been forwarded one by one.
+            let mut next = Some(first);
+            let mut run = BytesMut::new();
+            let mut violation = None;
+            loop {
+                let frame = match next.take() {
+                    Some(f) => f,
+                    None => match ready_frame(buf, self.max_packet) {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        Err(v) => {
+                            violation = Some(v);
+                            break;
+                        }
+                    },
+                };
+                match route(frame, self.device, self.max_packet) {
+                    Ok(Route::Broker { frame, awaits_ack }) => {
+                        awaited += u64::from(awaits_ack);
+                        run.unsplit(frame);
+                    }
+                    Ok(Route::Ingest { message, puback }) => {
+                        if !run.is_empty() {
+                            to_broker(up_w, &run).await?;
+                            run.clear();
+                        }
+                        if *acks.borrow() < awaited {
+                            let wait = acks.wait_for(|n| *n >= awaited);
+                            match tokio::time::timeout(self.ack_wait, wait).await {
+                                Ok(Ok(_)) => {}
+                                // The downlink ended: the broker closed.
+                                Ok(Err(_)) => return Ok(()),
+                                Err(_) => return Err(Violation::BrokerTimeout),
+                            }
+                        }
+                        self.ingest
+                            .send_async(message)
+                            .await
+                            .map_err(|_| Violation::Io("the ingest has stopped".into()))?;
+                        if let Some(pkid) = puback {
+                            if pubacks.send(pkid).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Err(v) => {
+                        violation = Some(v);
+                        break;
+                    }
+                }
+            }
+            if !run.is_empty() {
+                to_broker(up_w, &run).await?;
+            }
+            if let Some(v) = violation {
+                return Err(v);
+            }
+        }
+    }
+}
+
+async fn to_broker<W: AsyncWrite + Unpin>(up_w: &mut W, bytes: &[u8]) -> Result<(), Violation> {
+    up_w.write_all(bytes)
+        .await
+        .map_err(|e| Violation::Io(format!("broker write: {e}")))
+}
+
+/// The gateway-to-device half of a session: the broker's packets and the
+/// front's PUBACKs, interleaved only between whole packets. Counts the
+/// broker's CONNACK and SUBACKs into `acks` for the uplink.
+async fn downlink<R, W>(
+    up_r: &mut R,
+    dev_w: &mut W,
+    mut pubacks: mpsc::Receiver<u16>,
+    acks: watch::Sender<u64>,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // The gateway sends a device a few small commands per wake; a 1 KiB
+    // buffer keeps 1,000 idle connections small (it grows for a big one).
+    let mut from_broker = BytesMut::with_capacity(1024);
+    let mut ours = Vec::new();
+    let mut acked = 0u64;
+    loop {
+        if from_broker.capacity() - from_broker.len() < 256 {
+            from_broker.reserve(1024);
+        }
+        let mut whole = 0;
+        tokio::select! {
+            r = up_r.read_buf(&mut from_broker) => {
+                if r? == 0 {
+                    return Ok(());
+                }
+                let before = acked;
+                while let Ok(h) = check(from_broker[whole..].iter(), usize::MAX) {
+                    if matches!(from_broker[whole] >> 4, CONNACK | SUBACK) {
+                        acked += 1;
+                    }
+                    whole += h.frame_length();
+                }
+                if acked != before {
+                    acks.send_replace(acked);
+                }
+            }
+            p = pubacks.recv() => match p {
+                Some(pkid) => ours.extend_from_slice(&puback(pkid)),
+                None => return Ok(()),
+            },
+        }
+        while let Ok(pkid) = pubacks.try_recv() {
+            ours.extend_from_slice(&puback(pkid));
+        }
+        if whole > 0 {
+            let broker_bytes = from_broker.split_to(whole);
+            dev_w.write_all(&broker_bytes).await?;
+        }
+        if !ours.is_empty() {
+            dev_w.write_all(&ours).await?;
+            ours.clear();
+        }
+        dev_w.flush().await?;
+    }
+}
+
+/// An MQTT 3.1.1 PUBACK.
+fn puback(pkid: u16) -> [u8; 4] {
+    let [hi, lo] = pkid.to_be_bytes();
+    [0x40, 0x02, hi, lo]
 }
 
 /// Checks one packet after CONNECT against the device's identity.

@@ -172,6 +172,18 @@ impl Gateway {
         let secret = broker_secret()?;
         let b = broker::start(&cfg.mqtt, Some(secret.clone()))?;
         let upstream = b.addr;
+        let (to_ingest, inbound) = broker::ingest_queue();
+        {
+            let (link_rx, to_ingest) = (b.link_rx, to_ingest.clone());
+            std::thread::Builder::new()
+                .name("ingest-link".into())
+                .spawn(move || broker::pump_link(link_rx, to_ingest))
+                .map_err(|source| ServeError::Io {
+                    what: "cannot start ingest link thread",
+                    path: String::new(),
+                    source,
+                })?;
+        }
         let (registry_tx, registry_rx) = flume::bounded(REGISTRY_QUEUE);
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, ingest_done) = watch::channel(false);
@@ -182,7 +194,7 @@ impl Gateway {
                 .name("ingest".into())
                 .spawn(move || {
                     let r =
-                        broker::run_ingest(engine, b.link_tx, b.link_rx, clock, stop, registry_rx);
+                        broker::run_ingest(engine, b.link_tx, inbound, clock, stop, registry_rx);
                     if let Err(e) = &r {
                         error!(error = %e, "ingest stopped");
                     }
@@ -202,6 +214,7 @@ impl Gateway {
         let front = Front::new(
             FrontConfig {
                 upstream,
+                ingest: to_ingest,
                 secret: secret.into(),
                 max_connections: cfg.mqtt.max_connections,
                 max_handshakes: cfg.mqtt.max_handshakes,

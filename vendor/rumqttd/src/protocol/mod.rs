@@ -195,6 +195,16 @@ impl Publish {
         false
     }
 
+    // barngate patch: the front answers a device's QoS 1 publish itself
+    // (PUBACK with its packet id) and needs to see both.
+    pub fn qos(&self) -> QoS {
+        self.qos
+    }
+
+    pub fn pkid(&self) -> u16 {
+        self.pkid
+    }
+
     /// Approximate length for meter
     pub fn len(&self) -> usize {
         let len = 2 + self.topic.len() + self.payload.len();

@@ -1,0 +1,288 @@
+//! The front's direct path, packet by packet, with a raw MQTT 3.1.1 client
+//! on the loopback plaintext listener (the same session code as TLS): a
+//! device's publishes go to the ingest without the broker, the front answers
+//! QoS 1 itself, waits for the broker's SUBACK before a publish, keeps the
+//! device's keep-alive, and leaves retained and QoS 2 publishes to the broker.
+
+mod common;
+
+use bytes::BytesMut;
+use common::*;
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::{Connect, Filter, Packet, Protocol, QoS, RetainForwardRule, Subscribe};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Raw {
+    sock: TcpStream,
+    buf: BytesMut,
+}
+
+fn encode(packets: Vec<Packet>) -> BytesMut {
+    let mut out = BytesMut::new();
+    for p in packets {
+        V4.write(p, &mut out).unwrap();
+    }
+    out
+}
+
+fn connect(mac: &str, keep_alive: u16) -> Packet {
+    Packet::Connect(
+        Connect {
+            keep_alive,
+            client_id: mac.into(),
+            clean_session: true,
+        },
+        None,
+        None,
+        None,
+        None,
+    )
+}
+
+fn subscribe(pkid: u16, filter: String) -> Packet {
+    Packet::Subscribe(
+        Subscribe {
+            pkid,
+            filters: vec![Filter {
+                path: filter,
+                qos: QoS::AtLeastOnce,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+            }],
+        },
+        None,
+    )
+}
+
+/// A PUBLISH encoded by hand: the fixed header flags carry QoS, retain and
+/// the packet id (rumqttd's `Publish` keeps those fields crate-private).
+fn publish(topic: &str, payload: &[u8], qos: u8, retain: bool, pkid: u16) -> BytesMut {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(&pkid.to_be_bytes());
+    }
+    body.extend_from_slice(payload);
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&[0x30 | (qos << 1) | u8::from(retain)]);
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        out.extend_from_slice(&[b]);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&body);
+    out
+}
+
+fn hello(mac: &str) -> Vec<u8> {
+    json!({"device_id": mac, "status": "alive", "pendingImg": 0})
+        .to_string()
+        .into_bytes()
+}
+
+impl Raw {
+    async fn open(addr: SocketAddr) -> Raw {
+        Raw {
+            sock: TcpStream::connect(addr).await.unwrap(),
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.sock.write_all(bytes).await.unwrap();
+    }
+
+    /// The next packet from the gateway: (packet type, raw frame); `None`
+    /// when the gateway closed the connection.
+    async fn next(&mut self, within: Duration) -> Option<(u8, BytesMut)> {
+        tokio::time::timeout(within, async {
+            loop {
+                match rumqttd::protocol::v4::check(self.buf.iter(), 1 << 20) {
+                    Ok(h) => {
+                        let frame = self.buf.split_to(h.frame_length());
+                        return Some((frame[0] >> 4, frame));
+                    }
+                    Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {}
+                    Err(e) => panic!("bad packet from the gateway: {e}"),
+                }
+                self.buf.reserve(4096);
+                match self.sock.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("a packet or a close in time")
+    }
+
+    /// Packets until one satisfies `done`; panics on a close.
+    async fn until(&mut self, mut done: impl FnMut(u8, &[u8]) -> bool) -> Vec<(u8, BytesMut)> {
+        let mut seen = Vec::new();
+        loop {
+            let (t, f) = self.next(WAIT).await.expect("connection open");
+            let stop = done(t, &f);
+            seen.push((t, f));
+            if stop {
+                return seen;
+            }
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_right_after_subscribe_gets_its_reply() {
+    let data = tempfile::tempdir().unwrap();
+    let gw = start_gateway(data.path(), test_config()).await;
+    let addr = gw.plain_addr.unwrap();
+    // CONNECT, SUBSCRIBE and HELLO in one write, as a hurried firmware does:
+    // the front must not hand the HELLO to the ingest before the broker has
+    // the subscription, or the reply would go nowhere.
+    for n in 0..20 {
+        let mac = format!("AABBCC00{n:04X}");
+        let mut d = Raw::open(addr).await;
+        let mut bytes = encode(vec![
+            connect(&mac, 30),
+            subscribe(1, format!("ESP32CAM/{mac}/cmd")),
+        ]);
+        bytes.extend_from_slice(&publish(
+            &format!("ESP32CAM/{mac}/status"),
+            &hello(&mac),
+            1,
+            false,
+            2,
+        ));
+        d.send(&bytes).await;
+        let seen = d.until(|t, f| t == 3 && contains(f, "capture_image")).await;
+        let kinds: Vec<u8> = seen.iter().map(|(t, _)| *t).collect();
+        assert_eq!(kinds[0], 2, "CONNACK first: {kinds:?}");
+        assert!(kinds.contains(&9), "SUBACK: {kinds:?}");
+        let puback = seen.iter().find(|(t, _)| *t == 4).expect("PUBACK");
+        assert_eq!(
+            &puback.1[..],
+            &[0x40, 0x02, 0x00, 0x02],
+            "PUBACK for packet 2"
+        );
+    }
+    assert_eq!(gw.metrics.hellos.load(Ordering::Relaxed), 20);
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_and_qos2_publishes_still_reach_the_ingest_through_the_broker() {
+    let data = tempfile::tempdir().unwrap();
+    let gw = start_gateway(data.path(), test_config()).await;
+    let mac = "AABBCC110001";
+    let mut d = Raw::open(gw.plain_addr.unwrap()).await;
+    d.send(&encode(vec![
+        connect(mac, 30),
+        subscribe(1, format!("ESP32CAM/{mac}/cmd")),
+    ]))
+    .await;
+    d.until(|t, _| t == 9).await;
+    // QoS 2: the broker answers PUBREC, then PUBCOMP to our PUBREL; the
+    // ingest still gets the HELLO.
+    d.send(&publish(
+        &format!("ESP32CAM/{mac}/status"),
+        &hello(mac),
+        2,
+        false,
+        7,
+    ))
+    .await;
+    d.until(|t, f| t == 5 && f[2..4] == [0, 7]).await;
+    d.send(&[0x62, 0x02, 0x00, 0x07]).await;
+    let seen = d.until(|t, f| t == 3 && contains(f, "capture_image")).await;
+    let _ = seen;
+    assert!(gw.store.device(mac).unwrap().is_some());
+    // Retained (QoS 1): through the broker, whose PUBACK answers it.
+    let hellos = gw.metrics.hellos.load(Ordering::Relaxed);
+    d.send(&publish(
+        &format!("ESP32CAM/{mac}/status"),
+        &hello(mac),
+        1,
+        true,
+        8,
+    ))
+    .await;
+    d.until(|t, f| t == 4 && f[2..4] == [0, 8]).await;
+    let deadline = Instant::now() + WAIT;
+    while gw.metrics.hellos.load(Ordering::Relaxed) == hellos {
+        assert!(Instant::now() < deadline, "retained HELLO not ingested");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_keeps_the_devices_keep_alive() {
+    let data = tempfile::tempdir().unwrap();
+    let gw = start_gateway(data.path(), test_config()).await;
+    let addr = gw.plain_addr.unwrap();
+
+    // Keep-alive 1 s and only publishes (no PINGREQ, as a busy client does):
+    // the broker never sees them, yet it must not drop the session.
+    let mac = "AABBCC220001";
+    let mut busy = Raw::open(addr).await;
+    busy.send(&encode(vec![connect(mac, 1)])).await;
+    busy.until(|t, _| t == 2).await;
+    let start = Instant::now();
+    let mut pkid = 1u16;
+    while start.elapsed() < Duration::from_millis(2500) {
+        busy.send(&publish(
+            &format!("ESP32CAM/{mac}/status"),
+            &hello(mac),
+            1,
+            false,
+            pkid,
+        ))
+        .await;
+        busy.until(|t, _| t == 4).await;
+        pkid += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    drop(busy);
+    let m = gw.metrics.clone();
+    let deadline = Instant::now() + WAIT;
+    while m.connections.load(Ordering::Relaxed) > 0 {
+        assert!(Instant::now() < deadline, "busy device still connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(m.rejected("keepalive_timeout"), 0, "busy device kept");
+
+    // Silent past 1.5 × keep-alive: the front closes it.
+    let mut silent = Raw::open(addr).await;
+    silent.send(&encode(vec![connect("AABBCC220002", 1)])).await;
+    silent.until(|t, _| t == 2).await;
+    let t0 = Instant::now();
+    assert!(
+        silent.next(Duration::from_secs(10)).await.is_none(),
+        "closed"
+    );
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(5),
+        "closed after {took:?}"
+    );
+    assert_eq!(gw.metrics.rejected("keepalive_timeout"), 1);
+    gw.shutdown().await.unwrap();
+}
