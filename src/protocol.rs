@@ -407,28 +407,11 @@ fn scan_byte_array(s: &[u8], mut i: usize) -> Option<(Vec<u8>, usize)> {
     i += 1;
     // Every element takes at least two characters ("7,").
     let mut out = Vec::with_capacity(n / 2);
-    // Compact firmware output (`[255,216,…]`) four bytes at a time and
-    // without data-dependent branches (the digit count varies at random, so
-    // branching on it mispredicts). The last element, whitespace or anything
-    // unusual is left to the loop below, at the same element, so the result
-    // is the same either way.
-    while i + 4 <= n {
-        let w = u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
-        let t = w ^ 0x3030_3030;
-        // High bit of a byte set: not a digit ('0'..='9' map to 0..=9).
-        let non_digit = (((t & 0x7F7F_7F7F) + 0x7676_7676) | t) & 0x8080_8080;
-        let k = (non_digit.trailing_zeros() / 8) as usize;
-        // The k digits moved to the top bytes: hundreds, tens, units.
-        let u = t.checked_shl(8 * (4 - k as u32)).unwrap_or(0);
-        let v = ((u >> 8) & 0xFF) * 100 + ((u >> 16) & 0xFF) * 10 + (u >> 24);
-        let sep = s[i + k.min(3)];
-        let leading_zero = k > 1 && (t & 0xFF) == 0;
-        if !(1..=3).contains(&k) || leading_zero || v > 255 || sep != b',' {
-            break;
-        }
-        out.push(v as u8);
-        i += k + 1;
-    }
+    // Compact firmware output (`[255,216,…]`) is taken in blocks (see
+    // `scan_compact`); the last element, whitespace or anything unusual is
+    // left to the loop below, at the same element, so the result is the same
+    // either way.
+    i = scan_compact(s, i, &mut out);
     loop {
         while i < n && ws(s[i]) {
             i += 1;
@@ -474,6 +457,93 @@ fn scan_byte_array(s: &[u8], mut i: usize) -> Option<(Vec<u8>, usize)> {
         }
     }
     Some((out, i))
+}
+
+const LO7: u64 = 0x7F7F_7F7F_7F7F_7F7F;
+const HI: u64 = 0x8080_8080_8080_8080;
+const ONES: u64 = 0x0101_0101_0101_0101;
+
+/// One bit per byte of `hi` (bit k = the high bit of byte k).
+#[inline]
+fn movemask(hi: u64) -> u64 {
+    (((hi >> 7) & ONES).wrapping_mul(0x0102_0408_1020_4080)) >> 56
+}
+
+/// Which of the 8 bytes of `w` are commas and which are digits, one bit each.
+#[inline]
+fn commas_and_digits(w: u64) -> (u64, u64) {
+    let x = w ^ (ONES * u64::from(b','));
+    // High bit set exactly where a byte of `x` is zero (no carries).
+    let comma = !(((x & LO7) + LO7) | x | LO7);
+    let t = w ^ (ONES * 0x30);
+    // High bit set where a byte of `t` is not 0..=9.
+    let non_digit = (((t & LO7) + ONES * 0x76) | t) & HI;
+    (movemask(comma), movemask(!non_digit & HI))
+}
+
+/// The elements of a compact byte array (`255,216,0,…`, from `start`), 64
+/// bytes at a time: the block's commas and digits become bit masks, and each
+/// element's value is read from the four bytes before its comma, so no
+/// element waits for the previous one's length (a byte-at-a-time scan
+/// mispredicts on the random digit counts and a word-at-a-time one is one
+/// long dependency chain). Returns where the first element it did not take
+/// starts: the array's last element, whitespace or anything else unusual is
+/// left to the caller. If any element it took is not canonical JSON for
+/// 0..=255 (empty, leading zero, over 255), it takes nothing.
+fn scan_compact(s: &[u8], start: usize, out: &mut Vec<u8>) -> usize {
+    let taken_before = out.len();
+    let mut elem = start;
+    let mut block = start;
+    let mut bad = false;
+    while block + 64 <= s.len() {
+        let (mut commas, mut digits) = (0u64, 0u64);
+        for k in 0..8 {
+            let at = block + 8 * k;
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&s[at..at + 8]);
+            let (c, d) = commas_and_digits(u64::from_le_bytes(w));
+            commas |= c << (8 * k);
+            digits |= d << (8 * k);
+        }
+        // Only up to the first byte that is neither (usually the `]`).
+        let clean = (!(commas | digits)).trailing_zeros();
+        let mut m = if clean == 64 {
+            commas
+        } else {
+            commas & ((1u64 << clean) - 1)
+        };
+        while m != 0 {
+            let comma = block + m.trailing_zeros() as usize;
+            m &= m - 1;
+            let len = comma - elem;
+            let d = if comma >= 4 {
+                let mut w = [0u8; 4];
+                w.copy_from_slice(&s[comma - 4..comma]);
+                u32::from_le_bytes(w)
+            } else {
+                let mut w = [b'0'; 4];
+                w[4 - comma..].copy_from_slice(&s[..comma]);
+                u32::from_le_bytes(w)
+            } ^ 0x3030_3030;
+            // The element's digits are the top `len` bytes; the rest go.
+            let m = d & u32::MAX
+                .checked_shl(8 * 4usize.saturating_sub(len) as u32)
+                .unwrap_or(0);
+            let v = (m >> 24) + ((m >> 16) & 0xFF) * 10 + ((m >> 8) & 0xFF) * 100;
+            bad |= (len.wrapping_sub(1) > 2) | (len > 1 && s[elem] == b'0') | (v > 255);
+            out.push(v as u8);
+            elem = comma + 1;
+        }
+        if clean < 64 {
+            break;
+        }
+        block += 64;
+    }
+    if bad {
+        out.truncate(taken_before);
+        return start;
+    }
+    elem
 }
 
 fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
@@ -1066,6 +1136,25 @@ mod tests {
         }
     }
 
+    #[test]
+    fn compact_scan_takes_whole_blocks_and_refuses_non_canonical() {
+        let data: Vec<u8> = (0..600u32).map(|i| (i * 37 % 256) as u8).collect();
+        let text = serde_json::to_string(&data).unwrap();
+        let mut out = Vec::new();
+        let end = scan_compact(text.as_bytes(), 1, &mut out);
+        // All but the elements of the last, partial block.
+        assert!(out.len() > 580, "took {}", out.len());
+        assert_eq!(&data[..out.len()], &out[..]);
+        assert_eq!(text.as_bytes()[end - 1], b',');
+        for bad in [",07,", ",256,", ",,", ",1000,"] {
+            let t = text.replacen(",", bad, 1);
+            let mut out = Vec::new();
+            assert_eq!(scan_compact(t.as_bytes(), 1, &mut out), 1, "{bad}");
+            assert!(out.is_empty());
+            assert_eq!(scan_byte_array(t.as_bytes(), 0), None, "{bad}");
+        }
+    }
+
     proptest! {
         #[test]
         fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
@@ -1109,7 +1198,7 @@ mod tests {
         fn compact_byte_arrays_match_serde(
             items in proptest::collection::vec(
                 (0u32..1100, prop_oneof![4 => Just(""), 1 => Just("0"), 1 => Just(".5"), 1 => Just("e2"), 1 => Just(" "), 1 => Just("x")]),
-                0..64),
+                0..700),
             zero_every in 1usize..40,
         ) {
             // No whitespace: the four-bytes-at-a-time path decides most of it.
