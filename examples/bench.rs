@@ -1320,6 +1320,7 @@ async fn scenario_crash(c: Common, devices: usize, trials: usize, seed: u64) {
     let mut acked: Vec<Wake> = Vec::new();
     let mut outstanding: Vec<Option<u64>> = vec![None; devices];
     let mut failures = Vec::new();
+    let (mut cut_trials, mut mid_trials) = (0, 0);
     for trial in 0..=trials {
         let (mut p, addr) = start_gateway(&c, &dir);
         let last = trial == trials;
@@ -1342,7 +1343,9 @@ async fn scenario_crash(c: Common, devices: usize, trials: usize, seed: u64) {
             }));
         }
         if !last {
-            let delay = Duration::from_millis(20 + (rng.next() * 400.0) as u64);
+            // Within the wake: 50 devices connect and deliver in ~100–200 ms
+            // here, so a later kill would mostly land after the last ACK_OK.
+            let delay = Duration::from_millis(5 + (rng.next() * 250.0) as u64);
             tokio::time::sleep(delay).await;
             p.kill9();
         }
@@ -1365,6 +1368,11 @@ async fn scenario_crash(c: Common, devices: usize, trials: usize, seed: u64) {
         }
         if last {
             p.term();
+        } else if cut > 0 {
+            cut_trials += 1;
+            if cut < devices {
+                mid_trials += 1;
+            }
         }
         // After the kill (or the final clean stop): every ACKed image intact.
         let (ok, bad) = verify_images(&dir, &acked);
@@ -1378,7 +1386,7 @@ async fn scenario_crash(c: Common, devices: usize, trials: usize, seed: u64) {
     }
     let left = outstanding.iter().filter(|o| o.is_some()).count();
     println!(
-        "crash: {trials} kill -9 trials, {devices} devices: {} images ACKed and intact, {left} never completed, {} integrity failures {:?}",
+        "crash: {trials} kill -9 trials, {devices} devices: {cut_trials} kills cut wakes ({mid_trials} after some devices of that trial had their ACK_OK); {} images ACKed and intact, {left} never completed, {} integrity failures {:?}",
         acked.len(),
         failures.len(),
         failures.iter().take(5).collect::<Vec<_>>()
