@@ -252,8 +252,12 @@ pub fn run_ingest(
                 for m in inbound.try_iter().take(MAX_BATCH - 1) {
                     handle(&mut engine, m);
                 }
+                let left = inbound.len() as u64;
+                engine.metrics().ingest_queue.store(left, Ordering::Relaxed);
             }
-            Err(flume::RecvTimeoutError::Timeout) => {}
+            Err(flume::RecvTimeoutError::Timeout) => {
+                engine.metrics().ingest_queue.store(0, Ordering::Relaxed)
+            }
             // Every sender gone: only shutdown is left to wait for.
             Err(flume::RecvTimeoutError::Disconnected) => {
                 std::thread::sleep(Duration::from_millis(20))

@@ -120,6 +120,11 @@ pub enum IngestError {
 }
 
 impl Engine {
+    /// The counters this engine reports to.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     pub fn new(
         cfg: IngestConfig,
         site: SiteConfig,

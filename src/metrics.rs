@@ -25,6 +25,7 @@ pub struct Metrics {
     pub waiting: AtomicU64,
     pub connections: AtomicU64,
     pub connections_refused: AtomicU64,
+    pub ingest_queue: AtomicU64,
     pub upstream_delivered: AtomicU64,
     pub upstream_failures: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
@@ -160,6 +161,12 @@ impl Metrics {
             "Open device connections.",
             "gauge",
             &self.connections,
+        );
+        c(
+            "ingest_queue",
+            "Device messages waiting for the ingest (the front stops reading a device while the queue is full).",
+            "gauge",
+            &self.ingest_queue,
         );
         c(
             "connections_refused_total",

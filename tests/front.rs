@@ -183,6 +183,7 @@ async fn a_publish_right_after_subscribe_gets_its_reply() {
         );
     }
     assert_eq!(gw.metrics.hellos.load(Ordering::Relaxed), 20);
+    assert!(gw.metrics.render().contains("\nbarngate_ingest_queue "));
     gw.shutdown().await.unwrap();
 }
 
