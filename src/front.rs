@@ -946,6 +946,9 @@ impl Uplink<'_> {
         // Broker acknowledgements sent so far that a direct publish waits
         // for: the CONNECT's, then one per SUBSCRIBE.
         let mut awaited: u64 = 1;
+        // How many of them are known to have arrived (the watch is read
+        // only while some are outstanding, not on every publish).
+        let mut arrived: u64 = 0;
         loop {
             let read = next_frame(dev_r, buf, self.max_packet);
             let first =
@@ -990,10 +993,10 @@ impl Uplink<'_> {
                             to_broker(up_w, &run).await?;
                             run.clear();
                         }
-                        if *acks.borrow() < awaited {
+                        if arrived < awaited {
                             let wait = acks.wait_for(|n| *n >= awaited);
                             match tokio::time::timeout(self.ack_wait, wait).await {
-                                Ok(Ok(_)) => {}
+                                Ok(Ok(n)) => arrived = *n,
                                 // The downlink ended: the broker closed.
                                 Ok(Err(_)) => return Ok(()),
                                 Err(_) => return Err(Violation::BrokerTimeout),
