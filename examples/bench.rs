@@ -1,7 +1,8 @@
 //! The side-by-side benchmark and fault-injection runner (bench/RESULTS.md).
 //!
 //! ```text
-//! cargo build --release && cargo run --release --example bench -- run
+//! cargo build --release && cargo build --release --example ceiling
+//! cargo run --release --example bench -- run
 //! cargo run --release --example bench -- burst      # 1,000-device wake burst, 10,000 registered
 //! cargo run --release --example bench -- crash      # kill -9 trials
 //! cargo run --release --example bench -- load --addr 127.0.0.1:1883 --devices 10
@@ -9,8 +10,8 @@
 //!
 //! Every stack runs as its own process (so its CPU seconds and peak RSS can be
 //! read from /proc): the gateway is the real `barngate serve` binary, the
-//! ceiling is this binary's `ceiling-server` (raw rumqttd + a local-link
-//! consumer), the seed stack is Debian Mosquitto + `bench/baseline/worker.py`.
+//! ceiling is the `ceiling` example (raw rumqttd + a local-link consumer),
+//! the seed stack is Debian Mosquitto + `bench/baseline/worker.py`.
 //! The load generator is in this process: D rumqttc devices, each doing one
 //! wake (HELLO → capture_image → METADATA → send_image → all chunks without
 //! per-chunk application ACKs → missing_chunks / ACK_OK).
@@ -33,7 +34,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
 use serde_json::{json, Value};
 use sha2::Digest;
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,6 +42,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+
+// The load generator shares the two cores with the stack it measures. With
+// glibc malloc it spent about 45 % of its CPU allocating and freeing (the
+// ~2 KiB chunk strings, rumqttc's and rustls's buffers, freed on another
+// worker thread than the one that made them); mimalloc leaves more of the
+// machine to the stack under test. The stacks keep their own allocators: the
+// gateway and the ceiling (a separate example) use the system one.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(about = "barngate benchmark and fault-injection runner")]
@@ -157,8 +166,6 @@ enum Cmd {
         #[arg(long)]
         watch_pid: Option<u32>,
     },
-    /// (internal) The ceiling: rumqttd + a local-link consumer that answers minimally.
-    CeilingServer,
 }
 
 // ---------------------------------------------------------------- load generator
@@ -275,13 +282,18 @@ impl Images {
     }
     /// Chunk at position `i` (0-based) as the firmware sends it (id = i + 1).
     fn chunk_msg(&self, id: &str, name: &str, first: &str, i: usize) -> Vec<u8> {
+        use std::fmt::Write as _;
         let payload = if i == 0 { first } else { &self.encoded[i - 1] };
-        format!(
+        // Sized up front: growing a 2 KiB string step by step was a good
+        // part of the load generator's malloc time.
+        let mut s = String::with_capacity(payload.len() + id.len() + name.len() + 96);
+        let _ = write!(
+            s,
             r#"{{"device_id":"{id}","image_name":"{name}","chunk_id":{},"max_chunk_size":{},"payload":{payload}}}"#,
             i + 1,
             self.chunk
-        )
-        .into_bytes()
+        );
+        s.into_bytes()
     }
 }
 
@@ -658,6 +670,16 @@ async fn run_load(
         }
         None => None,
     };
+    // For profilers: a pause between connect and wake to attach to the
+    // stack's process (`perf record -p PID` on the "waking" line).
+    if let Some(ms) = std::env::var("BENCH_WAKE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        eprintln!("all {n} connected; waking in {ms} ms");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        eprintln!("waking");
+    }
     go.wait().await;
     let t0 = Instant::now();
     let mut wakes = Vec::new();
@@ -859,12 +881,18 @@ fn stack_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
 }
 
 fn start_ceiling() -> (Proc, SocketAddr) {
-    let mut child = stack_command(std::env::current_exe().unwrap())
-        .arg("ceiling-server")
+    // A sibling example, so it keeps the system allocator the gateway has.
+    let exe = std::env::current_exe().unwrap().with_file_name("ceiling");
+    let mut child = stack_command(&exe)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {} ({e}); run `cargo build --release --example ceiling` first",
+                exe.display()
+            )
+        });
     let line = wait_line(&mut child, "ceiling ready");
     let addr = line
         .split_whitespace()
@@ -916,118 +944,6 @@ fn start_seed(c: &Common, dir: &Path) -> (Proc, Proc, SocketAddr) {
         .expect("python3 with paho-mqtt (pip install paho-mqtt)");
     wait_line(&mut w, "worker ready");
     (Proc { child: mosq }, Proc { child: w }, addr)
-}
-
-// ---------------------------------------------------------------- ceiling
-
-/// rumqttd with the gateway's router settings and a local link subscribed to
-/// `ESP32CAM/#` that does nothing with chunks but count them; it answers
-/// HELLO with capture_image, METADATA with send_image, and sends ACK_OK when
-/// a device's chunk count reaches the announced total (no validation, no
-/// storage, no missing_chunks: run it without loss).
-fn ceiling_server() {
-    use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings};
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let d = barngate::config::MqttConfig::default();
-    let server = ServerSettings {
-        name: "ceiling".into(),
-        listen: addr,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections: ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: d.max_payload_size,
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: false,
-        },
-    };
-    let config = Config {
-        id: 0,
-        router: RouterConfig {
-            max_connections: d.max_connections + 16,
-            max_outgoing_packet_count: 200,
-            max_segment_size: d.segment_size,
-            max_segment_count: d.segment_count,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v4: Some(HashMap::from([("v4".to_string(), server)])),
-        ..Default::default()
-    };
-    let mut broker = Broker::new(config);
-    let (mut tx, mut rx) = broker.link("ceiling").unwrap();
-    tx.subscribe("ESP32CAM/#").unwrap();
-    std::thread::spawn(move || broker.start());
-    while std::net::TcpStream::connect(addr).is_err() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    println!("ceiling ready mqtt={addr}");
-    let _ = std::io::stdout().flush();
-    // device → (image name, total, received)
-    let mut state: HashMap<String, (String, u64, u64)> = HashMap::new();
-    loop {
-        let n = match rx.recv() {
-            Ok(Some(n)) => n,
-            Ok(None) => continue,
-            Err(_) => return,
-        };
-        let f = match n {
-            Notification::Forward(f) => f,
-            Notification::Unschedule => {
-                let _ = rx.ready();
-                continue;
-            }
-            _ => continue,
-        };
-        let topic = String::from_utf8_lossy(&f.publish.topic);
-        let mut parts = topic.split('/');
-        let (Some(_), Some(dev), Some(ch)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        let dev = dev.to_string();
-        let p = &f.publish.payload;
-        match ch {
-            "status" => {
-                let _ = tx.publish(
-                    format!("ESP32CAM/{dev}/cmd"),
-                    format!(r#"{{"device_id":"{dev}","capture_image":true}}"#),
-                );
-            }
-            "data" => {
-                // METADATA is the only small data message without `chunk_id`.
-                if !memfind(p, b"\"chunk_id\"") {
-                    let v: Value = serde_json::from_slice(p).unwrap_or(Value::Null);
-                    let name = v["image_name"].as_str().unwrap_or("").to_string();
-                    let total = v["total_chunks_count"].as_u64().unwrap_or(0);
-                    let _ = tx.publish(
-                        format!("ESP32CAM/{dev}/cmd"),
-                        format!(r#"{{"device_id":"{dev}","send_image":"{name}"}}"#),
-                    );
-                    state.insert(dev, (name, total, 0));
-                } else if let Some(s) = state.get_mut(&dev) {
-                    s.2 += 1;
-                    if s.2 == s.1 {
-                        let _ = tx.publish(
-                            format!("ESP32CAM/{dev}/ack"),
-                            format!(
-                                r#"{{"device_id":"{dev}","image_name":"{}","ACK_OK":{{"next_wake_time":"5:30PM"}}}}"#,
-                                s.0
-                            ),
-                        );
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-fn memfind(h: &[u8], n: &[u8]) -> bool {
-    h.len() >= n.len() && h.windows(n.len()).take(64).any(|w| w == n)
 }
 
 // ---------------------------------------------------------------- scenarios
@@ -1399,14 +1315,10 @@ async fn scenario_crash(c: Common, devices: usize, trials: usize, seed: u64) {
 
 fn main() {
     let cli = Cli::parse();
-    if let Cmd::CeilingServer = cli.cmd {
-        return ceiling_server();
-    }
     let pin = match &cli.cmd {
         Cmd::Run { c, .. } | Cmd::Burst { c, .. } | Cmd::Crash { c, .. } | Cmd::Load { c, .. } => {
             c.pin
         }
-        Cmd::CeilingServer => false,
     };
     if pin {
         PIN.store(true, Ordering::Relaxed);
@@ -1469,7 +1381,6 @@ fn main() {
                     println!("{}: {:?}", w.id, w.error);
                 }
             }
-            Cmd::CeilingServer => {}
         }
     });
 }

@@ -7,7 +7,8 @@
 //!
 //! - the front hands over a device's QoS 0/1 PUBLISHes to its own topics
 //!   directly (the bulk: every chunk), so they skip the loopback socket and
-//!   the router;
+//!   the router; chunks arrive parsed ([`Payload::Chunk`]), decoded on the
+//!   front's threads;
 //! - a local link subscribed to both dialects' device topics carries what
 //!   still goes through the broker (wills, retained or QoS 2 publishes). Its
 //!   pump thread honours the link contract: on `Notification::Unschedule` it
@@ -19,6 +20,7 @@
 use crate::clock::SharedClock;
 use crate::config::MqttConfig;
 use crate::ingest::{Engine, IngestError};
+use crate::protocol::Chunk;
 use crate::provision::RegistryOp;
 use bytes::Bytes;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
@@ -57,7 +59,17 @@ pub const INGEST_FILTERS: [&str; 2] = ["ESP32CAM/#", "device/#"];
 #[derive(Debug, Clone)]
 pub struct Inbound {
     pub topic: Bytes,
-    pub payload: Bytes,
+    pub payload: Payload,
+}
+
+/// What an [`Inbound`] carries.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// The payload as published; the ingest parses it.
+    Raw(Bytes),
+    /// A chunk the front has parsed already, on its own threads: byte-array
+    /// decoding is most of a chunk's cost, and the ingest is one thread.
+    Chunk(Chunk),
 }
 
 /// Messages queued for the ingest: the front waits (and so stops reading the
@@ -78,7 +90,7 @@ pub fn pump_link(mut rx: LinkRx, to_ingest: flume::Sender<Inbound>) {
             Ok(Some(Notification::Forward(f))) => {
                 let m = Inbound {
                     topic: f.publish.topic,
-                    payload: f.publish.payload,
+                    payload: Payload::Raw(f.publish.payload),
                 };
                 if to_ingest.send(m).is_err() {
                     return;
@@ -234,7 +246,10 @@ pub fn run_ingest(
     let tick_every = Duration::from_millis(50);
     let mut last_tick = Instant::now();
     let handle = |engine: &mut Engine, m: Inbound| match std::str::from_utf8(&m.topic) {
-        Ok(topic) => engine.handle(topic, &m.payload, clock.now()),
+        Ok(topic) => match m.payload {
+            Payload::Raw(p) => engine.handle(topic, &p, clock.now()),
+            Payload::Chunk(c) => engine.handle_chunk(topic, c, clock.now()),
+        },
         Err(_) => engine.reject_topic_bytes(),
     };
     loop {

@@ -19,7 +19,8 @@
 //!
 //! A device's QoS 0/1 PUBLISHes to its own topics (every chunk) do not go
 //! through the broker: the front hands them to the ingest queue
-//! ([`crate::broker::Inbound`]) and answers QoS 1 with its own PUBACK, written
+//! ([`crate::broker::Inbound`]; a CHUNK already decoded, on the front's
+//! threads rather than the one ingest thread) and answers QoS 1 with its own PUBACK, written
 //! between whole packets of the broker's downlink. A publish waits until the
 //! broker has acknowledged the device's CONNECT and SUBSCRIBEs, so the
 //! ingest's reply always finds the subscription in place. The front enforces
@@ -33,12 +34,12 @@
 //! one first (a rumqttd quirk lets the old one kick the new one otherwise),
 //! and a revocation closes the sessions of the revoked certificate at once.
 
-use crate::broker::Inbound;
+use crate::broker::{Inbound, Payload};
 use crate::devpass::{self, PasswordStore};
 use crate::metrics::Metrics;
 use crate::pki::{peer_identity, SharedRevoked};
-use crate::protocol::{normalize_device_id, parse_topic, Channel};
-use bytes::BytesMut;
+use crate::protocol::{normalize_device_id, parse_topic, Channel, DataMessage};
+use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::v4::{check, V4};
 use rumqttd::protocol::{Error as MqttError, LastWill, Login, Packet, Protocol, QoS};
 use std::collections::HashMap;
@@ -904,13 +905,30 @@ fn route(frame: BytesMut, device: &str, max: usize) -> Result<Route, Violation> 
             awaits_ack: false,
         });
     }
-    Ok(Route::Ingest {
-        message: Inbound {
-            topic: p.topic,
-            payload: p.payload,
+    // Chunks are decoded here, on the front's threads, not on the one
+    // ingest thread. Anything else (HELLO, METADATA, a bad message) goes
+    // as it is, and the ingest parses and reports it.
+    // (`u32::MAX`: the image size bound is METADATA's, which is not kept.)
+    let chunk = match p.topic.ends_with(b"/data") {
+        true => match DataMessage::parse(&p.payload, u32::MAX) {
+            Ok(DataMessage::Chunk(c)) => Some(c),
+            _ => None,
         },
-        puback,
-    })
+        false => None,
+    };
+    let message = match chunk {
+        Some(c) => Inbound {
+            // Copied: a slice would keep the whole read buffer alive until
+            // the ingest thread frees it.
+            topic: Bytes::copy_from_slice(&p.topic),
+            payload: Payload::Chunk(c),
+        },
+        None => Inbound {
+            topic: p.topic,
+            payload: Payload::Raw(p.payload),
+        },
+    };
+    Ok(Route::Ingest { message, puback })
 }
 
 /// The device-to-gateway half of a session.

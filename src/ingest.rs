@@ -263,25 +263,9 @@ impl Engine {
 
     /// Handles one MQTT publish from a device.
     pub fn handle(&mut self, topic: &str, payload: &[u8], now: DateTime<Utc>) {
-        Metrics::inc(&self.metrics.messages_in);
-        let t = match parse_topic(topic) {
-            Ok(t) => t,
-            Err(e) => return self.reject(None, &e),
-        };
-        let channel = t.channel;
-        if matches!(channel, Channel::Cmd | Channel::Ack) {
-            // Our own commands, echoed by the broker's wildcard subscription.
+        let Some((mac, channel)) = self.sender(topic, now) else {
             return;
-        }
-        let mac = match normalize_device_id(t.wire_id) {
-            Ok(m) => m,
-            Err(e) => return self.reject(None, &e),
         };
-        if !self.ensure_device(&mac, t.wire_id, t.dialect, now) {
-            self.metrics.reject("unknown_device");
-            warn!(device = %mac, "message from an unregistered device dropped");
-            return;
-        }
         match channel {
             Channel::Status => match Hello::parse(payload) {
                 Ok(h) => self.on_hello(&mac, h, now),
@@ -294,6 +278,50 @@ impl Engine {
             },
             Channel::Cmd | Channel::Ack => {}
         }
+    }
+
+    /// Handles a chunk already parsed from `topic`'s payload (the front
+    /// parses chunks on its own threads, so the ingest thread does not).
+    pub fn handle_chunk(&mut self, topic: &str, chunk: Chunk, now: DateTime<Utc>) {
+        let Some((mac, channel)) = self.sender(topic, now) else {
+            return;
+        };
+        if channel == Channel::Data {
+            self.on_chunk(&mac, chunk, now);
+        } else {
+            self.reject(Some(&mac), &ProtocolError::UnknownTopic(topic.to_string()));
+        }
+    }
+
+    /// Counts a message and finds its device (registered, or registered now
+    /// when allowed) and channel; `None` if it is to be dropped.
+    fn sender(&mut self, topic: &str, now: DateTime<Utc>) -> Option<(String, Channel)> {
+        Metrics::inc(&self.metrics.messages_in);
+        let t = match parse_topic(topic) {
+            Ok(t) => t,
+            Err(e) => {
+                self.reject(None, &e);
+                return None;
+            }
+        };
+        let channel = t.channel;
+        if matches!(channel, Channel::Cmd | Channel::Ack) {
+            // Our own commands, echoed by the broker's wildcard subscription.
+            return None;
+        }
+        let mac = match normalize_device_id(t.wire_id) {
+            Ok(m) => m,
+            Err(e) => {
+                self.reject(None, &e);
+                return None;
+            }
+        };
+        if !self.ensure_device(&mac, t.wire_id, t.dialect, now) {
+            self.metrics.reject("unknown_device");
+            warn!(device = %mac, "message from an unregistered device dropped");
+            return None;
+        }
+        Some((mac, channel))
     }
 
     fn reject(&self, mac: Option<&str>, e: &ProtocolError) {

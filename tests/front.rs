@@ -270,6 +270,11 @@ async fn the_front_keeps_the_devices_keep_alive() {
     }
     assert_eq!(m.rejected("keepalive_timeout"), 0, "busy device kept");
 
+    // Keep-alive 0 means none (MQTT 3.1.1 §3.1.2.10): silent, yet kept.
+    let mut never = Raw::open(addr).await;
+    never.send(&encode(vec![connect("AABBCC220003", 0)])).await;
+    never.until(|t, _| t == 2).await;
+
     // Silent past 1.5 × keep-alive: the front closes it.
     let mut silent = Raw::open(addr).await;
     silent.send(&encode(vec![connect("AABBCC220002", 1)])).await;
@@ -285,5 +290,9 @@ async fn the_front_keeps_the_devices_keep_alive() {
         "closed after {took:?}"
     );
     assert_eq!(gw.metrics.rejected("keepalive_timeout"), 1);
+    // The keep-alive 0 device, as silent for as long, still answers.
+    never.send(&[0xC0, 0x00]).await; // PINGREQ
+    let pong = never.until(|t, _| t == 13).await;
+    assert!(pong.iter().any(|(t, _)| *t == 13), "PINGRESP");
     gw.shutdown().await.unwrap();
 }
