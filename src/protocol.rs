@@ -491,6 +491,12 @@ fn commas_and_digits(w: u64) -> (u64, u64) {
 /// left to the caller. If any element it took is not canonical JSON for
 /// 0..=255 (empty, leading zero, over 255), it takes nothing.
 fn scan_compact(s: &[u8], start: usize, out: &mut Vec<u8>) -> usize {
+    // Each element is read from the four bytes before its comma; an array
+    // that close to the start of the message (never a real chunk's) is
+    // left to the caller.
+    if start < 4 {
+        return start;
+    }
     let taken_before = out.len();
     let mut elem = start;
     let mut block = start;
@@ -512,28 +518,31 @@ fn scan_compact(s: &[u8], start: usize, out: &mut Vec<u8>) -> usize {
         } else {
             commas & ((1u64 << clean) - 1)
         };
+        // At most one element per comma, 64 per block: collected here and
+        // appended once per block.
+        let mut vals = [0u8; 64];
+        let mut k = 0;
         while m != 0 {
             let comma = block + m.trailing_zeros() as usize;
             m &= m - 1;
             let len = comma - elem;
-            let d = if comma >= 4 {
-                let mut w = [0u8; 4];
-                w.copy_from_slice(&s[comma - 4..comma]);
-                u32::from_le_bytes(w)
-            } else {
-                let mut w = [b'0'; 4];
-                w[4 - comma..].copy_from_slice(&s[..comma]);
-                u32::from_le_bytes(w)
-            } ^ 0x3030_3030;
+            let mut w = [0u8; 4];
+            w.copy_from_slice(&s[comma - 4..comma]);
+            let d = u32::from_le_bytes(w) ^ 0x3030_3030;
             // The element's digits are the top `len` bytes; the rest go.
-            let m = d & u32::MAX
-                .checked_shl(8 * 4usize.saturating_sub(len) as u32)
-                .unwrap_or(0);
+            // (A length outside 1..=3 is flagged below, whatever `sh` is.)
+            let sh = 8 * (4usize.wrapping_sub(len) & 3) as u32;
+            let m = d & (u32::MAX << sh);
             let v = (m >> 24) + ((m >> 16) & 0xFF) * 10 + ((m >> 8) & 0xFF) * 100;
-            bad |= (len.wrapping_sub(1) > 2) | (len > 1 && s[elem] == b'0') | (v > 255);
-            out.push(v as u8);
+            // Its first digit is the lowest kept byte: 0 with more after it
+            // is a leading zero.
+            let lead_zero = (len > 1) & ((d >> sh) & 0xFF == 0);
+            bad |= (len.wrapping_sub(1) > 2) | lead_zero | (v > 255);
+            vals[k & 63] = v as u8;
+            k += 1;
             elem = comma + 1;
         }
+        out.extend_from_slice(&vals[..k]);
         if clean < 64 {
             break;
         }
@@ -1139,19 +1148,28 @@ mod tests {
     #[test]
     fn compact_scan_takes_whole_blocks_and_refuses_non_canonical() {
         let data: Vec<u8> = (0..600u32).map(|i| (i * 37 % 256) as u8).collect();
-        let text = serde_json::to_string(&data).unwrap();
+        let array = serde_json::to_string(&data).unwrap();
+        let text = format!("{{\"payload\":{array}}}");
+        let start = text.find('[').unwrap() + 1;
         let mut out = Vec::new();
-        let end = scan_compact(text.as_bytes(), 1, &mut out);
+        let end = scan_compact(text.as_bytes(), start, &mut out);
         // All but the elements of the last, partial block.
         assert!(out.len() > 580, "took {}", out.len());
         assert_eq!(&data[..out.len()], &out[..]);
         assert_eq!(text.as_bytes()[end - 1], b',');
+        // An array at the very start of the text is left to the caller's
+        // loop, with the same result.
+        assert_eq!(scan_compact(array.as_bytes(), 1, &mut Vec::new()), 1);
+        assert_eq!(
+            scan_byte_array(array.as_bytes(), 0),
+            Some((data.clone(), array.len()))
+        );
         for bad in [",07,", ",256,", ",,", ",1000,"] {
             let t = text.replacen(",", bad, 1);
             let mut out = Vec::new();
-            assert_eq!(scan_compact(t.as_bytes(), 1, &mut out), 1, "{bad}");
+            assert_eq!(scan_compact(t.as_bytes(), start, &mut out), start, "{bad}");
             assert!(out.is_empty());
-            assert_eq!(scan_byte_array(t.as_bytes(), 0), None, "{bad}");
+            assert_eq!(scan_byte_array(t.as_bytes(), start - 1), None, "{bad}");
         }
     }
 
