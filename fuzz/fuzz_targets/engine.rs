@@ -6,6 +6,7 @@ use arbitrary::Arbitrary;
 use barngate::config::Config;
 use barngate::ingest::Engine;
 use barngate::metrics::Metrics;
+use barngate::protocol::DataMessage;
 use barngate::schedule::Schedule;
 use barngate::store::Store;
 use chrono::{Duration, TimeZone, Utc};
@@ -20,6 +21,19 @@ enum Op {
     Raw { dev: u8, channel: u8, payload: Vec<u8> },
     Tick { ms: u16 },
     Commit,
+}
+
+/// As the gateway's front does (bit 6 of `dev`): a data message that parses
+/// as a CHUNK reaches the engine parsed (`Engine::handle_chunk`), anything
+/// else raw; otherwise the engine parses it itself, as for the broker path.
+fn deliver(engine: &mut Engine, dev: u8, channel: &str, payload: &[u8], now: chrono::DateTime<Utc>) {
+    let topic = topic(dev, channel);
+    if dev & 0x40 != 0 && channel == "data" {
+        if let Ok(DataMessage::Chunk(c)) = DataMessage::parse(payload, u32::MAX) {
+            return engine.handle_chunk(&topic, c, now);
+        }
+    }
+    engine.handle(&topic, payload, now);
 }
 
 fn topic(dev: u8, channel: &str) -> String {
@@ -68,11 +82,11 @@ fuzz_target!(|ops: Vec<Op>| {
                     img % 3,
                     id % 300
                 );
-                engine.handle(&topic(dev, "data"), p.as_bytes(), now);
+                deliver(&mut engine, dev, "data", p.as_bytes(), now);
             }
             Op::Raw { dev, channel, payload } => {
                 let ch = ["status", "data", "cmd", "ack", "x"][channel as usize % 5];
-                engine.handle(&topic(dev, ch), &payload, now);
+                deliver(&mut engine, dev, ch, &payload, now);
             }
             Op::Tick { ms } => {
                 now += Duration::milliseconds(ms as i64 * 10);
