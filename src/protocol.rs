@@ -406,7 +406,7 @@ fn scan_byte_array(s: &[u8], mut i: usize) -> Option<(Vec<u8>, usize)> {
     }
     i += 1;
     // Every element takes at least two characters ("7,").
-    let mut out = Vec::with_capacity(n / 2);
+    let mut out = Vec::with_capacity((n - i) / 2 + 1);
     // Compact firmware output (`[255,216,…]`) is taken in blocks (see
     // `scan_compact`); the last element, whitespace or anything unusual is
     // left to the loop below, at the same element, so the result is the same
@@ -455,6 +455,12 @@ fn scan_byte_array(s: &[u8], mut i: usize) -> Option<(Vec<u8>, usize)> {
             }
             _ => return None,
         }
+    }
+    // Sized for two characters per element; random image bytes take about
+    // 3.6, and the bytes then wait in the ingest queue and the commit
+    // batch: the unused half goes back (an in-place shrink).
+    if out.capacity() - out.len() > out.len() / 4 + 16 {
+        out.shrink_to_fit();
     }
     Some((out, i))
 }
