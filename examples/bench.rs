@@ -1216,6 +1216,13 @@ async fn scenario_burst(c: Common, devices: usize, registered: usize, connect_on
         "burst: resent {} chunks; gateway RSS {idle_rss:.1} MiB after start ({registered} registered), {:.1} MiB with {devices} connected and idle (of which {:.1} MiB file-backed; peak so far {:.1}), peak {rss:.1} MiB during the burst, {:.1} MiB 7 s after it, CPU {cpu:.1} s",
         r.resent, conn.rss, conn.file, conn.peak, after.rss
     );
+    if !connect_only && (!errors.is_empty() || !bad.is_empty() || ok != devices) {
+        eprintln!(
+            "burst FAILED: {ok} of {devices} images byte-exact; data dir kept: {}",
+            dir.display()
+        );
+        std::process::exit(1);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
