@@ -18,38 +18,11 @@ use std::time::Duration;
 /// a device's chunk count reaches the announced total (no validation, no
 /// storage, no missing_chunks: run it without loss).
 fn main() {
-    use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings};
+    use rumqttd::{Broker, Notification};
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let d = barngate::config::MqttConfig::default();
-    let server = ServerSettings {
-        name: "ceiling".into(),
-        listen: addr,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections: ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: d.max_payload_size,
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: false,
-        },
-    };
-    let config = Config {
-        id: 0,
-        router: RouterConfig {
-            max_connections: d.max_connections + 16,
-            max_outgoing_packet_count: 200,
-            max_segment_size: d.segment_size,
-            max_segment_count: d.segment_count,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v4: Some(HashMap::from([("v4".to_string(), server)])),
-        ..Default::default()
-    };
+    let config =
+        barngate::broker::rumqttd_config(&barngate::config::MqttConfig::default(), addr, None);
     let mut broker = Broker::new(config);
     let (mut tx, mut rx) = broker.link("ceiling").unwrap();
     tx.subscribe("ESP32CAM/#").unwrap();

@@ -119,11 +119,11 @@ fn free_loopback_port() -> Result<SocketAddr, BrokerError> {
     l.local_addr().map_err(BrokerError::Port)
 }
 
-/// Starts rumqttd on a loopback port, on its own threads, and returns the
-/// ingest's local link, already subscribed. `auth_secret`, when given, is
-/// the password every MQTT connection must present (the front supplies it).
-pub fn start(cfg: &MqttConfig, auth_secret: Option<String>) -> Result<EmbeddedBroker, BrokerError> {
-    let addr = free_loopback_port()?;
+/// The embedded broker's rumqttd settings: one plaintext v4 listener on
+/// `listen` (loopback), the router sized from `[mqtt]`. `auth_secret`, when
+/// given, is the password every connection must present. The benchmark's
+/// ceiling (`examples/ceiling.rs`) runs on the same settings.
+pub fn rumqttd_config(cfg: &MqttConfig, listen: SocketAddr, auth_secret: Option<String>) -> Config {
     let mut connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: cfg.max_payload_size,
@@ -132,7 +132,7 @@ pub fn start(cfg: &MqttConfig, auth_secret: Option<String>) -> Result<EmbeddedBr
         external_auth: None,
         dynamic_filters: false,
     };
-    if let Some(secret) = auth_secret.clone() {
+    if let Some(secret) = auth_secret {
         connections.set_auth_handler(move |_client_id, _user, pass| {
             let ok = pass == secret;
             async move { ok }
@@ -140,12 +140,12 @@ pub fn start(cfg: &MqttConfig, auth_secret: Option<String>) -> Result<EmbeddedBr
     }
     let server = ServerSettings {
         name: "barngate-loopback".into(),
-        listen: addr,
+        listen,
         tls: None,
         next_connection_delay_ms: 0,
         connections,
     };
-    let config = Config {
+    Config {
         id: 0,
         router: RouterConfig {
             max_connections: cfg.max_connections + 16,
@@ -158,7 +158,15 @@ pub fn start(cfg: &MqttConfig, auth_secret: Option<String>) -> Result<EmbeddedBr
         },
         v4: Some(HashMap::from([("loopback".to_string(), server)])),
         ..Default::default()
-    };
+    }
+}
+
+/// Starts rumqttd on a loopback port, on its own threads, and returns the
+/// ingest's local link, already subscribed. `auth_secret`, when given, is
+/// the password every MQTT connection must present (the front supplies it).
+pub fn start(cfg: &MqttConfig, auth_secret: Option<String>) -> Result<EmbeddedBroker, BrokerError> {
+    let addr = free_loopback_port()?;
+    let config = rumqttd_config(cfg, addr, auth_secret.clone());
     let mut broker = Broker::new(config);
     let (mut link_tx, link_rx) = broker.link("barngate-ingest")?;
     for f in INGEST_FILTERS {
