@@ -12,7 +12,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// rumqttd with the gateway's router settings and a local link subscribed to
+/// rumqttd with the gateway's settings (`broker::rumqttd_config`) and a local link subscribed to
 /// `ESP32CAM/#` that does nothing with chunks but count them; it answers
 /// HELLO with capture_image, METADATA with send_image, and sends ACK_OK when
 /// a device's chunk count reaches the announced total (no validation, no
