@@ -2,7 +2,8 @@
 //! on the loopback plaintext listener (the same session code as TLS): a
 //! device's publishes go to the ingest without the broker, the front answers
 //! QoS 1 itself, waits for the broker's SUBACK before a publish, keeps the
-//! device's keep-alive, and leaves retained and QoS 2 publishes to the broker.
+//! device's keep-alive, leaves retained and QoS 2 publishes to the broker, and
+//! closes a session whose broker never acknowledges it (`broker_timeout`).
 
 mod common;
 
@@ -295,4 +296,72 @@ async fn the_front_keeps_the_devices_keep_alive() {
     let pong = never.until(|t, _| t == 13).await;
     assert!(pong.iter().any(|(t, _)| *t == 13), "PINGRESP");
     gw.shutdown().await.unwrap();
+}
+
+/// If the broker never acknowledges the CONNECT, a device's publish is not
+/// handed to the ingest (its reply could not reach the device): the session
+/// closes after the handshake timeout with `broker_timeout`.
+#[tokio::test]
+async fn a_broker_that_never_acknowledges_closes_the_session() {
+    use barngate::front::{Front, FrontConfig};
+    use barngate::metrics::Metrics;
+    use std::sync::Arc;
+
+    // A "broker" that accepts and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let (to_ingest, from_front) = barngate::broker::ingest_queue();
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let front = Front::new(
+        FrontConfig {
+            upstream,
+            ingest: to_ingest,
+            secret: "secret".into(),
+            max_connections: 4,
+            max_handshakes: 4,
+            handshake_timeout: Duration::from_millis(300),
+            max_packet_size: 1 << 16,
+            passwords: barngate::devpass::PasswordStore::new(dir.path()),
+        },
+        metrics.clone(),
+        Default::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(front.run_plain(listener, stop_rx));
+
+    let mac = "AABBCC330001";
+    let mut dev = Raw::open(addr).await;
+    let mut first = encode(vec![connect(mac, 30)]);
+    first.extend_from_slice(&publish(
+        &format!("ESP32CAM/{mac}/status"),
+        &hello(mac),
+        1,
+        false,
+        1,
+    ));
+    let t0 = Instant::now();
+    dev.send(&first).await;
+    assert!(
+        dev.next(Duration::from_secs(10)).await.is_none(),
+        "closed, nothing sent"
+    );
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(5),
+        "closed after {took:?}"
+    );
+    assert_eq!(metrics.rejected("broker_timeout"), 1);
+    assert!(
+        from_front.is_empty(),
+        "the publish did not reach the ingest"
+    );
 }
