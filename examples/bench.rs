@@ -903,10 +903,8 @@ fn start_ceiling() -> (Proc, SocketAddr) {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    barngate::broker::free_loopback_port()
+        .expect("a free loopback port")
         .port()
 }
 

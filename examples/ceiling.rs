@@ -9,18 +9,17 @@
 use serde_json::Value;
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::time::Duration;
 
-/// rumqttd with the gateway's settings (`broker::rumqttd_config`) and a local link subscribed to
-/// `ESP32CAM/#` that does nothing with chunks but count them; it answers
-/// HELLO with capture_image, METADATA with send_image, and sends ACK_OK when
-/// a device's chunk count reaches the announced total (no validation, no
-/// storage, no missing_chunks: run it without loss).
+/// rumqttd with the gateway's settings (`broker::rumqttd_config`) and a
+/// local link subscribed to `ESP32CAM/#` that does nothing with chunks but
+/// count them; it answers HELLO with capture_image, METADATA with
+/// send_image, and sends ACK_OK when a device's chunk count reaches the
+/// announced total (no validation, no storage, no missing_chunks: run it
+/// without loss).
 fn main() {
     use rumqttd::{Broker, Notification};
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = barngate::broker::free_loopback_port().expect("a free loopback port");
     let config =
         barngate::broker::rumqttd_config(&barngate::config::MqttConfig::default(), addr, None);
     let mut broker = Broker::new(config);
@@ -95,12 +94,4 @@ fn main() {
 
 fn memfind(h: &[u8], n: &[u8]) -> bool {
     h.len() >= n.len() && h.windows(n.len()).take(64).any(|w| w == n)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

@@ -114,7 +114,8 @@ pub struct EmbeddedBroker {
     pub link_rx: LinkRx,
 }
 
-fn free_loopback_port() -> Result<SocketAddr, BrokerError> {
+/// A free port on 127.0.0.1 (bound, read, released).
+pub fn free_loopback_port() -> Result<SocketAddr, BrokerError> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(BrokerError::Port)?;
     l.local_addr().map_err(BrokerError::Port)
 }

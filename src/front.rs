@@ -20,8 +20,8 @@
 //! A device's QoS 0/1 PUBLISHes to its own topics (every chunk) do not go
 //! through the broker: the front hands them to the ingest queue
 //! ([`crate::broker::Inbound`]; a CHUNK already decoded, on the front's
-//! threads rather than the one ingest thread) and answers QoS 1 with its own PUBACK, written
-//! between whole packets of the broker's downlink. A publish waits until the
+//! threads rather than the one ingest thread) and answers QoS 1 with its own
+//! PUBACK, written between whole packets of the broker's downlink. A publish waits until the
 //! broker has acknowledged the device's CONNECT and SUBSCRIBEs, so the
 //! ingest's reply always finds the subscription in place. The front enforces
 //! the device's keep-alive itself (the broker, which no longer sees every
@@ -909,12 +909,13 @@ fn route(frame: BytesMut, device: &str, max: usize) -> Result<Route, Violation> 
     // ingest thread. Anything else (HELLO, METADATA, a bad message) goes
     // as it is, and the ingest parses and reports it.
     // (`u32::MAX`: the image size bound is METADATA's, which is not kept.)
-    let chunk = match p.topic.ends_with(b"/data") {
-        true => match DataMessage::parse(&p.payload, u32::MAX) {
+    let chunk = if p.topic.ends_with(b"/data") {
+        match DataMessage::parse(&p.payload, u32::MAX) {
             Ok(DataMessage::Chunk(c)) => Some(c),
             _ => None,
-        },
-        false => None,
+        }
+    } else {
+        None
     };
     let message = match chunk {
         Some(c) => Inbound {
