@@ -48,7 +48,8 @@ use tokio::sync::mpsc;
 // ~2 KiB chunk strings, rumqttc's and rustls's buffers, freed on another
 // worker thread than the one that made them); mimalloc leaves more of the
 // machine to the stack under test. The stacks keep their own allocators: the
-// gateway and the ceiling (a separate example) use the system one.
+// gateway's binary is built on mimalloc too (`src/main.rs`), the ceiling (a
+// separate example) uses the system one.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -280,6 +281,18 @@ impl Images {
         v[4..4 + n].copy_from_slice(&tag[..n]);
         v
     }
+    /// Every chunk message of device `idx`'s image, built before the wake:
+    /// building them during it had the load generator first-touch ~200 MB
+    /// at 1,000 devices, and in this VM fresh pages cost ~10 % of the
+    /// machine (kernel page zeroing) that the stack under test then lacked.
+    fn messages(&self, id: &str, idx: u64) -> Vec<Vec<u8>> {
+        let name = image_name(idx);
+        let img = self.image(idx);
+        let first = encode(self.enc, &img[..self.chunk.min(img.len())]);
+        (0..self.total())
+            .map(|i| self.chunk_msg(id, &name, &first, i))
+            .collect()
+    }
     /// Chunk at position `i` (0-based) as the firmware sends it (id = i + 1).
     fn chunk_msg(&self, id: &str, name: &str, first: &str, i: usize) -> Vec<u8> {
         use std::fmt::Write as _;
@@ -295,6 +308,10 @@ impl Images {
         );
         s.into_bytes()
     }
+}
+
+fn image_name(idx: u64) -> String {
+    format!("img_{idx:05}.jpg")
 }
 
 #[derive(Default)]
@@ -385,8 +402,9 @@ async fn wake(
     images: &Images,
     cfg: &LoadCfg,
     counters: &Counters,
+    mut prebuilt: Vec<Vec<u8>>,
 ) -> Wake {
-    let name = format!("img_{idx:05}.jpg");
+    let name = image_name(idx);
     let img = images.image(idx);
     let sha = hex::encode(sha2::Sha256::digest(&img));
     let first = encode(images.enc, &img[..images.chunk.min(img.len())]);
@@ -443,12 +461,17 @@ async fn wake(
                     continue;
                 }
                 counters.chunk_msgs.fetch_add(1, Ordering::Relaxed);
-                r = publish(pubd("data"), images.chunk_msg(id, &name, &first, i)).await;
+                let msg = match prebuilt.get_mut(i).map(std::mem::take) {
+                    Some(m) if !m.is_empty() => m,
+                    _ => images.chunk_msg(id, &name, &first, i),
+                };
+                r = publish(pubd("data"), msg).await;
                 if r.is_err() {
                     break;
                 }
             }
             first_pass = false;
+            prebuilt = Vec::new();
             r
         } else if let Some(ids) = v.get("missing_chunks").and_then(|m| m.as_array()) {
             counters.missing_rounds.fetch_add(1, Ordering::Relaxed);
@@ -627,6 +650,11 @@ async fn run_load(
             // overflow the listen backlog.
             tokio::time::sleep(Duration::from_millis((d / 50) as u64 * 20)).await;
             let conn = connect_retry(addr, &id, &cfg).await;
+            let prebuilt = if cfg.connect_only {
+                Vec::new()
+            } else {
+                images.messages(&id, d as u64)
+            };
             barrier.wait().await;
             go.wait().await;
             if cfg.connect_only {
@@ -655,7 +683,7 @@ async fn run_load(
                     }
                 }
             };
-            let w = wake(&mut conn, &id, d as u64, pending, &images, &cfg, &counters).await;
+            let w = wake(&mut conn, &id, d as u64, pending, &images, &cfg, &counters, prebuilt).await;
             let _ = conn.client.disconnect().await;
             tokio::time::sleep(Duration::from_millis(50)).await;
             conn.task.abort();
@@ -1258,7 +1286,7 @@ async fn scenario_crash(c: Common, devices: usize, trials: usize, seed: u64) {
                     Ok(c) => c,
                     Err(_) => return (d, img, None),
                 };
-                let w = wake(&mut conn, &id, img, 1, &images, &cfg, &counters).await;
+                let w = wake(&mut conn, &id, img, 1, &images, &cfg, &counters, Vec::new()).await;
                 conn.task.abort();
                 (d, img, Some(w))
             }));

@@ -352,7 +352,9 @@ impl Gateway {
 /// seconds after a 1,000-device burst with every device gone. When the number
 /// of open device connections has fallen by a good part since its high, the
 /// free heap pages go back to the kernel (`malloc_trim`, glibc only; a few
-/// milliseconds, at most once per check interval).
+/// milliseconds, at most once per check interval). The `barngate` binary
+/// allocates with mimalloc, which returns free pages itself after its purge
+/// delay; this keeps a library user on the system allocator as small.
 async fn release_freed_memory(
     metrics: Arc<crate::metrics::Metrics>,
     mut shutdown: watch::Receiver<bool>,

@@ -51,9 +51,9 @@ impl<P: Protocol> Network<P> {
     ) -> Network<P> {
         Network {
             socket,
-            // barngate patch: 4 KiB + 1 KiB (was 10 KiB each); both grow
-            // when a packet needs more.
-            read: BytesMut::with_capacity(4 * 1024),
+            // barngate patch: 1 KiB + 1 KiB (was 10 KiB each); both grow
+            // when a packet needs more (device payloads bypass this link).
+            read: BytesMut::with_capacity(1024),
             write: BytesMut::with_capacity(1024),
             max_incoming_size,
             max_connection_buffer_len,
