@@ -487,6 +487,65 @@ fn commas_and_digits(w: u64) -> (u64, u64) {
     (movemask(comma), movemask(!non_digit & HI))
 }
 
+/// Which of the 64 bytes of `b` are commas and which are digits, one bit
+/// each (bit k = byte k).
+#[inline]
+fn block_masks(b: &[u8; 64]) -> (u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        block_masks_sse2(b)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        block_masks_swar(b)
+    }
+}
+
+/// [`block_masks`] eight bytes at a time in `u64`s (any target).
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+#[inline]
+fn block_masks_swar(b: &[u8; 64]) -> (u64, u64) {
+    let (mut commas, mut digits) = (0u64, 0u64);
+    for k in 0..8 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[8 * k..8 * k + 8]);
+        let (c, d) = commas_and_digits(u64::from_le_bytes(w));
+        commas |= c << (8 * k);
+        digits |= d << (8 * k);
+    }
+    (commas, digits)
+}
+
+/// [`block_masks`] sixteen bytes at a time with SSE2, which every x86_64
+/// CPU has: a compare and a movemask per mask instead of the SWAR words'
+/// dozen operations (the mask computation was about a third of the scan).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn block_masks_sse2(b: &[u8; 64]) -> (u64, u64) {
+    use std::arch::x86_64::{
+        __m128i, _mm_add_epi8, _mm_cmpeq_epi8, _mm_cmplt_epi8, _mm_loadu_si128,
+        _mm_movemask_epi8, _mm_set1_epi8,
+    };
+    let (mut commas, mut digits) = (0u64, 0u64);
+    // SAFETY: SSE2 is part of the x86_64 baseline; each load reads 16 bytes
+    // inside `b` (unaligned loads are allowed).
+    unsafe {
+        let comma = _mm_set1_epi8(b',' as i8);
+        // Digits '0'..='9' (0x30..=0x39) moved to -128..=-119, so one signed
+        // compare finds them.
+        let shift = _mm_set1_epi8((0x80u8.wrapping_sub(b'0')) as i8);
+        let limit = _mm_set1_epi8((-128i8).wrapping_add(10));
+        for k in 0..4 {
+            let v = _mm_loadu_si128(b.as_ptr().add(16 * k) as *const __m128i);
+            let c = _mm_movemask_epi8(_mm_cmpeq_epi8(v, comma)) as u16;
+            let d = _mm_movemask_epi8(_mm_cmplt_epi8(_mm_add_epi8(v, shift), limit)) as u16;
+            commas |= u64::from(c) << (16 * k);
+            digits |= u64::from(d) << (16 * k);
+        }
+    }
+    (commas, digits)
+}
+
 /// The elements of a compact byte array (`255,216,0,…`, from `start`), 64
 /// bytes at a time: the block's commas and digits become bit masks, and each
 /// element's value is read from the four bytes before its comma, so no
@@ -508,15 +567,9 @@ fn scan_compact(s: &[u8], start: usize, out: &mut Vec<u8>) -> usize {
     let mut block = start;
     let mut bad = false;
     while block + 64 <= s.len() {
-        let (mut commas, mut digits) = (0u64, 0u64);
-        for k in 0..8 {
-            let at = block + 8 * k;
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&s[at..at + 8]);
-            let (c, d) = commas_and_digits(u64::from_le_bytes(w));
-            commas |= c << (8 * k);
-            digits |= d << (8 * k);
-        }
+        let mut b = [0u8; 64];
+        b.copy_from_slice(&s[block..block + 64]);
+        let (commas, digits) = block_masks(&b);
         // Only up to the first byte that is neither (usually the `]`).
         let clean = (!(commas | digits)).trailing_zeros();
         let mut m = if clean == 64 {
@@ -1184,6 +1237,24 @@ mod tests {
         fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = DataMessage::parse(&bytes, 1 << 20);
             let _ = Hello::parse(&bytes);
+        }
+
+        /// The SSE2 block masks are the SWAR ones, for any 64 bytes (drawn
+        /// mostly from the characters of a byte array, so both masks are
+        /// dense).
+        #[cfg(target_arch = "x86_64")]
+        #[test]
+        fn block_masks_sse2_match_swar(
+            block in proptest::collection::vec(
+                prop_oneof![
+                    4 => proptest::sample::select(b"0123456789,,]".to_vec()),
+                    1 => any::<u8>(),
+                ],
+                64),
+        ) {
+            let mut b = [0u8; 64];
+            b.copy_from_slice(&block);
+            prop_assert_eq!(block_masks_sse2(&b), block_masks_swar(&b));
         }
 
         /// The direct byte-array scan accepts exactly what serde accepts,
