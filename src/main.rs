@@ -203,7 +203,7 @@ enum SyncCmd {
 
 #[derive(Subcommand)]
 enum UpstreamCmd {
-    /// Create the upstream PostgreSQL tables if absent.
+    /// Create the upstream PostgreSQL tables and the object bucket if absent.
     InitSchema,
 }
 
@@ -444,8 +444,13 @@ async fn main() -> Result<()> {
         } => {
             init_tracing();
             let cfg = server::load_config(&cli.data_dir, cli.config.as_deref())?;
-            barngate::upstream::init_schema(&cfg.upstream).await?;
-            eprintln!("upstream schema ready");
+            let r = barngate::upstream::init_schema(&cfg.upstream).await?;
+            let bucket = &cfg.upstream.bucket;
+            if r.bucket_created {
+                eprintln!("upstream schema ready; bucket {bucket} created");
+            } else {
+                eprintln!("upstream schema ready; bucket {bucket} already there");
+            }
             Ok(())
         }
         Cmd::Configfile => {

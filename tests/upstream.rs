@@ -641,3 +641,40 @@ async fn retention_keeps_unuploaded_images_and_deletes_oldest_uploaded_first() {
         assert!(store.image_bytes(i + 1).unwrap().is_some());
     }
 }
+
+/// `upstream init-schema` creates a missing bucket (without the
+/// LocationConstraint that S3 and moto reject for us-east-1; with it for
+/// other regions), leaves an existing one alone, and uploads then go in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_schema_creates_a_missing_bucket() {
+    use barngate::upstream::objects::ObjectSink;
+    use barngate::upstream::InitReport;
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let mut fresh = upstream_config(&pg, &objects);
+    fresh.bucket = "fresh-images".into();
+    let created = InitReport {
+        bucket_created: true,
+    };
+    let there = InitReport {
+        bucket_created: false,
+    };
+    assert_eq!(upstream::init_schema(&fresh).await.unwrap(), created);
+    assert_eq!(upstream::init_schema(&fresh).await.unwrap(), there);
+    let existing = upstream_config(&pg, &objects);
+    assert_eq!(upstream::init_schema(&existing).await.unwrap(), there);
+    let mut eu = upstream_config(&pg, &objects);
+    eu.bucket = "fresh-images-eu".into();
+    eu.region = "eu-west-1".into();
+    assert_eq!(upstream::init_schema(&eu).await.unwrap(), created);
+    for cfg in [&fresh, &eu] {
+        let sink = ObjectSink::new(cfg).unwrap();
+        sink.put_verified("site/dev/x.jpg", b"\xff\xd8 an image")
+            .await
+            .unwrap();
+    }
+    let mut none = upstream_config(&pg, &objects);
+    none.bucket = String::new();
+    let e = upstream::init_schema(&none).await.unwrap_err().to_string();
+    assert!(e.contains("upstream.bucket"), "{e}");
+}

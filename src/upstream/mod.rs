@@ -509,8 +509,16 @@ enum Loaded {
     Gone,
 }
 
-/// `barngate upstream init-schema`: connects and creates the tables.
-pub async fn init_schema(cfg: &UpstreamConfig) -> Result<(), UpstreamError> {
+/// What `init_schema` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitReport {
+    /// The bucket was created (`false`: it was there already).
+    pub bucket_created: bool,
+}
+
+/// `barngate upstream init-schema`: connects, creates the tables, and
+/// creates the object bucket unless it exists.
+pub async fn init_schema(cfg: &UpstreamConfig) -> Result<InitReport, UpstreamError> {
     if cfg.postgres_url.trim().is_empty() {
         return Err(UpstreamError::Config(
             "upstream.postgres_url is empty (set it in the config or BARNGATE_UPSTREAM_POSTGRES_URL)"
@@ -518,7 +526,14 @@ pub async fn init_schema(cfg: &UpstreamConfig) -> Result<(), UpstreamError> {
         ));
     }
     let client = pg::connect(&cfg.postgres_url).await?;
-    pg::init_schema(&client).await
+    pg::init_schema(&client).await?;
+    if cfg.bucket.trim().is_empty() {
+        return Err(UpstreamError::Config(
+            "upstream.bucket is empty: the tables are ready, but no bucket was created".into(),
+        ));
+    }
+    let bucket_created = objects::ObjectSink::new(cfg)?.ensure_bucket(&cfg.region).await?;
+    Ok(InitReport { bucket_created })
 }
 
 #[cfg(test)]

@@ -116,6 +116,50 @@ impl ObjectSink {
         format!("{}/{}/{key}", self.endpoint, self.name)
     }
 
+    /// Creates the bucket unless it is already there (`upstream
+    /// init-schema`); `true` when it was created. S3 takes no
+    /// LocationConstraint for us-east-1 and rust-s3 sends one for every
+    /// custom endpoint's region, so the request is built here, with the
+    /// constraint only for other regions.
+    pub async fn ensure_bucket(&self, region: &str) -> Result<bool, UpstreamError> {
+        use s3::bucket_ops::BucketConfiguration;
+        use s3::command::Command;
+        use s3::request::tokio_backend::ReqwestRequest;
+        use s3::request::Request as _;
+        // A one-key listing tells whether the bucket is there (CreateBucket
+        // cannot: us-east-1 answers 200 for one's own existing bucket).
+        match self
+            .bucket
+            .list_page(String::new(), None, None, None, Some(1))
+            .await
+        {
+            Ok(_) => return Ok(false),
+            Err(S3Error::HttpFailWithBody(404, _)) => {}
+            Err(e) => return Err(s3_error(e)),
+        }
+        let mut config = BucketConfiguration::default();
+        if region != "us-east-1" {
+            config.set_region(self.bucket.region());
+        }
+        let request = ReqwestRequest::new(&self.bucket, "", Command::CreateBucket { config })
+            .await
+            .map_err(s3_error)?;
+        match request.response_data(false).await {
+            Ok(_) => Ok(true),
+            // BucketAlreadyOwnedByYou (or, on some servers, BucketAlreadyExists
+            // for one's own bucket): nothing to do.
+            Err(S3Error::HttpFailWithBody(409, body)) if body.contains("BucketAlreadyOwnedByYou") => {
+                Ok(false)
+            }
+            Err(S3Error::HttpFailWithBody(409, body)) => Err(UpstreamError::Objects(format!(
+                "bucket {} cannot be created: HTTP 409: {}",
+                self.name,
+                short(&body)
+            ))),
+            Err(e) => Err(s3_error(e)),
+        }
+    }
+
     /// Uploads (overwriting the same key is what makes a retry harmless) and
     /// verifies the stored object.
     pub async fn put_verified(&self, key: &str, bytes: &[u8]) -> Result<(), UpstreamError> {
