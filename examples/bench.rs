@@ -285,13 +285,18 @@ impl Images {
     /// building them during it had the load generator first-touch ~200 MB
     /// at 1,000 devices, and in this VM fresh pages cost ~10 % of the
     /// machine (kernel page zeroing) that the stack under test then lacked.
-    fn messages(&self, id: &str, idx: u64) -> Vec<Vec<u8>> {
+    /// The image's SHA-256 is taken here too (it was 7 % of the load
+    /// generator's time inside the wake).
+    fn prepare(&self, id: &str, idx: u64) -> Prepared {
         let name = image_name(idx);
         let img = self.image(idx);
         let first = encode(self.enc, &img[..self.chunk.min(img.len())]);
-        (0..self.total())
-            .map(|i| self.chunk_msg(id, &name, &first, i))
-            .collect()
+        Prepared {
+            msgs: (0..self.total())
+                .map(|i| self.chunk_msg(id, &name, &first, i))
+                .collect(),
+            sha256: hex::encode(sha2::Sha256::digest(&img)),
+        }
     }
     /// Chunk at position `i` (0-based) as the firmware sends it (id = i + 1).
     fn chunk_msg(&self, id: &str, name: &str, first: &str, i: usize) -> Vec<u8> {
@@ -308,6 +313,13 @@ impl Images {
         );
         s.into_bytes()
     }
+}
+
+/// A device's wake, built before it starts.
+#[derive(Default)]
+struct Prepared {
+    msgs: Vec<Vec<u8>>,
+    sha256: String,
 }
 
 fn image_name(idx: u64) -> String {
@@ -402,11 +414,14 @@ async fn wake(
     images: &Images,
     cfg: &LoadCfg,
     counters: &Counters,
-    mut prebuilt: Vec<Vec<u8>>,
+    prepared: Option<Prepared>,
 ) -> Wake {
     let name = image_name(idx);
     let img = images.image(idx);
-    let sha = hex::encode(sha2::Sha256::digest(&img));
+    let (mut prebuilt, sha) = match prepared {
+        Some(p) => (p.msgs, p.sha256),
+        None => (Vec::new(), hex::encode(sha2::Sha256::digest(&img))),
+    };
     let first = encode(images.enc, &img[..images.chunk.min(img.len())]);
     let mut w = Wake {
         id: id.to_string(),
@@ -650,11 +665,7 @@ async fn run_load(
             // overflow the listen backlog.
             tokio::time::sleep(Duration::from_millis((d / 50) as u64 * 20)).await;
             let conn = connect_retry(addr, &id, &cfg).await;
-            let prebuilt = if cfg.connect_only {
-                Vec::new()
-            } else {
-                images.messages(&id, d as u64)
-            };
+            let prepared = (!cfg.connect_only).then(|| images.prepare(&id, d as u64));
             barrier.wait().await;
             go.wait().await;
             if cfg.connect_only {
@@ -683,7 +694,7 @@ async fn run_load(
                     }
                 }
             };
-            let w = wake(&mut conn, &id, d as u64, pending, &images, &cfg, &counters, prebuilt).await;
+            let w = wake(&mut conn, &id, d as u64, pending, &images, &cfg, &counters, prepared).await;
             let _ = conn.client.disconnect().await;
             tokio::time::sleep(Duration::from_millis(50)).await;
             conn.task.abort();
@@ -1286,7 +1297,7 @@ async fn scenario_crash(c: Common, devices: usize, trials: usize, seed: u64) {
                     Ok(c) => c,
                     Err(_) => return (d, img, None),
                 };
-                let w = wake(&mut conn, &id, img, 1, &images, &cfg, &counters, Vec::new()).await;
+                let w = wake(&mut conn, &id, img, 1, &images, &cfg, &counters, None).await;
                 conn.task.abort();
                 (d, img, Some(w))
             }));
