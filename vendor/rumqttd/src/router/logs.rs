@@ -11,7 +11,7 @@ use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
 
 use crate::segments::{CommitLog, Position};
 use crate::Storage;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::time::Instant;
 
@@ -64,6 +64,10 @@ pub struct DataLog {
     /// barngate patch: the filters with a `+` or `#`, so that a new topic is
     /// matched against these only (wildcard-free ones by a map lookup).
     wildcard_filters: Vec<(Filter, FilterIdx)>,
+    /// barngate patch: the filters each connection has been parked on, so
+    /// that a disconnect visits those instead of every filter ever created
+    /// (two per device that ever connected: O(devices) per disconnect).
+    parked_on: HashMap<ConnectionId, HashSet<FilterIdx>>,
 }
 
 fn has_wildcard(filter: &str) -> bool {
@@ -99,6 +103,7 @@ impl DataLog {
             filter_indexes,
             retained_publishes,
             wildcard_filters,
+            parked_on: HashMap::new(),
         })
     }
 
@@ -266,15 +271,22 @@ impl DataLog {
         // filter as `request` is "done", that is, the subscriber has caught up. In other words,
         // there has been atleast 1 call to `native_readv` for the same filter, which means if
         // `native_readv` hasn't paniced, so this won't panic either.
-        let data = self.native.get_mut(request.filter_idx).unwrap();
+        let filter_idx = request.filter_idx;
+        let data = self.native.get_mut(filter_idx).unwrap();
         data.waiters.register(id, request);
+        self.parked_on.entry(id).or_default().insert(filter_idx);
     }
 
     /// Cleanup a connection from all the waiters
     pub fn clean(&mut self, id: ConnectionId) -> Vec<DataRequest> {
         let mut inflight = Vec::new();
-        for (_, data) in self.native.iter_mut() {
-            inflight.append(&mut data.waiters.remove(id));
+        // barngate patch: only the filters this connection was parked on (a
+        // superset of where it waits now; waiters taken by a notification
+        // leave their filter in the set, which costs only a lookup).
+        for filter_idx in self.parked_on.remove(&id).unwrap_or_default() {
+            if let Some(data) = self.native.get_mut(filter_idx) {
+                inflight.append(&mut data.waiters.remove(id));
+            }
         }
 
         inflight
