@@ -694,7 +694,10 @@ async fn run_load(
                     }
                 }
             };
-            let w = wake(&mut conn, &id, d as u64, pending, &images, &cfg, &counters, prepared).await;
+            let w = wake(
+                &mut conn, &id, d as u64, pending, &images, &cfg, &counters, prepared,
+            )
+            .await;
             let _ = conn.client.disconnect().await;
             tokio::time::sleep(Duration::from_millis(50)).await;
             conn.task.abort();

@@ -523,8 +523,8 @@ fn block_masks_swar(b: &[u8; 64]) -> (u64, u64) {
 #[inline]
 fn block_masks_sse2(b: &[u8; 64]) -> (u64, u64) {
     use std::arch::x86_64::{
-        __m128i, _mm_add_epi8, _mm_cmpeq_epi8, _mm_cmplt_epi8, _mm_loadu_si128,
-        _mm_movemask_epi8, _mm_set1_epi8,
+        __m128i, _mm_add_epi8, _mm_cmpeq_epi8, _mm_cmplt_epi8, _mm_loadu_si128, _mm_movemask_epi8,
+        _mm_set1_epi8,
     };
     let (mut commas, mut digits) = (0u64, 0u64);
     // SAFETY: SSE2 is part of the x86_64 baseline; each load reads 16 bytes

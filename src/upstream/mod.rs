@@ -532,7 +532,9 @@ pub async fn init_schema(cfg: &UpstreamConfig) -> Result<InitReport, UpstreamErr
             "upstream.bucket is empty: the tables are ready, but no bucket was created".into(),
         ));
     }
-    let bucket_created = objects::ObjectSink::new(cfg)?.ensure_bucket(&cfg.region).await?;
+    let bucket_created = objects::ObjectSink::new(cfg)?
+        .ensure_bucket(&cfg.region)
+        .await?;
     Ok(InitReport { bucket_created })
 }
 

@@ -148,7 +148,9 @@ impl ObjectSink {
             Ok(_) => Ok(true),
             // BucketAlreadyOwnedByYou (or, on some servers, BucketAlreadyExists
             // for one's own bucket): nothing to do.
-            Err(S3Error::HttpFailWithBody(409, body)) if body.contains("BucketAlreadyOwnedByYou") => {
+            Err(S3Error::HttpFailWithBody(409, body))
+                if body.contains("BucketAlreadyOwnedByYou") =>
+            {
                 Ok(false)
             }
             Err(S3Error::HttpFailWithBody(409, body)) => Err(UpstreamError::Objects(format!(
