@@ -146,8 +146,9 @@ impl ObjectSink {
             .map_err(s3_error)?;
         match request.response_data(false).await {
             Ok(_) => Ok(true),
-            // BucketAlreadyOwnedByYou (or, on some servers, BucketAlreadyExists
-            // for one's own bucket): nothing to do.
+            // Created meanwhile by this account: nothing to do. Any other
+            // conflict (BucketAlreadyExists: the name is someone else's) is
+            // an error that names the bucket.
             Err(S3Error::HttpFailWithBody(409, body))
                 if body.contains("BucketAlreadyOwnedByYou") =>
             {
