@@ -50,6 +50,7 @@ use tokio::sync::mpsc;
 // machine to the stack under test. The stacks keep their own allocators: the
 // gateway's binary is built on mimalloc too (`src/main.rs`), the ceiling (a
 // separate example) uses the system one.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -5,6 +5,8 @@
 // glibc malloc spent ~15–20 % of the gateway's CPU on that traffic (bench at
 // 1,000 devices: +15 % chunk msgs/s, −12 % CPU). Huge pages had 1,000 idle
 // connections cost 150+ MiB; without them the RSS stays under the target.
+// `--no-default-features` builds on the system allocator.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
