@@ -501,3 +501,39 @@ async fn futures_idle(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::T
     }
     v
 }
+
+/// Device A's session ends and device B connects, taking A's place in the
+/// broker (rumqttd reuses a closed connection's slot); A comes back. The
+/// replies to A reach A and never B. Guards the broker's disconnect
+/// clean-up of parked subscriptions (`vendor/rumqttd/PATCHES.md`,
+/// `DataLog::clean`): a waiter left behind would deliver A's commands to
+/// whichever connection got the slot next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_broker_slot_never_gets_another_devices_commands() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let (a, b) = ("AABBCCDD0101", "AABBCCDD0102");
+    issue(data.path(), a, out.path());
+    issue(data.path(), b, out.path());
+    let (ca, cb) = (
+        DeviceCerts::load(out.path(), a),
+        DeviceCerts::load(out.path(), b),
+    );
+    for _ in 0..3 {
+        let mut da = Device::connect_tls(gw.mqtt_addr, a, false, &ca).await;
+        da.hello(0).await;
+        da.recv().await;
+        da.client.disconnect().await.unwrap();
+        da.expect_disconnect(WAIT).await;
+        let mut db = Device::connect_tls(gw.mqtt_addr, b, false, &cb).await;
+        let mut da = Device::connect_tls(gw.mqtt_addr, a, false, &ca).await;
+        da.hello(0).await;
+        da.recv().await;
+        db.expect_silence(Duration::from_millis(500)).await;
+        for d in [da, db] {
+            d.client.disconnect().await.unwrap();
+        }
+    }
+    gw.shutdown().await.unwrap();
+}
