@@ -317,7 +317,6 @@ impl Images {
 }
 
 /// A device's wake, built before it starts.
-#[derive(Default)]
 struct Prepared {
     msgs: Vec<Vec<u8>>,
     sha256: String,
@@ -415,14 +414,14 @@ async fn wake(
     images: &Images,
     cfg: &LoadCfg,
     counters: &Counters,
-    prepared: Option<Prepared>,
+    prepared: Prepared,
 ) -> Wake {
     let name = image_name(idx);
     let img = images.image(idx);
-    let (mut prebuilt, sha) = match prepared {
-        Some(p) => (p.msgs, p.sha256),
-        None => (Vec::new(), hex::encode(sha2::Sha256::digest(&img))),
-    };
+    let Prepared {
+        msgs: mut prebuilt,
+        sha256: sha,
+    } = prepared;
     let first = encode(images.enc, &img[..images.chunk.min(img.len())]);
     let mut w = Wake {
         id: id.to_string(),
@@ -666,6 +665,7 @@ async fn run_load(
             // overflow the listen backlog.
             tokio::time::sleep(Duration::from_millis((d / 50) as u64 * 20)).await;
             let conn = connect_retry(addr, &id, &cfg).await;
+            // (Not for `connect_only`, which never wakes.)
             let prepared = (!cfg.connect_only).then(|| images.prepare(&id, d as u64));
             barrier.wait().await;
             go.wait().await;
@@ -696,7 +696,14 @@ async fn run_load(
                 }
             };
             let w = wake(
-                &mut conn, &id, d as u64, pending, &images, &cfg, &counters, prepared,
+                &mut conn,
+                &id,
+                d as u64,
+                pending,
+                &images,
+                &cfg,
+                &counters,
+                prepared.unwrap_or_else(|| images.prepare(&id, d as u64)),
             )
             .await;
             let _ = conn.client.disconnect().await;
@@ -1301,7 +1308,8 @@ async fn scenario_crash(c: Common, devices: usize, trials: usize, seed: u64) {
                     Ok(c) => c,
                     Err(_) => return (d, img, None),
                 };
-                let w = wake(&mut conn, &id, img, 1, &images, &cfg, &counters, None).await;
+                let prepared = images.prepare(&id, img);
+                let w = wake(&mut conn, &id, img, 1, &images, &cfg, &counters, prepared).await;
                 conn.task.abort();
                 (d, img, Some(w))
             }));
