@@ -555,7 +555,41 @@ fn block_masks_sse2(b: &[u8; 64]) -> (u64, u64) {
 /// starts: the array's last element, whitespace or anything else unusual is
 /// left to the caller. If any element it took is not canonical JSON for
 /// 0..=255 (empty, leading zero, over 255), it takes nothing.
+///
+/// The elements of a block are decoded eight at a time with AVX2 where the
+/// CPU has it (checked once, then cached by `std`), one at a time otherwise.
 fn scan_compact(s: &[u8], start: usize, out: &mut Vec<u8>) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { scan_compact_avx2(s, start, out) };
+    }
+    scan_blocks(s, start, out, decode_elements)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn scan_compact_avx2(s: &[u8], start: usize, out: &mut Vec<u8>) -> usize {
+    // SAFETY (of the closure): the caller checked AVX2; `scan_blocks` keeps
+    // `block` ≥ 4 and `block + 64` ≤ `s.len()`, what the gather needs.
+    scan_blocks(s, start, out, |s, block, elem, commas, vals| unsafe {
+        decode_elements_avx2(s, block, elem, commas, vals)
+    })
+}
+
+/// The block walk shared by both element decoders (see [`scan_compact`]).
+/// `decode(s, block, elem, commas, vals)` decodes the elements whose commas
+/// are the bits of `commas` (bit k = the byte at `block + k`; the element
+/// before the first comma starts at `elem`) into `vals`, and returns how
+/// many, whether any was not canonical, and where the element after the
+/// last comma starts.
+#[inline(always)]
+fn scan_blocks(
+    s: &[u8],
+    start: usize,
+    out: &mut Vec<u8>,
+    decode: impl Fn(&[u8], usize, usize, u64, &mut [u8; 72]) -> (usize, bool, usize),
+) -> usize {
     // Each element is read from the four bytes before its comma; an array
     // that close to the start of the message (never a real chunk's) is
     // left to the caller.
@@ -566,41 +600,23 @@ fn scan_compact(s: &[u8], start: usize, out: &mut Vec<u8>) -> usize {
     let mut elem = start;
     let mut block = start;
     let mut bad = false;
+    // At most one element per comma, 64 per block: collected here and
+    // appended once per block (8 spare bytes for the eight-wide stores).
+    let mut vals = [0u8; 72];
     while block + 64 <= s.len() {
         let mut b = [0u8; 64];
         b.copy_from_slice(&s[block..block + 64]);
         let (commas, digits) = block_masks(&b);
         // Only up to the first byte that is neither (usually the `]`).
         let clean = (!(commas | digits)).trailing_zeros();
-        let mut m = if clean == 64 {
+        let m = if clean == 64 {
             commas
         } else {
             commas & ((1u64 << clean) - 1)
         };
-        // At most one element per comma, 64 per block: collected here and
-        // appended once per block.
-        let mut vals = [0u8; 64];
-        let mut k = 0;
-        while m != 0 {
-            let comma = block + m.trailing_zeros() as usize;
-            m &= m - 1;
-            let len = comma - elem;
-            let mut w = [0u8; 4];
-            w.copy_from_slice(&s[comma - 4..comma]);
-            let d = u32::from_le_bytes(w) ^ 0x3030_3030;
-            // The element's digits are the top `len` bytes; the rest go.
-            // (A length outside 1..=3 is flagged below, whatever `sh` is.)
-            let sh = 8 * (4usize.wrapping_sub(len) & 3) as u32;
-            let m = d & (u32::MAX << sh);
-            let v = (m >> 24) + ((m >> 16) & 0xFF) * 10 + ((m >> 8) & 0xFF) * 100;
-            // Its first digit is the lowest kept byte: 0 with more after it
-            // is a leading zero.
-            let lead_zero = (len > 1) & ((d >> sh) & 0xFF == 0);
-            bad |= (len.wrapping_sub(1) > 2) | lead_zero | (v > 255);
-            vals[k & 63] = v as u8;
-            k += 1;
-            elem = comma + 1;
-        }
+        let (k, b, e) = decode(s, block, elem, m, &mut vals);
+        bad |= b;
+        elem = e;
         out.extend_from_slice(&vals[..k]);
         if clean < 64 {
             break;
@@ -612,6 +628,177 @@ fn scan_compact(s: &[u8], start: usize, out: &mut Vec<u8>) -> usize {
         return start;
     }
     elem
+}
+
+/// One element at a time (any target).
+fn decode_elements(
+    s: &[u8],
+    block: usize,
+    mut elem: usize,
+    mut m: u64,
+    vals: &mut [u8; 72],
+) -> (usize, bool, usize) {
+    let mut bad = false;
+    let mut k = 0;
+    while m != 0 {
+        let comma = block + m.trailing_zeros() as usize;
+        m &= m - 1;
+        let len = comma - elem;
+        let mut w = [0u8; 4];
+        w.copy_from_slice(&s[comma - 4..comma]);
+        let d = u32::from_le_bytes(w) ^ 0x3030_3030;
+        // The element's digits are the top `len` bytes; the rest go.
+        // (A length outside 1..=3 is flagged below, whatever `sh` is.)
+        let sh = 8 * (4usize.wrapping_sub(len) & 3) as u32;
+        let m = d & (u32::MAX << sh);
+        let v = (m >> 24) + ((m >> 16) & 0xFF) * 10 + ((m >> 8) & 0xFF) * 100;
+        // Its first digit is the lowest kept byte: 0 with more after it
+        // is a leading zero.
+        let lead_zero = (len > 1) & ((d >> sh) & 0xFF == 0);
+        bad |= (len.wrapping_sub(1) > 2) | lead_zero | (v > 255);
+        vals[k & 63] = v as u8;
+        k += 1;
+        elem = comma + 1;
+    }
+    (k, bad, elem)
+}
+
+/// For [`decode_elements_avx2`]: byte `i` of entry `m` is the index of
+/// the `i`-th set bit of `m` (0x80, which `pshufb` turns into 0, past the
+/// last one), so one shuffle gathers the bytes an 8-bit mask selects.
+#[cfg(target_arch = "x86_64")]
+static COMPRESS: [[u8; 8]; 256] = {
+    let mut t = [[0x80u8; 8]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let (mut bit, mut n) = (0, 0);
+        while bit < 8 {
+            if m & (1 << bit) != 0 {
+                t[m][n] = bit as u8;
+                n += 1;
+            }
+            bit += 1;
+        }
+        m += 1;
+    }
+    t
+};
+
+/// All the elements of a block at once with AVX2, no loop over elements:
+/// for every byte position q of the block, the vectors hold the four bytes
+/// before it, so the value of the element a comma at q ends (its digits
+/// are the byte before q and the up-to-two before that one) and whether it
+/// is canonical are computed for all 64 positions with byte arithmetic;
+/// then the values at the commas are packed together eight positions at a
+/// time with one shuffle from [`COMPRESS`]. Same results as
+/// [`decode_elements`] (proptest `avx2_elements_match_scalar`).
+///
+/// # Safety
+/// The CPU must have AVX2, and `4 <= block` and `block + 64 <= s.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn decode_elements_avx2(
+    s: &[u8],
+    block: usize,
+    elem: usize,
+    m: u64,
+    vals: &mut [u8; 72],
+) -> (usize, bool, usize) {
+    use std::arch::x86_64::*;
+    debug_assert!(block >= 4 && block + 64 <= s.len());
+    if m == 0 {
+        return (0, false, elem);
+    }
+    let zero = _mm256_set1_epi8(b'0' as i8);
+    let nine = _mm256_set1_epi8(9);
+    let (two, k3, five, six) = (
+        _mm256_set1_epi8(2),
+        _mm256_set1_epi8(3),
+        _mm256_set1_epi8(5),
+        _mm256_set1_epi8(6),
+    );
+    let nul = _mm256_setzero_si256();
+    // Byte minus '0', and where that is a digit (0..=9, unsigned).
+    let digit = |p: *const u8| {
+        let d = _mm256_sub_epi8(_mm256_loadu_si256(p as *const __m256i), zero);
+        (d, _mm256_cmpeq_epi8(_mm256_min_epu8(d, nine), d))
+    };
+    // x >= k, unsigned bytes.
+    let at_least = |x, k| _mm256_cmpeq_epi8(_mm256_max_epu8(x, k), x);
+    let mut value = [0u8; 64];
+    let mut bad_at = 0u64;
+    for half in 0..2 {
+        let q = s.as_ptr().add(block + 32 * half);
+        // d1: the element's last digit (the byte before the comma), d2 the
+        // one before, d3 the one before that; the fourth byte back must
+        // not be a digit.
+        let (d1, is1) = digit(q.sub(1));
+        let (d2, is2) = digit(q.sub(2));
+        let (d3, is3) = digit(q.sub(3));
+        let (_, is4) = digit(q.sub(4));
+        let two_plus = _mm256_and_si256(is1, is2);
+        let three_plus = _mm256_and_si256(two_plus, is3);
+        let three = _mm256_andnot_si256(is4, three_plus); // exactly three
+        let two_only = _mm256_andnot_si256(is3, two_plus);
+        // Wrapping byte arithmetic: right whenever the value is ≤ 255,
+        // and a value over 255 is flagged below anyway.
+        let x2 = _mm256_add_epi8(d2, d2);
+        let x8 = _mm256_add_epi8(_mm256_add_epi8(x2, x2), _mm256_add_epi8(x2, x2));
+        let tens = _mm256_and_si256(two_plus, _mm256_add_epi8(x8, x2));
+        let y4 = _mm256_add_epi8(_mm256_add_epi8(d3, d3), _mm256_add_epi8(d3, d3));
+        let y32 = _mm256_add_epi8(
+            _mm256_add_epi8(_mm256_add_epi8(y4, y4), _mm256_add_epi8(y4, y4)),
+            _mm256_add_epi8(_mm256_add_epi8(y4, y4), _mm256_add_epi8(y4, y4)),
+        );
+        let hundreds = _mm256_and_si256(
+            three_plus,
+            _mm256_add_epi8(_mm256_add_epi8(y32, y32), _mm256_add_epi8(y32, y4)),
+        );
+        let v = _mm256_add_epi8(d1, _mm256_add_epi8(tens, hundreds));
+        _mm256_storeu_si256(value.as_mut_ptr().add(32 * half) as *mut __m256i, v);
+        // Not canonical: no digit, four or more, a leading zero, over 255
+        // (three digits: 3xx.., 26x, 256..259).
+        let over = _mm256_and_si256(
+            three,
+            _mm256_or_si256(
+                at_least(d3, k3),
+                _mm256_and_si256(
+                    _mm256_cmpeq_epi8(d3, two),
+                    _mm256_or_si256(
+                        at_least(d2, six),
+                        _mm256_and_si256(_mm256_cmpeq_epi8(d2, five), at_least(d1, six)),
+                    ),
+                ),
+            ),
+        );
+        let lead_zero = _mm256_or_si256(
+            _mm256_and_si256(two_only, _mm256_cmpeq_epi8(d2, nul)),
+            _mm256_and_si256(three, _mm256_cmpeq_epi8(d3, nul)),
+        );
+        let bad = _mm256_or_si256(
+            _mm256_or_si256(_mm256_andnot_si256(is1, _mm256_set1_epi8(-1)), over),
+            _mm256_or_si256(lead_zero, _mm256_and_si256(three_plus, is4)),
+        );
+        bad_at |= u64::from(_mm256_movemask_epi8(bad) as u32) << (32 * half);
+    }
+    // The values at the commas, in order.
+    let mut k = 0;
+    for g in 0..8 {
+        let sel = (m >> (8 * g)) as u8;
+        let mut eight = [0u8; 8];
+        eight.copy_from_slice(&value[8 * g..8 * g + 8]);
+        let packed = _mm_shuffle_epi8(
+            _mm_cvtsi64_si128(i64::from_le_bytes(eight)),
+            _mm_cvtsi64_si128(i64::from_le_bytes(COMPRESS[usize::from(sel)])),
+        );
+        vals.as_mut_ptr()
+            .add(k)
+            .cast::<[u8; 8]>()
+            .write_unaligned((_mm_cvtsi128_si64(packed) as u64).to_le_bytes());
+        k += sel.count_ones() as usize;
+    }
+    let last = block + 63 - m.leading_zeros() as usize;
+    (k, bad_at & m != 0, last + 1)
 }
 
 fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
@@ -1255,6 +1442,38 @@ mod tests {
             let mut b = [0u8; 64];
             b.copy_from_slice(&block);
             prop_assert_eq!(block_masks_sse2(&b), block_masks_swar(&b));
+        }
+
+        /// The AVX2 element decoder takes the same elements as the scalar
+        /// one, with the same values and the same verdict, for compact
+        /// arrays with stray empty, long, zero-led and too-large elements.
+        #[cfg(target_arch = "x86_64")]
+        #[test]
+        fn avx2_elements_match_scalar(
+            items in proptest::collection::vec(0u32..256, 0..300),
+            odd in proptest::option::of((any::<prop::sample::Index>(), prop_oneof![
+                (256u32..1000).prop_map(|v| v.to_string()),
+                (0u32..100).prop_map(|v| format!("0{v}")),
+                Just(String::new()),
+                (1000u32..100_000).prop_map(|v| v.to_string()),
+                proptest::sample::select(vec!["x", "]", " 1", "-1", "2555"]).prop_map(String::from),
+            ])),
+            lead in 4usize..40,
+        ) {
+            prop_assume!(std::arch::is_x86_feature_detected!("avx2"));
+            let mut items: Vec<String> = items.iter().map(u32::to_string).collect();
+            if let Some((at, v)) = odd {
+                let at = at.index(items.len() + 1);
+                items.insert(at, v);
+            }
+            let text = format!("{}[{}]", "{".repeat(lead), items.join(","));
+            let start = lead + 1;
+            let (mut scalar, mut simd) = (vec![7u8], vec![7u8]);
+            let a = scan_blocks(text.as_bytes(), start, &mut scalar, decode_elements);
+            // SAFETY: AVX2 is present (assumed above).
+            let b = unsafe { scan_compact_avx2(text.as_bytes(), start, &mut simd) };
+            prop_assert_eq!(a, b);
+            prop_assert_eq!(scalar, simd);
         }
 
         /// The direct byte-array scan accepts exactly what serde accepts,
