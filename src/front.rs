@@ -846,7 +846,10 @@ fn own_topic(topic: &str, device: &str, allowed: &[Channel]) -> bool {
     let Ok(t) = parse_topic(topic) else {
         return false;
     };
-    allowed.contains(&t.channel) && normalize_device_id(t.wire_id).is_ok_and(|id| id == device)
+    // `device` is normalised, so the firmware's own spelling of it (the
+    // usual case) matches without normalising the topic's.
+    allowed.contains(&t.channel)
+        && (t.wire_id == device || normalize_device_id(t.wire_id).is_ok_and(|id| id == device))
 }
 
 fn check_publish_topic(topic: &[u8], device: &str) -> Result<(), Violation> {
