@@ -28,11 +28,13 @@ fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
 for stack, d in sorted(by.items()):
     xs = sorted(d)
     m = [med(d[x], "chunk_msgs_per_s") for x in xs]
-    a.errorbar(xs, [y for y, _, _ in m],
+    bars = a.errorbar(xs, [y for y, _, _ in m],
                yerr=[[y - lo for y, lo, _ in m], [hi - y for y, _, hi in m]],
                marker="o", capsize=3, label=stack)
-    b.plot(xs, [med(d[x], "p50_ms")[0] for x in xs], marker="o", label=f"{stack} p50")
-    b.plot(xs, [med(d[x], "p99_ms")[0] for x in xs], marker="x", linestyle="--", label=f"{stack} p99")
+    color = bars.lines[0].get_color()
+    b.plot(xs, [med(d[x], "p50_ms")[0] for x in xs], marker="o", color=color, label=f"{stack} p50")
+    b.plot(xs, [med(d[x], "p99_ms")[0] for x in xs], marker="x", linestyle="--", color=color,
+           label=f"{stack} p99")
 a.set(xlabel="devices (one 50 KB image each, 512 B chunks)", ylabel="chunk messages / s", title="Throughput")
 b.set(xlabel="devices", ylabel="HELLO → ACK_OK (ms)", title="Latency", yscale="log")
 for ax in (a, b):
