@@ -584,8 +584,8 @@ fn scan_compact(s: &[u8], start: usize, out: &mut Vec<u8>) -> usize {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn scan_compact_avx2(s: &[u8], start: usize, out: &mut Vec<u8>) -> usize {
-    // SAFETY (of the closure): the caller checked AVX2; `scan_blocks` keeps
-    // `block` ≥ 4 and `block + 64` ≤ `s.len()`, what the gather needs.
+    // SAFETY (of the closure): the caller checked AVX2 (the decoder checks
+    // its bounds itself).
     scan_blocks(s, start, out, |s, block, elem, commas, vals| unsafe {
         decode_elements_avx2(s, block, elem, commas, vals)
     })
@@ -709,7 +709,7 @@ static COMPRESS: [[u8; 8]; 256] = {
 /// [`decode_elements`] (proptest `vector_elements_match_scalar`).
 ///
 /// # Safety
-/// The CPU must have AVX2, and `4 <= block` and `block + 64 <= s.len()`.
+/// The CPU must have AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn decode_elements_avx2(
@@ -720,10 +720,13 @@ unsafe fn decode_elements_avx2(
     vals: &mut [u8; 72],
 ) -> (usize, bool, usize) {
     use std::arch::x86_64::*;
-    debug_assert!(block >= 4 && block + 64 <= s.len());
     if m == 0 {
         return (0, false, elem);
     }
+    // The loads below read s[block - 4 .. block + 64] (`scan_blocks` never
+    // asks for more; one compare per block keeps that out of the caller's
+    // hands).
+    assert!(block >= 4 && block + 64 <= s.len());
     let zero = _mm256_set1_epi8(b'0' as i8);
     let nine = _mm256_set1_epi8(9);
     let (two, k3, five, six) = (
