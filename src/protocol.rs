@@ -591,18 +591,17 @@ unsafe fn scan_compact_avx2(s: &[u8], start: usize, out: &mut Vec<u8>) -> usize 
     })
 }
 
-/// The block walk shared by both element decoders (see [`scan_compact`]).
+/// The block walk shared by the element decoders (see [`scan_compact`]).
 /// `decode(s, block, elem, commas, vals)` decodes the elements whose commas
-/// are the bits of `commas` (bit k = the byte at `block + k`; the element
-/// before the first comma starts at `elem`) into `vals`, and returns how
-/// many, whether any was not canonical, and where the element after the
-/// last comma starts.
+/// are the bits of `commas` (never 0; bit k = the byte at `block + k`; the
+/// element before the first comma starts at `elem`) into `vals`, and
+/// returns how many and whether any was not canonical.
 #[inline(always)]
 fn scan_blocks(
     s: &[u8],
     start: usize,
     out: &mut Vec<u8>,
-    decode: impl Fn(&[u8], usize, usize, u64, &mut [u8; 72]) -> (usize, bool, usize),
+    decode: impl Fn(&[u8], usize, usize, u64, &mut [u8; 72]) -> (usize, bool),
 ) -> usize {
     // Each element is read from the four bytes before its comma; an array
     // that close to the start of the message (never a real chunk's) is
@@ -628,10 +627,13 @@ fn scan_blocks(
         } else {
             commas & ((1u64 << clean) - 1)
         };
-        let (k, b, e) = decode(s, block, elem, m, &mut vals);
-        bad |= b;
-        elem = e;
-        out.extend_from_slice(&vals[..k]);
+        if m != 0 {
+            let (k, b) = decode(s, block, elem, m, &mut vals);
+            bad |= b;
+            out.extend_from_slice(&vals[..k]);
+            // The next element starts after the block's last comma.
+            elem = block + 64 - m.leading_zeros() as usize;
+        }
         if clean < 64 {
             break;
         }
@@ -652,7 +654,7 @@ fn decode_elements(
     mut elem: usize,
     mut m: u64,
     vals: &mut [u8; 72],
-) -> (usize, bool, usize) {
+) -> (usize, bool) {
     let mut bad = false;
     let mut k = 0;
     while m != 0 {
@@ -675,7 +677,7 @@ fn decode_elements(
         k += 1;
         elem = comma + 1;
     }
-    (k, bad, elem)
+    (k, bad)
 }
 
 /// For [`decode_elements_avx2`]: byte `i` of entry `m` is the index of
@@ -715,14 +717,11 @@ static COMPRESS: [[u8; 8]; 256] = {
 unsafe fn decode_elements_avx2(
     s: &[u8],
     block: usize,
-    elem: usize,
+    _elem: usize,
     m: u64,
     vals: &mut [u8; 72],
-) -> (usize, bool, usize) {
+) -> (usize, bool) {
     use std::arch::x86_64::*;
-    if m == 0 {
-        return (0, false, elem);
-    }
     // The loads below read s[block - 4 .. block + 64] (`scan_blocks` never
     // asks for more; one compare per block keeps that out of the caller's
     // hands).
@@ -758,8 +757,9 @@ unsafe fn decode_elements_avx2(
         let three_plus = _mm256_and_si256(two_plus, is3);
         let three = _mm256_andnot_si256(is4, three_plus); // exactly three
         let two_only = _mm256_andnot_si256(is3, two_plus);
-        // Wrapping byte arithmetic: right whenever the value is ≤ 255,
-        // and a value over 255 is flagged below anyway.
+        // Wrapping byte arithmetic (AVX2 has no byte multiply: 10·x = 8x +
+        // 2x, 100·y = 64y + 32y + 4y by doublings): right whenever the
+        // value is ≤ 255, and a value over 255 is flagged below anyway.
         let x2 = _mm256_add_epi8(d2, d2);
         let x8 = _mm256_add_epi8(_mm256_add_epi8(x2, x2), _mm256_add_epi8(x2, x2));
         let tens = _mm256_and_si256(two_plus, _mm256_add_epi8(x8, x2));
@@ -815,8 +815,7 @@ unsafe fn decode_elements_avx2(
             .write_unaligned((_mm_cvtsi128_si64(packed) as u64).to_le_bytes());
         k += sel.count_ones() as usize;
     }
-    let last = block + 63 - m.leading_zeros() as usize;
-    (k, bad_at & m != 0, last + 1)
+    (k, bad_at & m != 0)
 }
 
 /// [`decode_elements_avx2`] with NEON, sixteen positions at a time (NEON
@@ -827,14 +826,11 @@ unsafe fn decode_elements_avx2(
 fn decode_elements_neon(
     s: &[u8],
     block: usize,
-    elem: usize,
+    _elem: usize,
     m: u64,
     vals: &mut [u8; 72],
-) -> (usize, bool, usize) {
+) -> (usize, bool) {
     use std::arch::aarch64::*;
-    if m == 0 {
-        return (0, false, elem);
-    }
     // The loads below read s[block - 4 .. block + 64].
     assert!(block >= 4 && block + 64 <= s.len());
     let mut value = [0u8; 64];
@@ -902,8 +898,7 @@ fn decode_elements_neon(
             k += sel.count_ones() as usize;
         }
     }
-    let last = block + 63 - m.leading_zeros() as usize;
-    (k, bad_at & m != 0, last + 1)
+    (k, bad_at & m != 0)
 }
 
 fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
