@@ -41,6 +41,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 // The load generator shares the two cores with the stack it measures. With
@@ -108,6 +109,9 @@ struct Common {
     /// (`taskset`), so that neither takes the other's core.
     #[arg(long)]
     pin: bool,
+    /// The devices' MQTT client (see bench/RESULTS.md, "Eighth round").
+    #[arg(long, value_enum, default_value_t = Loader::Raw)]
+    loader: Loader,
     /// Give up on a wake after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
@@ -189,6 +193,7 @@ struct LoadCfg {
     seed: u64,
     /// Connect and subscribe, then disconnect without waking (memory probes).
     connect_only: bool,
+    loader: Loader,
 }
 
 impl LoadCfg {
@@ -206,6 +211,7 @@ impl LoadCfg {
             timeout: Duration::from_secs(c.timeout_s),
             seed: 7,
             connect_only: false,
+            loader: c.loader,
         }
     }
 }
@@ -348,13 +354,254 @@ struct Wake {
     error: Option<String>,
 }
 
-struct Conn {
+// ---------------------------------------------------------------- device connections
+
+/// Which MQTT client the load generator's devices use.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Loader {
+    /// A lean client: MQTT 3.1.1 packets encoded in place, over
+    /// tokio-rustls over a buffered socket. Every packet is still its own
+    /// TLS record, as firmware sends it, but a wake's chunks leave in a few
+    /// large socket writes instead of one system call each: the generator
+    /// shares the two cores with the stack it measures, so what it spends
+    /// is taken from the stack.
+    Raw,
+    /// rumqttc's `AsyncClient` (the sixth- and seventh-round figures): one
+    /// channel hop, one task wake-up and one `write` per publish.
+    Rumqttc,
+}
+
+enum Conn {
+    Mqttc(MqttcConn),
+    Raw(RawConn),
+}
+
+struct MqttcConn {
     client: AsyncClient,
     rx: mpsc::Receiver<(String, Value)>,
     task: tokio::task::JoinHandle<()>,
 }
 
+impl Conn {
+    /// Queues (raw) or sends (rumqttc) one QoS 1 publish.
+    async fn publish(&mut self, topic: &str, payload: &[u8]) -> Result<(), String> {
+        match self {
+            Conn::Mqttc(c) => c
+                .client
+                .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+                .await
+                .map_err(|e| e.to_string()),
+            Conn::Raw(c) => c.publish(topic, payload).await,
+        }
+    }
+
+    /// The next message the stack sends the device; `None` once the
+    /// connection is gone. Sends whatever `publish` queued first.
+    async fn recv(&mut self) -> Option<(String, Value)> {
+        match self {
+            Conn::Mqttc(c) => c.rx.recv().await,
+            Conn::Raw(c) => c.recv().await.ok(),
+        }
+    }
+
+    async fn disconnect(self) {
+        match self {
+            Conn::Mqttc(c) => {
+                let _ = c.client.disconnect().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                c.task.abort();
+            }
+            Conn::Raw(mut c) => {
+                let _ = c.io.write_all(&[0xE0, 0x00]).await;
+                let _ = c.io.flush().await;
+                let _ = c.io.shutdown().await;
+            }
+        }
+    }
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// The lean client (`Loader::Raw`).
+struct RawConn {
+    /// TLS over a buffered socket (records pile up in the socket buffer
+    /// until a flush), or the buffered socket alone.
+    io: Box<dyn Io>,
+    rbuf: bytes::BytesMut,
+    /// One packet, built here and then written whole (one TLS record).
+    wbuf: Vec<u8>,
+    pkid: u16,
+    /// Queued writes not yet flushed.
+    dirty: bool,
+}
+
+/// The socket buffer: 64 KiB, so a 100-chunk wake (≈ 200 KB of JSON)
+/// leaves in four writes.
+const RAW_BUF: usize = 64 * 1024;
+
+fn tls_client(ca: &[u8], dir: &Path, id: &str) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca) {
+        roots
+            .add(c.map_err(|e| format!("CA: {e}"))?)
+            .map_err(|e| format!("CA: {e}"))?;
+    }
+    let cert_path = dir.join(format!("{id}.crt.pem"));
+    let certs = CertificateDer::pem_file_iter(&cert_path)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", cert_path.display()))?;
+    let key_path = dir.join(format!("{id}.key.pem"));
+    let key = PrivateKeyDer::from_pem_file(&key_path)
+        .map_err(|e| format!("{}: {e}", key_path.display()))?;
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| e.to_string())
+}
+
+impl RawConn {
+    async fn connect(addr: SocketAddr, id: &str, cfg: &LoadCfg) -> Result<RawConn, String> {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let sock = tokio::io::BufStream::with_capacity(RAW_BUF, RAW_BUF, tcp);
+        let io: Box<dyn Io> = match &cfg.tls {
+            Some((ca, dir)) => {
+                let conf = tls_client(ca, dir, id)?;
+                let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+                let tls = tokio_rustls::TlsConnector::from(Arc::new(conf))
+                    .connect(name, sock)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                Box::new(tls)
+            }
+            None => Box::new(sock),
+        };
+        let mut c = RawConn {
+            io,
+            rbuf: bytes::BytesMut::with_capacity(4096),
+            wbuf: Vec::with_capacity(4096),
+            pkid: 0,
+            dirty: false,
+        };
+        let mut connect = rumqttc::Connect::new(id);
+        connect.keep_alive = 60;
+        connect.clean_session = true;
+        c.send(|b| connect.write(b)).await?;
+        match c.packet().await? {
+            Packet::ConnAck(a) if a.code == rumqttc::ConnectReturnCode::Success => {}
+            p => return Err(format!("{id}: refused: {p:?}")),
+        }
+        for ch in ["cmd", "ack"] {
+            let pkid = c.next_pkid();
+            let sub = rumqttc::Subscribe::new(format!("ESP32CAM/{id}/{ch}"), QoS::AtLeastOnce);
+            let sub = rumqttc::Subscribe { pkid, ..sub };
+            c.send(|b| sub.write(b)).await?;
+        }
+        let mut subacks = 0;
+        while subacks < 2 {
+            if let Packet::SubAck(_) = c.packet().await? {
+                subacks += 1;
+            }
+        }
+        Ok(c)
+    }
+
+    fn next_pkid(&mut self) -> u16 {
+        self.pkid = self.pkid.checked_add(1).unwrap_or(1);
+        self.pkid
+    }
+
+    /// Encodes one packet with rumqttc's codec and writes it (one record).
+    async fn send(
+        &mut self,
+        enc: impl FnOnce(&mut bytes::BytesMut) -> Result<usize, rumqttc::mqttbytes::Error>,
+    ) -> Result<(), String> {
+        let mut b = bytes::BytesMut::new();
+        enc(&mut b).map_err(|e| e.to_string())?;
+        self.io.write_all(&b).await.map_err(|e| e.to_string())?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// A QoS 1 PUBLISH, encoded in place (fixed header, remaining length,
+    /// topic, packet id, payload) and written as one record.
+    async fn publish(&mut self, topic: &str, payload: &[u8]) -> Result<(), String> {
+        let pkid = self.next_pkid();
+        let w = &mut self.wbuf;
+        w.clear();
+        w.push(0x32);
+        let mut len = 2 + topic.len() + 2 + payload.len();
+        loop {
+            let byte = (len % 128) as u8;
+            len /= 128;
+            w.push(if len > 0 { byte | 0x80 } else { byte });
+            if len == 0 {
+                break;
+            }
+        }
+        w.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        w.extend_from_slice(topic.as_bytes());
+        w.extend_from_slice(&pkid.to_be_bytes());
+        w.extend_from_slice(payload);
+        self.io.write_all(&self.wbuf).await.map_err(|e| e.to_string())?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Reads the next packet, flushing queued writes before it waits.
+    async fn packet(&mut self) -> Result<Packet, String> {
+        loop {
+            match rumqttc::mqttbytes::v4::read(&mut self.rbuf, 1 << 20) {
+                Ok(p) => return Ok(p),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            if self.dirty {
+                self.io.flush().await.map_err(|e| e.to_string())?;
+                self.dirty = false;
+            }
+            self.rbuf.reserve(4096);
+            let n = self
+                .io
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("connection closed".into());
+            }
+        }
+    }
+
+    /// The next PUBLISH to the device (PUBACKing it), skipping PUBACKs.
+    async fn recv(&mut self) -> Result<(String, Value), String> {
+        loop {
+            if let Packet::Publish(p) = self.packet().await? {
+                if p.qos == QoS::AtLeastOnce {
+                    let ack = rumqttc::PubAck::new(p.pkid);
+                    self.send(|b| ack.write(b)).await?;
+                }
+                let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                return Ok((p.topic, v));
+            }
+        }
+    }
+}
+
 async fn connect(addr: SocketAddr, id: &str, cfg: &LoadCfg) -> Result<Conn, String> {
+    match cfg.loader {
+        Loader::Raw => Ok(Conn::Raw(RawConn::connect(addr, id, cfg).await?)),
+        Loader::Rumqttc => connect_rumqttc(addr, id, cfg).await.map(Conn::Mqttc),
+    }
+}
+
+async fn connect_rumqttc(addr: SocketAddr, id: &str, cfg: &LoadCfg) -> Result<MqttcConn, String> {
     let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
     opts.set_keep_alive(Duration::from_secs(60));
     opts.set_max_packet_size(1 << 20, 1 << 20);
@@ -396,7 +643,7 @@ async fn connect(addr: SocketAddr, id: &str, cfg: &LoadCfg) -> Result<Conn, Stri
             _ => return Err(format!("{id}: no SUBACK")),
         }
     }
-    Ok(Conn { client, rx, task })
+    Ok(MqttcConn { client, rx, task })
 }
 
 struct Rng(u64);
@@ -446,19 +693,16 @@ async fn wake(
         "pressure": 1013.0, "gas_resistance": 100.0
     })
     .to_string();
+    let data = pubd("data");
     let t0 = Instant::now();
-    let publish = |topic: String, payload: Vec<u8>| {
-        let c = conn.client.clone();
-        async move { c.publish(topic, QoS::AtLeastOnce, false, payload).await }
-    };
-    if let Err(e) = publish(pubd("status"), hello.into_bytes()).await {
+    if let Err(e) = conn.publish(&pubd("status"), hello.as_bytes()).await {
         w.error = Some(format!("publish HELLO: {e}"));
         return w;
     }
     let deadline = t0 + cfg.timeout;
     let mut first_pass = true;
     loop {
-        let msg = tokio::time::timeout_at(deadline.into(), conn.rx.recv()).await;
+        let msg = tokio::time::timeout_at(deadline.into(), conn.recv()).await;
         let (topic, v) = match msg {
             Ok(Some(m)) => m,
             Ok(None) => {
@@ -473,7 +717,7 @@ async fn wake(
         let r = if v.get("capture_image").is_some()
             || (topic.ends_with("/ack") && v["image_name"] == "" && v.get("ACK_OK").is_some())
         {
-            publish(pubd("data"), meta.clone().into_bytes()).await
+            conn.publish(&data, meta.as_bytes()).await
         } else if v.get("send_image").is_some() {
             let mut r = Ok(());
             for i in 0..total {
@@ -485,7 +729,7 @@ async fn wake(
                     Some(m) if !m.is_empty() => m,
                     _ => images.chunk_msg(id, &name, &first, i),
                 };
-                r = publish(pubd("data"), msg).await;
+                r = conn.publish(&data, &msg).await;
                 if r.is_err() {
                     break;
                 }
@@ -504,7 +748,7 @@ async fn wake(
                 }
                 counters.chunk_msgs.fetch_add(1, Ordering::Relaxed);
                 counters.resent.fetch_add(1, Ordering::Relaxed);
-                r = publish(pubd("data"), images.chunk_msg(id, &name, &first, i)).await;
+                r = conn.publish(&data, &images.chunk_msg(id, &name, &first, i)).await;
                 if r.is_err() {
                     break;
                 }
@@ -650,6 +894,7 @@ async fn run_load(
     pending: u32,
     cfg: &LoadCfg,
     watch: Option<u32>,
+    stack_pid: Option<u32>,
 ) -> LoadResult {
     let images = Arc::new(Images::new(cfg.image_size, cfg.chunk, cfg.enc));
     let counters = Arc::new(Counters::default());
@@ -676,9 +921,7 @@ async fn run_load(
             go.wait().await;
             if cfg.connect_only {
                 if let Ok(conn) = conn {
-                    let _ = conn.client.disconnect().await;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    conn.task.abort();
+                    conn.disconnect().await;
                 }
                 return Wake {
                     id,
@@ -711,9 +954,7 @@ async fn run_load(
                 prepared.unwrap_or_else(|| images.prepare(&id, d as u64)),
             )
             .await;
-            let _ = conn.client.disconnect().await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            conn.task.abort();
+            conn.disconnect().await;
             w
         }));
     }
@@ -735,6 +976,8 @@ async fn run_load(
         tokio::time::sleep(Duration::from_millis(ms)).await;
         eprintln!("waking");
     }
+    let me = std::process::id();
+    let (own0, stack0) = (cpu_secs(me), stack_pid.map(cpu_secs));
     go.wait().await;
     let t0 = Instant::now();
     let mut wakes = Vec::new();
@@ -752,6 +995,15 @@ async fn run_load(
     } else {
         t0.elapsed().as_secs_f64()
     };
+    eprintln!(
+        "wake: {:.2} s; load generator {:.2} CPU s{}",
+        t0.elapsed().as_secs_f64(),
+        cpu_secs(me) - own0,
+        match (stack_pid, stack0) {
+            (Some(pid), Some(c0)) => format!(", stack {:.2} CPU s", cpu_secs(pid) - c0),
+            _ => String::new(),
+        }
+    );
     LoadResult {
         devices: n,
         elapsed,
@@ -1115,7 +1367,7 @@ async fn scenario_run(
                     };
                     let (mut p, addr) = start_gateway(&c, &dir);
                     let cpu0 = cpu_secs(p.pid());
-                    let r = run_load(addr, RUN_BASE, n, 0, &cfg, None).await;
+                    let r = run_load(addr, RUN_BASE, n, 0, &cfg, None, Some(p.pid())).await;
                     let cpu = cpu_secs(p.pid()) - cpu0;
                     let rss = peak_rss_mib(p.pid());
                     p.term();
@@ -1126,7 +1378,7 @@ async fn scenario_run(
                 "ceiling" => {
                     let (mut p, addr) = start_ceiling();
                     let cpu0 = cpu_secs(p.pid());
-                    let r = run_load(addr, RUN_BASE, n, 0, &plain, None).await;
+                    let r = run_load(addr, RUN_BASE, n, 0, &plain, None, Some(p.pid())).await;
                     let cpu = cpu_secs(p.pid()) - cpu0;
                     let rss = peak_rss_mib(p.pid());
                     p.kill9();
@@ -1136,7 +1388,7 @@ async fn scenario_run(
                     let dir = tmpdir(&format!("seed{n}"));
                     let (mut m, mut w, addr) = start_seed(&c, &dir);
                     let cpu0 = cpu_secs(m.pid()) + cpu_secs(w.pid());
-                    let r = run_load(addr, RUN_BASE, n, 0, &plain, None).await;
+                    let r = run_load(addr, RUN_BASE, n, 0, &plain, None, Some(w.pid())).await;
                     let cpu = cpu_secs(m.pid()) + cpu_secs(w.pid()) - cpu0;
                     let rss = peak_rss_mib(m.pid()) + peak_rss_mib(w.pid());
                     w.kill9();
@@ -1284,7 +1536,7 @@ async fn scenario_burst(c: Common, devices: usize, registered: usize, connect_on
     let (mut p, addr) = start_gateway(&c, &dir);
     let idle_rss = peak_rss_mib(p.pid());
     let cpu0 = cpu_secs(p.pid());
-    let r = run_load(addr, BURST_BASE, devices, 0, &cfg, Some(p.pid())).await;
+    let r = run_load(addr, BURST_BASE, devices, 0, &cfg, Some(p.pid()), Some(p.pid())).await;
     let cpu = cpu_secs(p.pid()) - cpu0;
     let rss = peak_rss_mib(p.pid());
     // What stays resident once the wake is over and the devices are gone.
@@ -1359,7 +1611,9 @@ async fn scenario_crash(c: Common, devices: usize, trials: usize, seed: u64) {
                 };
                 let prepared = images.prepare(&id, img);
                 let w = wake(&mut conn, &id, img, 1, &images, &cfg, &counters, prepared).await;
-                conn.task.abort();
+                if let Conn::Mqttc(c) = conn {
+                    c.task.abort();
+                }
                 (d, img, Some(w))
             }));
         }
@@ -1475,7 +1729,7 @@ fn main() {
                     connect_only,
                     ..LoadCfg::from(&c)
                 };
-                let r = run_load(addr, LOAD_BASE, devices, 0, &cfg, watch_pid).await;
+                let r = run_load(addr, LOAD_BASE, devices, 0, &cfg, watch_pid, watch_pid).await;
                 if let Some(m) = r.connected {
                     println!(
                         "connected: {devices} devices, RSS {:.1} MiB (peak {:.1})",
