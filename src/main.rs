@@ -284,7 +284,12 @@ fn init_tracing() {
     tracing_subscriber::registry()
         .with(filter)
         .with(no_broker_spans)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colour codes only on a terminal, not in a file or the journal.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .init();
 }
 

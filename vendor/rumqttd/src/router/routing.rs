@@ -413,7 +413,9 @@ impl Router {
         let client_id = match &self.obufs.get(id) {
             Some(v) => v.client_id.clone(),
             None => {
-                error!("no-connection id {} is already gone", id);
+                // barngate patch: a DISCONNECT packet followed by the socket closing
+                // is the normal end of a session, not an error.
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };
@@ -433,7 +435,9 @@ impl Router {
             let outgoing = match self.obufs.get_mut(id) {
                 Some(v) => v,
                 None => {
-                    error!("no-connection id {} is already gone", id);
+                    // barngate patch: a DISCONNECT packet followed by the socket closing
+                // is the normal end of a session, not an error.
+                debug!("no-connection id {} is already gone", id);
                     return;
                 }
             };
