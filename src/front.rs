@@ -926,6 +926,19 @@ async fn next_frame<R: AsyncRead + Unpin>(
     }
 }
 
+/// Reads beyond the first per uplink pass (each up to 4 KiB).
+const PASS_READS: usize = 16;
+
+/// One read that does not wait: true if it added bytes to `buf`. EOF and
+/// errors are left to the next waiting read, which reports them.
+fn read_now<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> bool {
+    use std::future::Future;
+    buf.reserve(4096);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let read = std::pin::pin!(r.read_buf(buf));
+    matches!(read.poll(&mut cx), std::task::Poll::Ready(Ok(n)) if n > 0)
+}
+
 /// The next whole packet already in `buf`, if any (no read).
 fn ready_frame(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, Violation> {
     if buf.is_empty() {
@@ -1067,7 +1080,7 @@ impl Uplink<'_> {
         buf: &mut BytesMut,
         up_w: &mut W,
         mut acks: watch::Receiver<u64>,
-        pubacks: mpsc::Sender<u16>,
+        pubacks: mpsc::Sender<Vec<u8>>,
     ) -> Result<(), Violation>
     where
         R: AsyncRead + Unpin,
@@ -1105,11 +1118,23 @@ impl Uplink<'_> {
             let mut next = Some(first);
             let mut run = BytesMut::new();
             let mut violation = None;
+            // The pass's PUBACKs, encoded, go to the downlink together once
+            // the pass is routed: one hand-over and one TLS record for a
+            // whole read instead of one per publish.
+            let mut acks_out = Vec::new();
+            let mut extra = 0;
             loop {
                 let frame = match next.take() {
                     Some(f) => f,
                     None => match ready_frame(buf, self.max_packet) {
                         Ok(Some(f)) => f,
+                        // What the socket already holds joins the pass (a
+                        // TLS read yields one or two records), up to a
+                        // bound so one device cannot hold the thread.
+                        Ok(None) if extra < PASS_READS && read_now(dev_r, buf) => {
+                            extra += 1;
+                            continue;
+                        }
                         Ok(None) => break,
                         Err(v) => {
                             violation = Some(v);
@@ -1141,9 +1166,7 @@ impl Uplink<'_> {
                             .await
                             .map_err(|_| Violation::Io("the ingest has stopped".into()))?;
                         if let Some(pkid) = puback {
-                            if pubacks.send(pkid).await.is_err() {
-                                return Ok(());
-                            }
+                            acks_out.extend_from_slice(&puback_packet(pkid));
                         }
                     }
                     Err(v) => {
@@ -1154,6 +1177,9 @@ impl Uplink<'_> {
             }
             if !run.is_empty() {
                 to_broker(up_w, &run).await?;
+            }
+            if !acks_out.is_empty() && pubacks.send(acks_out).await.is_err() {
+                return Ok(());
             }
             if let Some(v) = violation {
                 return Err(v);
@@ -1174,7 +1200,7 @@ async fn to_broker<W: AsyncWrite + Unpin>(up_w: &mut W, bytes: &[u8]) -> Result<
 async fn downlink<R, W>(
     up_r: &mut R,
     dev_w: &mut W,
-    mut pubacks: mpsc::Receiver<u16>,
+    mut pubacks: mpsc::Receiver<Vec<u8>>,
     acks: watch::Sender<u64>,
 ) -> std::io::Result<()>
 where
@@ -1208,12 +1234,12 @@ where
                 }
             }
             p = pubacks.recv() => match p {
-                Some(pkid) => ours.extend_from_slice(&puback(pkid)),
+                Some(acks) => ours.extend_from_slice(&acks),
                 None => return Ok(()),
             },
         }
-        while let Ok(pkid) = pubacks.try_recv() {
-            ours.extend_from_slice(&puback(pkid));
+        while let Ok(acks) = pubacks.try_recv() {
+            ours.extend_from_slice(&acks);
         }
         if whole > 0 {
             let broker_bytes = from_broker.split_to(whole);
@@ -1228,7 +1254,7 @@ where
 }
 
 /// An MQTT 3.1.1 PUBACK.
-fn puback(pkid: u16) -> [u8; 4] {
+fn puback_packet(pkid: u16) -> [u8; 4] {
     let [hi, lo] = pkid.to_be_bytes();
     [0x40, 0x02, hi, lo]
 }

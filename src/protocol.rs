@@ -630,7 +630,12 @@ fn scan_blocks(
         if m != 0 {
             let (k, b) = decode(s, block, elem, m, &mut vals);
             bad |= b;
-            out.extend_from_slice(&vals[..k]);
+            // All 72 bytes, then cut back to k: a fixed-size copy the
+            // compiler inlines, where `&vals[..k]` was a memcpy call per
+            // block (1 % of the machine in the 1,000-device wake).
+            let len = out.len();
+            out.extend_from_slice(&vals);
+            out.truncate(len + k);
             // The next element starts after the block's last comma.
             elem = block + 64 - m.leading_zeros() as usize;
         }

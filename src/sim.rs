@@ -1698,7 +1698,8 @@ impl Simulation {
                     self.restarts += 1;
                     warn!(?kind, "simulated gateway restart");
                     if kind == RestartKind::Graceful {
-                        let out = e.commit(now)?;
+                        // As `serve` shuts down: everything to disk.
+                        let out = e.flush(now)?;
                         self.route(out, now);
                     }
                     drop(e);
