@@ -808,6 +808,9 @@ struct ReadAhead<S> {
     /// `buf[pos..end]` is read and not yet handed out.
     pos: usize,
     end: usize,
+    /// Size of the next buffer: 4 KiB until a read fills one (handshakes,
+    /// CONNECT, a few commands), then [`READ_AHEAD`].
+    cap: usize,
 }
 
 const READ_AHEAD: usize = 32 * 1024;
@@ -819,6 +822,7 @@ impl<S> ReadAhead<S> {
             buf: None,
             pos: 0,
             end: 0,
+            cap: 4096,
         }
     }
 }
@@ -836,13 +840,18 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
                 me.buf = None;
                 return std::pin::Pin::new(&mut me.inner).poll_read(cx, out);
             }
-            let buf = me
-                .buf
-                .get_or_insert_with(|| Box::new_uninit_slice(READ_AHEAD));
+            let cap = me.cap;
+            if me.buf.as_ref().is_some_and(|b| b.len() < cap) {
+                me.buf = None;
+            }
+            let buf = me.buf.get_or_insert_with(|| Box::new_uninit_slice(cap));
             let mut rb = tokio::io::ReadBuf::uninit(buf);
             match std::pin::Pin::new(&mut me.inner).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
                     (me.pos, me.end) = (0, rb.filled().len());
+                    if me.end == me.cap && me.cap < READ_AHEAD {
+                        me.cap = READ_AHEAD;
+                    }
                     if me.end == 0 {
                         me.buf = None;
                         return Poll::Ready(Ok(()));
@@ -933,7 +942,8 @@ const PASS_READS: usize = 16;
 /// errors are left to the next waiting read, which reports them.
 fn read_now<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> bool {
     use std::future::Future;
-    buf.reserve(4096);
+    // As `next_frame`: an idle device's buffer stays small.
+    buf.reserve(if buf.is_empty() { 512 } else { 4096 });
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     let read = std::pin::pin!(r.read_buf(buf));
     matches!(read.poll(&mut cx), std::task::Poll::Ready(Ok(n)) if n > 0)
