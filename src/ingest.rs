@@ -93,9 +93,6 @@ impl Active {
     }
 }
 
-/// Bound on [`Engine`]'s held chunks: 64 streaming 50 KB images.
-const HOLD_BYTES: usize = 4 << 20;
-
 pub struct Engine {
     cfg: IngestConfig,
     site: SiteConfig,
@@ -111,13 +108,6 @@ pub struct Engine {
     next_alert_id: u64,
     registrations: u64,
     batch: Batch,
-    /// Chunks of captures in a streaming slot, kept out of the database
-    /// until the image completes (at most [`HOLD_BYTES`]): most images
-    /// arrive within a few commits, and writing their chunks as PARTIALS
-    /// runs, merging and reading them back cost more than the final write.
-    /// Unacknowledged, like the open batch: a crash loses them and the
-    /// device is asked for them again.
-    held: Vec<(u64, u32, Vec<u8>)>,
     outbound: Vec<Publish>,
     /// When `crate::alerts` rules last ran (clock time).
     alerts_evaluated_at: Option<DateTime<Utc>>,
@@ -168,7 +158,6 @@ impl Engine {
             next_alert_id,
             registrations,
             batch: Batch::default(),
-            held: Vec::new(),
             outbound: Vec::new(),
             alerts_evaluated_at: None,
         })
@@ -219,7 +208,6 @@ impl Engine {
         durable: bool,
     ) -> Result<Vec<Publish>, IngestError> {
         let (mut batch, mut out) = self.take();
-        self.hold_streaming(&mut batch, durable);
         if batch.is_empty() && out.is_empty() {
             if durable {
                 // Persist earlier relaxed commits too.
@@ -238,47 +226,6 @@ impl Engine {
             .commands_sent
             .fetch_add(out.len() as u64, Ordering::Relaxed);
         Ok(out)
-    }
-
-    /// Moves the held chunks into `batch` (before its own: newer wins) and
-    /// takes back those of captures still streaming that are neither
-    /// completed nor dropped by it, up to [`HOLD_BYTES`]. `all`: hold
-    /// nothing (shutdown).
-    fn hold_streaming(&mut self, batch: &mut Batch, all: bool) {
-        if !self.held.is_empty() {
-            let mut chunks = std::mem::take(&mut self.held);
-            chunks.append(&mut batch.chunks);
-            batch.chunks = chunks;
-        }
-        if all || batch.chunks.is_empty() {
-            return;
-        }
-        let mut hold: HashSet<u64> = self
-            .streaming
-            .iter()
-            .filter_map(|k| self.active.get(k).map(|a| a.rec.id))
-            .collect();
-        for f in &batch.finalize {
-            hold.remove(&f.capture_id);
-        }
-        for c in &batch.drop_chunks {
-            hold.remove(c);
-        }
-        if hold.is_empty() {
-            return;
-        }
-        let mut bytes = 0;
-        let (mut keep, mut commit) = (Vec::new(), Vec::with_capacity(batch.chunks.len()));
-        for c in batch.chunks.drain(..) {
-            if hold.contains(&c.0) && bytes + c.2.len() <= HOLD_BYTES {
-                bytes += c.2.len();
-                keep.push(c);
-            } else {
-                commit.push(c);
-            }
-        }
-        batch.chunks = commit;
-        self.held = keep;
     }
 
     fn after_failed_finalize(
@@ -661,7 +608,7 @@ impl Engine {
         for (id, len) in self.store.chunk_lengths(rec.id)? {
             chunks.insert(id, len);
         }
-        for (cid, id, bytes) in self.held.iter().chain(&self.batch.chunks) {
+        for (cid, id, bytes) in &self.batch.chunks {
             if *cid == rec.id {
                 chunks.insert(*id, bytes.len() as u32);
             }
@@ -938,11 +885,6 @@ impl Engine {
     }
 
     fn release_slot(&mut self, key: &Key, now: DateTime<Utc>) {
-        // Held chunks of a capture leaving its slot go to the database with
-        // the next commit, which this makes sure of.
-        if !self.held.is_empty() {
-            self.batch.since.get_or_insert_with(std::time::Instant::now);
-        }
         self.waiting.retain(|k| k != key);
         if self.streaming.remove(key) {
             while self.streaming.len() < self.cfg.max_streaming {
@@ -1169,7 +1111,6 @@ impl Engine {
             );
             // Chunk contents disagree with the announcement: start the image over.
             self.batch.chunks.retain(|(cid, _, _)| *cid != a.rec.id);
-            self.held.retain(|(cid, _, _)| *cid != a.rec.id);
             a.chunks.clear();
             self.active.insert(key.clone(), a);
             return self.fail_and_forget_chunks(key, reason, now);
