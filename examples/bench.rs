@@ -1618,9 +1618,11 @@ async fn scenario_crash(c: Common, devices: usize, trials: usize, seed: u64) {
             }));
         }
         if !last {
-            // Within the wake: 50 devices connect and deliver in ~100–200 ms
-            // here, so a later kill would mostly land after the last ACK_OK.
-            let delay = Duration::from_millis(5 + (rng.next() * 250.0) as u64);
+            // Within the wake: 50 devices connect and deliver in ~60–150 ms
+            // here (the lean client; ~100–200 ms with rumqttc), so a later
+            // kill would mostly land after the last ACK_OK.
+            let span = if cfg.loader == Loader::Raw { 130.0 } else { 250.0 };
+            let delay = Duration::from_millis(5 + (rng.next() * span) as u64);
             tokio::time::sleep(delay).await;
             p.kill9();
         }
