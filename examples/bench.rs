@@ -550,7 +550,10 @@ impl RawConn {
         w.extend_from_slice(topic.as_bytes());
         w.extend_from_slice(&pkid.to_be_bytes());
         w.extend_from_slice(payload);
-        self.io.write_all(&self.wbuf).await.map_err(|e| e.to_string())?;
+        self.io
+            .write_all(&self.wbuf)
+            .await
+            .map_err(|e| e.to_string())?;
         self.dirty = true;
         Ok(())
     }
@@ -748,7 +751,9 @@ async fn wake(
                 }
                 counters.chunk_msgs.fetch_add(1, Ordering::Relaxed);
                 counters.resent.fetch_add(1, Ordering::Relaxed);
-                r = conn.publish(&data, &images.chunk_msg(id, &name, &first, i)).await;
+                r = conn
+                    .publish(&data, &images.chunk_msg(id, &name, &first, i))
+                    .await;
                 if r.is_err() {
                     break;
                 }
@@ -1536,7 +1541,16 @@ async fn scenario_burst(c: Common, devices: usize, registered: usize, connect_on
     let (mut p, addr) = start_gateway(&c, &dir);
     let idle_rss = peak_rss_mib(p.pid());
     let cpu0 = cpu_secs(p.pid());
-    let r = run_load(addr, BURST_BASE, devices, 0, &cfg, Some(p.pid()), Some(p.pid())).await;
+    let r = run_load(
+        addr,
+        BURST_BASE,
+        devices,
+        0,
+        &cfg,
+        Some(p.pid()),
+        Some(p.pid()),
+    )
+    .await;
     let cpu = cpu_secs(p.pid()) - cpu0;
     let rss = peak_rss_mib(p.pid());
     // What stays resident once the wake is over and the devices are gone.
@@ -1621,7 +1635,11 @@ async fn scenario_crash(c: Common, devices: usize, trials: usize, seed: u64) {
             // Within the wake: 50 devices connect and deliver in ~60–150 ms
             // here (the lean client; ~100–200 ms with rumqttc), so a later
             // kill would mostly land after the last ACK_OK.
-            let span = if cfg.loader == Loader::Raw { 130.0 } else { 250.0 };
+            let span = if cfg.loader == Loader::Raw {
+                130.0
+            } else {
+                250.0
+            };
             let delay = Duration::from_millis(5 + (rng.next() * span) as u64);
             tokio::time::sleep(delay).await;
             p.kill9();

@@ -872,9 +872,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         };
         let n = out.remaining().min(me.end - me.pos);
         // SAFETY: `buf[..end]` was filled by the read above.
-        let filled = unsafe {
-            std::slice::from_raw_parts(buf[me.pos..].as_ptr().cast::<u8>(), n)
-        };
+        let filled = unsafe { std::slice::from_raw_parts(buf[me.pos..].as_ptr().cast::<u8>(), n) };
         out.put_slice(filled);
         me.pos += n;
         Poll::Ready(Ok(()))
