@@ -1293,6 +1293,41 @@ fn check_packet(frame: &BytesMut, device: &str, max: usize) -> Result<(), Violat
 mod tests {
     use super::*;
 
+    /// rustls' 4 KiB reads through the read-ahead get every byte in order,
+    /// and the buffer is gone once the socket has nothing more.
+    #[tokio::test]
+    async fn read_ahead_passes_every_byte_and_frees_when_idle() {
+        let (mut w, r) = tokio::io::duplex(8 * 1024);
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            for part in sent.chunks(3_000) {
+                w.write_all(part).await.unwrap();
+            }
+            w
+        });
+        let mut ra = ReadAhead::new(r);
+        let mut got = Vec::new();
+        while got.len() < data.len() {
+            let mut b = [0u8; 4096];
+            let n = ra.read(&mut b).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&b[..n]);
+        }
+        assert_eq!(got, data);
+        // A filled 4 KiB buffer moved it to the full size.
+        assert_eq!(ra.cap, READ_AHEAD);
+        let _w = writer.await.unwrap();
+        // Nothing left to read: the read is pending and the buffer freed.
+        let mut b = [0u8; 16];
+        let mut b = tokio::io::ReadBuf::new(&mut b);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(std::pin::Pin::new(&mut ra)
+            .poll_read(&mut cx, &mut b)
+            .is_pending());
+        assert!(ra.buf.is_none());
+    }
+
     #[test]
     fn topic_rules() {
         let d = "AABBCCDDEEFF";
