@@ -316,10 +316,11 @@ fn skip_ws(s: &[u8], mut i: usize) -> usize {
 /// it as a `RawValue`) took ~100 instructions per byte, most of a chunk's
 /// ingest cost. This walks the top-level object once (strings skipped, no
 /// nesting), decodes a canonical `"payload":[n,…]` directly, and returns
-/// the decoded bytes plus the message with the payload replaced by `[]`
-/// for serde to read the small remaining fields. `None` (serde reads the
-/// whole message, with its usual errors) for anything unusual: nested
-/// values, escaped or repeated keys, non-canonical numbers, no payload.
+/// the decoded bytes with the other fields of a plain chunk ([`Envelope`]);
+/// for any other fields, serde reads the message with the payload replaced
+/// by `[]` ([`Split::rest`]). `None` (serde reads the whole message, with
+/// its usual errors) for anything unusual: nested values, escaped or
+/// repeated keys, non-canonical numbers, no payload.
 fn split_payload(s: &[u8]) -> Option<Split<'_>> {
     let mut env = Envelope::default();
     let mut i = skip_ws(s, 0);
