@@ -868,7 +868,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             }
         }
         let Some(buf) = me.buf.as_ref() else {
-            return std::task::Poll::Ready(Ok(()));
+            return Poll::Ready(Ok(()));
         };
         let n = out.remaining().min(me.end - me.pos);
         // SAFETY: `buf[..end]` was filled by the read above.
@@ -1326,6 +1326,46 @@ mod tests {
             .poll_read(&mut cx, &mut b)
             .is_pending());
         assert!(ra.buf.is_none());
+    }
+
+    /// Publishes already in the socket are routed in one pass, and their
+    /// PUBACKs reach the downlink as one batch, in order.
+    #[tokio::test]
+    async fn a_pass_takes_what_is_readable_and_batches_its_pubacks() {
+        let device = "AABBCCDDEEFF";
+        let topic = format!("ESP32CAM/{device}/status");
+        let mut wire = Vec::new();
+        for pkid in 1..=10u16 {
+            let payload = br#"{"status":"alive"}"#;
+            wire.push(0x32);
+            wire.push((2 + topic.len() + 2 + payload.len()) as u8);
+            wire.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+            wire.extend_from_slice(topic.as_bytes());
+            wire.extend_from_slice(&pkid.to_be_bytes());
+            wire.extend_from_slice(payload);
+        }
+        let (mut w, mut r) = tokio::io::duplex(64 * 1024);
+        w.write_all(&wire).await.unwrap();
+        drop(w);
+        let (ingest, queued) = flume::bounded(64);
+        let (_acks_tx, acks_rx) = watch::channel(1u64);
+        let (puback_tx, mut puback_rx) = mpsc::channel(PUBACK_QUEUE);
+        let up = Uplink {
+            device,
+            max_packet: 1 << 20,
+            keep_alive: 0,
+            ack_wait: Duration::from_secs(5),
+            ingest: &ingest,
+        };
+        let mut buf = BytesMut::with_capacity(512);
+        up.run(&mut r, &mut buf, &mut tokio::io::sink(), acks_rx, puback_tx)
+            .await
+            .unwrap();
+        assert_eq!(queued.len(), 10);
+        let batch = puback_rx.recv().await.expect("one batch");
+        let want: Vec<u8> = (1..=10u16).flat_map(puback_packet).collect();
+        assert_eq!(batch, want);
+        assert!(puback_rx.recv().await.is_none(), "a second batch");
     }
 
     #[test]
