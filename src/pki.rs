@@ -776,17 +776,19 @@ impl Pki {
         }
         let (chain, key) = self.server_identity()?;
 
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(tls_provider(aes_in_hardware()));
         let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .map_err(|e| PkiError::Tls(e.to_string()))?;
         let verifier = Arc::new(RevocationCheckingVerifier { inner, revoked });
-        rustls::ServerConfig::builder_with_provider(provider)
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| PkiError::Tls(e.to_string()))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
-            .map_err(|e| PkiError::Tls(e.to_string()))
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+        config.ignore_client_order = true;
+        Ok(config)
     }
 
     /// A rustls server configuration for the password listener: the same
@@ -796,13 +798,15 @@ impl Pki {
             return Err(PkiError::NoCa(self.dir.clone()));
         }
         let (chain, key) = self.server_identity()?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        rustls::ServerConfig::builder_with_provider(provider)
+        let provider = Arc::new(tls_provider(aes_in_hardware()));
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| PkiError::Tls(e.to_string()))?
             .with_no_client_auth()
             .with_single_cert(chain, key)
-            .map_err(|e| PkiError::Tls(e.to_string()))
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+        config.ignore_client_order = true;
+        Ok(config)
     }
 
     /// The gateway's certificate chain and key.
@@ -824,6 +828,62 @@ impl Pki {
             .map_err(pem_err(&cert_path))?;
         let key = PrivateKeyDer::from_pem_file(&key_path).map_err(pem_err(&key_path))?;
         Ok((chain, key))
+    }
+}
+
+/// True when this CPU has AES and carry-less multiplication instructions
+/// (x86_64 AES-NI + PCLMULQDQ, aarch64 AES + PMULL), so AES-GCM runs in
+/// hardware. A Raspberry Pi 4 (Cortex-A72 in the BCM2711) has neither; a
+/// Pi 5 (Cortex-A76) has both.
+pub fn aes_in_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// ring's provider with the cipher suites in the gateway's order, which
+/// its server configurations apply over the client's (`ignore_client_order`):
+/// AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305 where AES-GCM runs in
+/// hardware; ChaCha20-Poly1305 first where it does not (software AES is
+/// several times slower than ChaCha20 there). rustls clients, like many,
+/// put AES-256-GCM first. Every suite stays available: only the choice
+/// among those a client offers changes.
+pub fn tls_provider(aes_hardware: bool) -> rustls::crypto::CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| cipher_rank(s.suite(), aes_hardware));
+    provider
+}
+
+/// Position of a suite in [`tls_provider`]'s order (stable sort: TLS 1.3
+/// and 1.2 suites keep ring's relative order within a rank).
+fn cipher_rank(suite: rustls::CipherSuite, aes_hardware: bool) -> u8 {
+    let name = format!("{suite:?}");
+    let kind = if name.contains("AES_128_GCM") {
+        0
+    } else if name.contains("AES_256_GCM") {
+        1
+    } else if name.contains("CHACHA20") {
+        2
+    } else {
+        3
+    };
+    match (aes_hardware, kind) {
+        (false, 2) => 0,
+        (false, k) if k < 2 => k + 1,
+        (_, k) => k,
     }
 }
 
@@ -1640,6 +1700,90 @@ mod tests {
             }
         }
         panic!("handshake did not finish");
+    }
+
+    #[test]
+    fn cipher_order_follows_the_hardware() {
+        use rustls::CipherSuite as C;
+        let order = |aes| -> Vec<C> {
+            tls_provider(aes)
+                .cipher_suites
+                .iter()
+                .map(|s| s.suite())
+                .collect()
+        };
+        let with = order(true);
+        let tls13 = |v: &[C]| -> Vec<C> {
+            v.iter()
+                .copied()
+                .filter(|c| format!("{c:?}").starts_with("TLS13_"))
+                .collect()
+        };
+        assert_eq!(
+            tls13(&with),
+            &[
+                C::TLS13_AES_128_GCM_SHA256,
+                C::TLS13_AES_256_GCM_SHA384,
+                C::TLS13_CHACHA20_POLY1305_SHA256
+            ]
+        );
+        let without = order(false);
+        assert_eq!(
+            tls13(&without),
+            &[
+                C::TLS13_CHACHA20_POLY1305_SHA256,
+                C::TLS13_AES_128_GCM_SHA256,
+                C::TLS13_AES_256_GCM_SHA384
+            ]
+        );
+        let pos = |v: &[C], c: C| v.iter().position(|x| *x == c).unwrap();
+        // TLS 1.2 suites follow the same rule.
+        assert!(
+            pos(&with, C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)
+                < pos(&with, C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256)
+        );
+        assert!(
+            pos(&without, C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256)
+                < pos(&without, C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)
+        );
+        // Nothing is dropped.
+        assert_eq!(
+            with.len(),
+            rustls::crypto::ring::default_provider().cipher_suites.len()
+        );
+        assert_eq!(without.len(), with.len());
+    }
+
+    #[test]
+    fn the_server_picks_its_own_cipher_order_over_the_clients() {
+        let (tmp, pki) = new_pki();
+        pki.init_ca(&CaInitOptions::default()).unwrap();
+        let dev = pki
+            .issue_device("B8F862F9CFB8", 825, &tmp.path().join("dev"))
+            .unwrap();
+        let ca_pem = pki.ca_cert_pem().unwrap();
+        let cert = fs::read_to_string(&dev.paths.cert).unwrap();
+        let key = fs::read_to_string(&dev.paths.key).unwrap();
+        let server = Arc::new(
+            pki.server_tls_config(pki.shared_revoked().unwrap())
+                .unwrap(),
+        );
+        let want = tls_provider(aes_in_hardware());
+        for tls12 in [false, true] {
+            // rustls' client offers AES-256-GCM first.
+            let s = handshake(
+                client_config(&ca_pem, Some((&cert, &key)), tls12),
+                server.clone(),
+            )
+            .unwrap();
+            let got = s.negotiated_cipher_suite().unwrap();
+            let first = want
+                .cipher_suites
+                .iter()
+                .find(|c| c.version() == got.version())
+                .unwrap();
+            assert_eq!(got.suite(), first.suite(), "tls12={tls12}");
+        }
     }
 
     #[test]
