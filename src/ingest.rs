@@ -99,9 +99,9 @@ pub struct Engine {
     schedule: Schedule,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
-    devices: HashMap<String, Device>,
-    active: HashMap<Key, Active>,
-    streaming: HashSet<Key>,
+    devices: HashMap<String, Device, ahash::RandomState>,
+    active: HashMap<Key, Active, ahash::RandomState>,
+    streaming: HashSet<Key, ahash::RandomState>,
     waiting: VecDeque<Key>,
     open_alerts: HashMap<(String, &'static str), AlertRecord>,
     next_capture_id: u64,
@@ -149,9 +149,9 @@ impl Engine {
             schedule,
             store,
             metrics,
-            devices: HashMap::new(),
-            active: HashMap::new(),
-            streaming: HashSet::new(),
+            devices: HashMap::default(),
+            active: HashMap::default(),
+            streaming: HashSet::default(),
             waiting: VecDeque::new(),
             open_alerts,
             next_capture_id,
@@ -910,30 +910,30 @@ impl Engine {
             .store(self.waiting.len() as u64, Ordering::Relaxed);
     }
 
-    fn on_chunk(&mut self, mac: &str, c: Chunk, now: DateTime<Utc>) {
+    fn on_chunk(&mut self, mac: &str, mut c: Chunk, now: DateTime<Utc>) {
         Metrics::inc(&self.metrics.chunks);
-        let key = (mac.to_string(), c.image_name.clone());
+        let key = (mac.to_string(), std::mem::take(&mut c.image_name));
         if !self.active.contains_key(&key) {
-            let rec = match self.lookup_capture(mac, &c.image_name) {
+            let rec = match self.lookup_capture(mac, &key.1) {
                 Ok(Some(r)) if r.state == CaptureState::Complete => {
                     Metrics::inc(&self.metrics.chunk_duplicates);
-                    debug!(device = %mac, image = %c.image_name, chunk = c.chunk_id, "chunk for a complete image ignored");
+                    debug!(device = %mac, image = %key.1, chunk = c.chunk_id, "chunk for a complete image ignored");
                     return;
                 }
                 Ok(Some(r)) => r,
                 Ok(None) => {
-                    info!(device = %mac, image = %c.image_name, "chunk before METADATA: kept");
-                    let mut r = self.new_capture(mac, &c.image_name, 1, now);
+                    info!(device = %mac, image = %key.1, "chunk before METADATA: kept");
+                    let mut r = self.new_capture(mac, &key.1, 1, now);
                     r.state = CaptureState::Receiving;
                     r
                 }
                 Err(e) => {
-                    warn!(device = %mac, image = %c.image_name, error = %e, "cannot read captures; chunk dropped");
+                    warn!(device = %mac, image = %key.1, error = %e, "cannot read captures; chunk dropped");
                     return;
                 }
             };
             if let Err(e) = self.activate(rec, now) {
-                warn!(device = %mac, image = %c.image_name, error = %e, "cannot load capture chunks; chunk dropped");
+                warn!(device = %mac, image = %key.1, error = %e, "cannot load capture chunks; chunk dropped");
                 return;
             }
         }
