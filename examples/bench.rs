@@ -1815,32 +1815,36 @@ fn ciphers(size: usize, records: usize, rounds: usize) {
                     .with_root_certificates(roots)
                     .with_no_client_auth(),
             );
-            let mut c = rustls::ClientConnection::new(
-                client_cfg,
-                rustls_pki_types::ServerName::try_from("localhost").expect("name"),
-            )
-            .expect("client");
-            let mut s = rustls::ServerConnection::new(server_cfg).expect("server");
+            let mut c = rustls::Connection::from(
+                rustls::ClientConnection::new(
+                    client_cfg,
+                    rustls_pki_types::ServerName::try_from("localhost").expect("name"),
+                )
+                .expect("client"),
+            );
+            let mut s = rustls::Connection::from(
+                rustls::ServerConnection::new(server_cfg).expect("server"),
+            );
+            // Everything `from` has to send, read and processed by `to`.
+            fn pump(
+                from: &mut rustls::Connection,
+                to: &mut rustls::Connection,
+                wire: &mut Vec<u8>,
+            ) {
+                wire.clear();
+                while from.wants_write() {
+                    from.write_tls(wire).expect("write_tls");
+                }
+                let mut rd = &wire[..];
+                while !rd.is_empty() {
+                    to.read_tls(&mut rd).expect("read_tls");
+                    to.process_new_packets().expect("TLS");
+                }
+            }
             let mut wire = Vec::new();
             while c.is_handshaking() || s.is_handshaking() {
-                wire.clear();
-                while c.wants_write() {
-                    c.write_tls(&mut wire).expect("client write");
-                }
-                let mut rd = &wire[..];
-                while !rd.is_empty() {
-                    s.read_tls(&mut rd).expect("server read");
-                    s.process_new_packets().expect("server handshake");
-                }
-                wire.clear();
-                while s.wants_write() {
-                    s.write_tls(&mut wire).expect("server write");
-                }
-                let mut rd = &wire[..];
-                while !rd.is_empty() {
-                    c.read_tls(&mut rd).expect("client read");
-                    c.process_new_packets().expect("client handshake");
-                }
+                pump(&mut c, &mut s, &mut wire);
+                pump(&mut s, &mut c, &mut wire);
             }
             let (mut seal, mut open) = (Duration::ZERO, Duration::ZERO);
             let mut out = vec![0u8; size + 64];

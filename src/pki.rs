@@ -1754,8 +1754,9 @@ mod tests {
         assert_eq!(without.len(), with.len());
     }
 
-    #[test]
-    fn the_server_picks_its_own_cipher_order_over_the_clients() {
+    /// A site CA with one device certificate: (temp dir, pki, device, CA
+    /// PEM, device certificate PEM, device key PEM).
+    fn site_with_device() -> (tempfile::TempDir, Pki, IssuedDevice, String, String, String) {
         let (tmp, pki) = new_pki();
         pki.init_ca(&CaInitOptions::default()).unwrap();
         let dev = pki
@@ -1764,6 +1765,12 @@ mod tests {
         let ca_pem = pki.ca_cert_pem().unwrap();
         let cert = fs::read_to_string(&dev.paths.cert).unwrap();
         let key = fs::read_to_string(&dev.paths.key).unwrap();
+        (tmp, pki, dev, ca_pem, cert, key)
+    }
+
+    #[test]
+    fn the_server_picks_its_own_cipher_order_over_the_clients() {
+        let (_tmp, pki, _dev, ca_pem, cert, key) = site_with_device();
         let server = Arc::new(
             pki.server_tls_config(pki.shared_revoked().unwrap())
                 .unwrap(),
@@ -1788,14 +1795,7 @@ mod tests {
 
     #[test]
     fn tls_handshake_requires_a_valid_unrevoked_device_cert() {
-        let (tmp, pki) = new_pki();
-        pki.init_ca(&CaInitOptions::default()).unwrap();
-        let dev = pki
-            .issue_device("B8F862F9CFB8", 825, &tmp.path().join("dev"))
-            .unwrap();
-        let ca_pem = pki.ca_cert_pem().unwrap();
-        let cert = fs::read_to_string(&dev.paths.cert).unwrap();
-        let key = fs::read_to_string(&dev.paths.key).unwrap();
+        let (tmp, pki, dev, ca_pem, cert, key) = site_with_device();
         let revoked = pki.shared_revoked().unwrap();
         let server = Arc::new(pki.server_tls_config(revoked.clone()).unwrap());
 
