@@ -55,8 +55,9 @@ use tokio::sync::mpsc;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The load generator keeps the pages it frees (mimalloc purges them after
-/// 10 ms by default, and they are faulted in again, zeroed, on next use):
+/// The load generator keeps the pages it frees (mimalloc purges them 1 s
+/// after they are freed, and they are faulted in again, zeroed, on next use;
+/// the set-up before a wake takes longer than that):
 /// those page faults were ≈ 18 % of its CPU inside the wake. Only this
 /// process: the gateway keeps its own allocator settings.
 /// `BENCH_FRESH_PAGES=1` turns this and [`prefault`] off (for A/B runs).
