@@ -870,21 +870,26 @@ pub fn tls_provider(aes_hardware: bool) -> rustls::crypto::CryptoProvider {
 /// Position of a suite in [`tls_provider`]'s order (stable sort: TLS 1.3
 /// and 1.2 suites keep ring's relative order within a rank).
 fn cipher_rank(suite: rustls::CipherSuite, aes_hardware: bool) -> u8 {
-    let name = format!("{suite:?}");
-    let kind = if name.contains("AES_128_GCM") {
-        0
-    } else if name.contains("AES_256_GCM") {
-        1
-    } else if name.contains("CHACHA20") {
-        2
-    } else {
-        3
+    use rustls::CipherSuite as C;
+    let kind = match suite {
+        C::TLS13_AES_128_GCM_SHA256
+        | C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        | C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 0,
+        C::TLS13_AES_256_GCM_SHA384
+        | C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+        | C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => 1,
+        C::TLS13_CHACHA20_POLY1305_SHA256
+        | C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        | C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => 2,
+        _ => 3,
     };
-    match (aes_hardware, kind) {
-        (false, 2) => 0,
-        (false, k) if k < 2 => k + 1,
-        (_, k) => k,
-    }
+    // Rank by kind: [AES-128, AES-256, ChaCha20, other].
+    let ranks: [u8; 4] = if aes_hardware {
+        [0, 1, 2, 3]
+    } else {
+        [1, 2, 0, 3]
+    };
+    ranks[kind]
 }
 
 /// WebPKI client verification plus a check of the serial against the
