@@ -1094,26 +1094,31 @@ fn clk_tck() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// utime + stime of a process, in seconds.
-fn cpu_secs(pid: u32) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let after = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    // fields 14 and 15 of stat; index 11 and 12 after the `)`.
-    (t(11) + t(12)) / clk_tck()
-}
-
-/// Minor page faults of a process so far (field 10 of /proc/PID/stat).
-fn minor_faults(pid: u32) -> u64 {
+/// The fields of /proc/PID/stat after the command name (index 0 is field 3,
+/// the state); empty if the process is gone.
+fn stat_fields(pid: u32) -> Vec<String> {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
-            let after = s.rsplit_once(')')?.1.to_string();
-            after.split_whitespace().nth(7)?.parse().ok()
+            s.rsplit_once(')')
+                .map(|(_, after)| after.split_whitespace().map(String::from).collect())
         })
+        .unwrap_or_default()
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let f = stat_fields(pid);
+    let t = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    // fields 14 and 15 of stat.
+    (t(11) + t(12)) / clk_tck()
+}
+
+/// Minor page faults of a process so far (field 10 of stat).
+fn minor_faults(pid: u32) -> u64 {
+    stat_fields(pid)
+        .get(7)
+        .and_then(|x| x.parse().ok())
         .unwrap_or(0)
 }
 

@@ -169,11 +169,11 @@ impl Gateway {
         }
         let revoked = pki.shared_revoked()?;
         let tls = Arc::new(pki.server_tls_config(revoked.clone())?);
-        {
-            let aes = crate::pki::aes_in_hardware();
-            let first = crate::pki::tls_provider(aes).cipher_suites[0].suite();
-            info!(aes_in_hardware = aes, preferred = ?first, "TLS cipher suite order");
-        }
+        info!(
+            aes_in_hardware = crate::pki::aes_in_hardware(),
+            preferred = ?tls.crypto_provider().cipher_suites.first().map(|s| s.suite()),
+            "TLS cipher suite order"
+        );
         let secret = broker_secret()?;
         let b = broker::start(&cfg.mqtt, Some(secret.clone()))?;
         let upstream = b.addr;
