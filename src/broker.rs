@@ -14,12 +14,15 @@
 //!   pump thread honours the link contract: on `Notification::Unschedule` it
 //!   calls `ready()`, or the router would stop forwarding.
 //!
-//! The gateway's own publishes (commands, ACK_OK) go out through the local
+//! The gateway's own publishes (commands, ACK_OK) go out through
+//! [`Replies`]: straight into the device's front session when it has a clean
+//! one subscribed to the topic (`front::Outlet`), otherwise through the local
 //! link and the broker, which owns the device sessions and subscriptions.
 
 use crate::clock::SharedClock;
 use crate::config::MqttConfig;
-use crate::ingest::{Engine, IngestError};
+use crate::front::Outlet;
+use crate::ingest::{Engine, IngestError, Publish};
 use crate::protocol::Chunk;
 use crate::provision::RegistryOp;
 use bytes::Bytes;
@@ -239,6 +242,35 @@ fn probe(addr: SocketAddr, secret: Option<&str>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Where the ingest's publishes go: into the device's front session when it
+/// takes them directly, through the broker otherwise.
+pub struct Replies {
+    link: LinkTx,
+    direct: Option<Outlet>,
+}
+
+impl Replies {
+    pub fn new(link: LinkTx, direct: Option<Outlet>) -> Replies {
+        Replies { link, direct }
+    }
+
+    fn publish(&mut self, p: Publish) -> Result<(), BrokerError> {
+        let (topic, payload) = match &self.direct {
+            Some(d) => match d.deliver(&p.mac, p.topic, p.payload) {
+                Ok(()) => return Ok(()),
+                Err(back) => back,
+            },
+            None => (p.topic, p.payload),
+        };
+        self.link.publish(topic, payload)?;
+        Ok(())
+    }
+
+    fn publish_all(&mut self, out: Vec<Publish>) -> Result<(), BrokerError> {
+        out.into_iter().try_for_each(|p| self.publish(p))
+    }
+}
+
 /// Most messages handled between two commits.
 const MAX_BATCH: usize = 4096;
 
@@ -246,7 +278,7 @@ const MAX_BATCH: usize = 4096;
 /// ticks its timers, commits, then publishes what the commit allowed.
 pub fn run_ingest(
     mut engine: Engine,
-    mut tx: LinkTx,
+    mut out: Replies,
     inbound: flume::Receiver<Inbound>,
     clock: SharedClock,
     stop: Arc<AtomicBool>,
@@ -263,10 +295,7 @@ pub fn run_ingest(
     };
     loop {
         if stop.load(Ordering::Relaxed) {
-            let out = engine.flush(clock.now())?;
-            for p in out {
-                tx.publish(p.topic, p.payload)?;
-            }
+            out.publish_all(engine.flush(clock.now())?)?;
             return Ok(());
         }
         // Wait up to 20 ms for the first message, then take what is queued.
@@ -291,9 +320,7 @@ pub fn run_ingest(
         while let Ok(op) = registry.try_recv() {
             let r = engine.apply_registry(&op.change, clock.now());
             if r.is_ok() {
-                for p in engine.commit(clock.now())? {
-                    tx.publish(p.topic, p.payload)?;
-                }
+                out.publish_all(engine.commit(clock.now())?)?;
             }
             let _ = op.reply.send(r.map_err(|e| e.to_string()));
         }
@@ -302,9 +329,7 @@ pub fn run_ingest(
             last_tick = Instant::now();
         }
         if engine.wants_commit() {
-            for p in engine.commit(clock.now())? {
-                tx.publish(p.topic, p.payload)?;
-            }
+            out.publish_all(engine.commit(clock.now())?)?;
         }
     }
 }

@@ -26,13 +26,18 @@
 //! ingest's reply always finds the subscription in place. The front enforces
 //! the device's keep-alive itself (the broker, which no longer sees every
 //! packet, gets the longest one). Wills, retained and QoS 2 publishes and
-//! every other packet go to the broker as before. The
-//! CONNECT is re-encoded with the per-process broker secret as its
+//! every other packet go to the broker as before. The other way, the
+//! ingest's replies to a clean session go straight into its downlink too
+//! ([`direct`]). The CONNECT is re-encoded with the per-process broker secret as its
 //! credentials (a device's own password never reaches the broker), so the
 //! loopback broker admits the front and nothing else. The front keeps
 //! one session per device: a new connection of the same MAC closes the old
 //! one first (a rumqttd quirk lets the old one kick the new one otherwise),
 //! and a revocation closes the sessions of the revoked certificate at once.
+
+mod direct;
+
+pub use direct::{encode_publish, Outgoing, Outlet, FIRST_PKID};
 
 use crate::broker::{Inbound, Payload};
 use crate::devpass::{self, PasswordStore};
@@ -204,13 +209,15 @@ struct Session {
     id: u64,
     serial: Option<String>,
     kill: watch::Sender<bool>,
+    /// The downlink the ingest can write to directly (clean sessions).
+    direct: Option<Arc<direct::Direct>>,
 }
 
 struct Inner {
     cfg: FrontConfig,
     metrics: Arc<Metrics>,
     revoked: SharedRevoked,
-    sessions: Mutex<HashMap<String, Session>>,
+    sessions: direct::Sessions,
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
     /// Concurrent argon2 verifications (each takes ~19 MiB and a core).
@@ -259,9 +266,17 @@ impl Front {
                 cfg,
                 metrics,
                 revoked,
-                sessions: Mutex::new(HashMap::new()),
+                sessions: Arc::new(Mutex::new(HashMap::new())),
                 next_id: AtomicU64::new(1),
             }),
+        }
+    }
+
+    /// The ingest's handle for publishing straight into device sessions.
+    pub fn outlet(&self) -> Outlet {
+        Outlet {
+            sessions: self.inner.sessions.clone(),
+            metrics: self.inner.metrics.clone(),
         }
     }
 
@@ -549,7 +564,8 @@ impl Front {
         drop(handshake);
         let id_mac = ident.as_ref().map(|c| c.mac.clone());
         let shown = id_mac.clone().unwrap_or(shown);
-        let (device, keep_alive, connect_bytes) = match self.check_connect(frame, id_mac.as_deref())
+        let (device, keep_alive, clean, connect_bytes) = match self
+            .check_connect(frame, id_mac.as_deref())
         {
             Ok(v) => v,
             Err(v) => {
@@ -561,7 +577,16 @@ impl Front {
 
         let (kill_tx, mut kill_rx) = watch::channel(false);
         let conn_id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        self.take_over(&device, conn_id, ident.as_ref(), kill_tx)
+        // A persistent session keeps the broker path: rumqttd resends its
+        // unacknowledged QoS 1 messages when the device comes back.
+        let (direct, direct_rx) = match clean {
+            true => {
+                let (d, rx) = direct::Direct::new();
+                (Some(d), Some(rx))
+            }
+            false => (None, None),
+        };
+        self.take_over(&device, conn_id, ident.as_ref(), kill_tx, direct.clone())
             .await;
 
         let result = async {
@@ -580,9 +605,11 @@ impl Front {
                 keep_alive,
                 ack_wait: cfg.handshake_timeout,
                 ingest: &cfg.ingest,
+                direct: direct.as_deref(),
             };
             let to_broker = up.run(&mut dev_r, &mut buf, &mut up_w, acks_rx, puback_tx);
-            let to_device = downlink(&mut up_r, &mut dev_w, puback_rx, acks_tx);
+            let ours = direct.as_deref().zip(direct_rx);
+            let to_device = downlink(&mut up_r, &mut dev_w, puback_rx, acks_tx, ours);
             let r: Result<(), Violation> = tokio::select! {
                 r = to_broker => r,
                 _ = to_device => Ok(()),
@@ -714,7 +741,7 @@ impl Front {
         &self,
         frame: BytesMut,
         cert_mac: Option<&str>,
-    ) -> Result<(String, u16, BytesMut), Violation> {
+    ) -> Result<(String, u16, bool, BytesMut), Violation> {
         let packet = parse(frame, self.inner.cfg.max_packet_size)?;
         let Packet::Connect(mut connect, _, will, _, _) = packet else {
             return Err(Violation::NotConnect);
@@ -739,13 +766,14 @@ impl Front {
             password: self.inner.cfg.secret.to_string(),
         };
         let keep_alive = std::mem::replace(&mut connect.keep_alive, u16::MAX);
+        let clean = connect.clean_session;
         let mut out = BytesMut::new();
         V4.write(
             Packet::Connect(connect, None, will, None, Some(login)),
             &mut out,
         )
         .map_err(|e| Violation::Malformed(e.to_string()))?;
-        Ok((device, keep_alive, out))
+        Ok((device, keep_alive, clean, out))
     }
 
     /// Registers the session of `device`, closing an older one first.
@@ -755,6 +783,7 @@ impl Front {
         conn_id: u64,
         ident: Option<&Identity>,
         kill: watch::Sender<bool>,
+        direct: Option<Arc<direct::Direct>>,
     ) {
         let old = {
             let mut s = self
@@ -768,6 +797,7 @@ impl Front {
                     id: conn_id,
                     serial: ident.map(|c| c.serial.clone()),
                     kill,
+                    direct,
                 },
             )
         };
@@ -998,15 +1028,30 @@ fn check_publish_topic(topic: &[u8], device: &str) -> Result<(), Violation> {
 enum Route {
     /// To the broker as it is. `awaits_ack`: a SUBSCRIBE, which the broker
     /// answers with a SUBACK the direct path waits for.
-    Broker { frame: BytesMut, awaits_ack: bool },
+    Broker {
+        frame: BytesMut,
+        awaits_ack: bool,
+        subs: SubChange,
+    },
     /// A device publish for the ingest; QoS 1 is answered by the front.
     Ingest {
         message: Inbound,
         puback: Option<u16>,
     },
+    /// The device's PUBACK for one of the front's own publishes: the broker
+    /// never sent that packet id.
+    Ours,
+}
+
+/// What a SUBSCRIBE or UNSUBSCRIBE changes in the session's subscriptions.
+enum SubChange {
+    None,
+    Subscribe { pkid: u16, topics: Vec<String> },
+    Unsubscribe(Vec<String>),
 }
 
 const PUBLISH: u8 = 3;
+const PUBACK: u8 = 4;
 const CONNACK: u8 = 2;
 const SUBSCRIBE: u8 = 8;
 const SUBACK: u8 = 9;
@@ -1016,11 +1061,18 @@ const SUBACK: u8 = 9;
 /// carry (retained, QoS 2) are re-encoded.
 fn route(frame: BytesMut, device: &str, max: usize) -> Result<Route, Violation> {
     let kind = frame.first().map_or(0, |b| b >> 4);
+    if kind == PUBACK
+        && frame.len() == 4
+        && direct::is_ours(u16::from_be_bytes([frame[2], frame[3]]))
+    {
+        return Ok(Route::Ours);
+    }
     if kind != PUBLISH {
-        check_packet(&frame, device, max)?;
+        let subs = check_packet(&frame, device, max)?;
         return Ok(Route::Broker {
             frame,
             awaits_ack: kind == SUBSCRIBE,
+            subs,
         });
     }
     let Packet::Publish(p, _) = parse(frame, max)? else {
@@ -1039,6 +1091,7 @@ fn route(frame: BytesMut, device: &str, max: usize) -> Result<Route, Violation> 
         return Ok(Route::Broker {
             frame,
             awaits_ack: false,
+            subs: SubChange::None,
         });
     }
     // Chunks are decoded here, on the front's threads, not on the one
@@ -1077,6 +1130,8 @@ struct Uplink<'a> {
     /// Longest wait for the broker's CONNACK/SUBACK.
     ack_wait: Duration,
     ingest: &'a flume::Sender<Inbound>,
+    /// The session's direct downlink, whose subscriptions it keeps.
+    direct: Option<&'a direct::Direct>,
 }
 
 impl Uplink<'_> {
@@ -1151,10 +1206,22 @@ impl Uplink<'_> {
                     },
                 };
                 match route(frame, self.device, self.max_packet) {
-                    Ok(Route::Broker { frame, awaits_ack }) => {
+                    Ok(Route::Broker {
+                        frame,
+                        awaits_ack,
+                        subs,
+                    }) => {
                         awaited += u64::from(awaits_ack);
+                        match (self.direct, subs) {
+                            (Some(d), SubChange::Subscribe { pkid, topics }) => {
+                                d.subscribing(pkid, topics)
+                            }
+                            (Some(d), SubChange::Unsubscribe(topics)) => d.unsubscribe(&topics),
+                            _ => {}
+                        }
                         run.unsplit(frame);
                     }
+                    Ok(Route::Ours) => {}
                     Ok(Route::Ingest { message, puback }) => {
                         if !run.is_empty() {
                             to_broker(up_w, &run).await?;
@@ -1202,14 +1269,18 @@ async fn to_broker<W: AsyncWrite + Unpin>(up_w: &mut W, bytes: &[u8]) -> Result<
         .map_err(|e| Violation::Io(format!("broker write: {e}")))
 }
 
-/// The gateway-to-device half of a session: the broker's packets and the
-/// front's PUBACKs, interleaved only between whole packets. Counts the
-/// broker's CONNACK and SUBACKs into `acks` for the uplink.
+/// The gateway-to-device half of a session: the broker's packets, the
+/// front's PUBACKs and the ingest's direct publishes (`direct`), interleaved
+/// only between whole packets. Counts the broker's CONNACK and SUBACKs into
+/// `acks` for the uplink, and hands each SUBACK to the direct downlink
+/// first, so the subscription is in place before the uplink lets a publish
+/// through.
 async fn downlink<R, W>(
     up_r: &mut R,
     dev_w: &mut W,
     mut pubacks: mpsc::Receiver<Vec<u8>>,
     acks: watch::Sender<u64>,
+    direct: Option<(&direct::Direct, mpsc::Receiver<Outgoing>)>,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -1220,6 +1291,18 @@ where
     let mut from_broker = BytesMut::with_capacity(1024);
     let mut ours = Vec::new();
     let mut acked = 0u64;
+    let (subs, mut direct_rx) = match direct {
+        Some((d, rx)) => (Some(d), Some(rx)),
+        None => (None, None),
+    };
+    let mut pkids = direct::PacketIds::new();
+    let mut put = |m: Outgoing, out: &mut Vec<u8>| {
+        let pkid = match m.qos {
+            QoS::AtMostOnce => 0,
+            _ => pkids.next(),
+        };
+        encode_publish(&m.topic, &m.payload, m.qos, pkid, out);
+    };
     loop {
         if from_broker.capacity() - from_broker.len() < 256 {
             from_broker.reserve(1024);
@@ -1232,8 +1315,15 @@ where
                 }
                 let before = acked;
                 while let Ok(h) = check(from_broker[whole..].iter(), usize::MAX) {
-                    if matches!(from_broker[whole] >> 4, CONNACK | SUBACK) {
+                    let kind = from_broker[whole] >> 4;
+                    if matches!(kind, CONNACK | SUBACK) {
                         acked += 1;
+                    }
+                    if let (SUBACK, Some(d)) = (kind, subs) {
+                        let frame = &from_broker[whole..whole + h.frame_length()];
+                        if let Ok(Packet::SubAck(a, _)) = parse(BytesMut::from(frame), usize::MAX) {
+                            d.granted(a.pkid, &a.return_codes);
+                        }
                     }
                     whole += h.frame_length();
                 }
@@ -1245,9 +1335,20 @@ where
                 Some(acks) => ours.extend_from_slice(&acks),
                 None => return Ok(()),
             },
+            Some(m) = async {
+                match direct_rx.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => put(m, &mut ours),
         }
         while let Ok(acks) = pubacks.try_recv() {
             ours.extend_from_slice(&acks);
+        }
+        if let Some(rx) = direct_rx.as_mut() {
+            while let Ok(m) = rx.try_recv() {
+                put(m, &mut ours);
+            }
         }
         if whole > 0 {
             let broker_bytes = from_broker.split_to(whole);
@@ -1267,10 +1368,11 @@ fn puback_packet(pkid: u16) -> [u8; 4] {
     [0x40, 0x02, hi, lo]
 }
 
-/// Checks one packet after CONNECT against the device's identity.
-fn check_packet(frame: &BytesMut, device: &str, max: usize) -> Result<(), Violation> {
+/// Checks one packet after CONNECT against the device's identity; returns
+/// what it changes in the session's subscriptions.
+fn check_packet(frame: &BytesMut, device: &str, max: usize) -> Result<SubChange, Violation> {
     match parse(frame.clone(), max)? {
-        Packet::Publish(p, _) => check_publish_topic(&p.topic, device),
+        Packet::Publish(p, _) => check_publish_topic(&p.topic, device).map(|()| SubChange::None),
         Packet::Subscribe(s, _) => {
             for f in &s.filters {
                 if !own_topic(&f.path, device, &[Channel::Cmd, Channel::Ack]) {
@@ -1279,13 +1381,17 @@ fn check_packet(frame: &BytesMut, device: &str, max: usize) -> Result<(), Violat
                     });
                 }
             }
-            Ok(())
+            Ok(SubChange::Subscribe {
+                pkid: s.pkid,
+                topics: s.filters.into_iter().map(|f| f.path).collect(),
+            })
         }
+        Packet::Unsubscribe(u, _) => Ok(SubChange::Unsubscribe(u.filters)),
         Packet::Connect(..) => Err(Violation::SecondConnect),
         Packet::ConnAck(..) | Packet::SubAck(..) | Packet::UnsubAck(..) | Packet::PingResp(_) => {
             Err(Violation::ServerPacket)
         }
-        _ => Ok(()),
+        _ => Ok(SubChange::None),
     }
 }
 
@@ -1356,6 +1462,7 @@ mod tests {
             keep_alive: 0,
             ack_wait: Duration::from_secs(5),
             ingest: &ingest,
+            direct: None,
         };
         let mut buf = BytesMut::with_capacity(512);
         up.run(&mut r, &mut buf, &mut tokio::io::sink(), acks_rx, puback_tx)

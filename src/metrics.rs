@@ -20,6 +20,8 @@ pub struct Metrics {
     pub images_failed: AtomicU64,
     pub images_reacked: AtomicU64,
     pub commands_sent: AtomicU64,
+    /// Of `commands_sent`: written straight into the device's front session.
+    pub commands_direct: AtomicU64,
     pub commits: AtomicU64,
     pub streaming: AtomicU64,
     pub waiting: AtomicU64,
@@ -137,6 +139,12 @@ impl Metrics {
             "Messages sent to devices.",
             "counter",
             &self.commands_sent,
+        );
+        c(
+            "commands_direct_total",
+            "Messages to devices written straight into their front session (the rest went through the embedded broker).",
+            "counter",
+            &self.commands_direct,
         );
         c(
             "commits_total",

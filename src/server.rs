@@ -189,17 +189,31 @@ impl Gateway {
                     source,
                 })?;
         }
+        let front = Front::new(
+            FrontConfig {
+                upstream,
+                ingest: to_ingest,
+                secret: secret.into(),
+                max_connections: cfg.mqtt.max_connections,
+                max_handshakes: cfg.mqtt.max_handshakes,
+                handshake_timeout: std::time::Duration::from_millis(cfg.mqtt.handshake_timeout_ms),
+                max_packet_size: cfg.mqtt.max_payload_size,
+                passwords: PasswordStore::new(pki.dir()),
+            },
+            metrics.clone(),
+            revoked,
+        );
         let (registry_tx, registry_rx) = flume::bounded(REGISTRY_QUEUE);
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, ingest_done) = watch::channel(false);
         let ingest = {
             let stop = stop.clone();
             let clock = clock.clone();
+            let replies = broker::Replies::new(b.link_tx, Some(front.outlet()));
             std::thread::Builder::new()
                 .name("ingest".into())
                 .spawn(move || {
-                    let r =
-                        broker::run_ingest(engine, b.link_tx, inbound, clock, stop, registry_rx);
+                    let r = broker::run_ingest(engine, replies, inbound, clock, stop, registry_rx);
                     if let Err(e) = &r {
                         error!(error = %e, "ingest stopped");
                     }
@@ -216,20 +230,6 @@ impl Gateway {
 
         let mqtt_listen = opts.mqtt_listen.unwrap_or(cfg.mqtt.listen);
         let (listener, mqtt_addr) = bind(mqtt_listen, "cannot listen for devices on").await?;
-        let front = Front::new(
-            FrontConfig {
-                upstream,
-                ingest: to_ingest,
-                secret: secret.into(),
-                max_connections: cfg.mqtt.max_connections,
-                max_handshakes: cfg.mqtt.max_handshakes,
-                handshake_timeout: std::time::Duration::from_millis(cfg.mqtt.handshake_timeout_ms),
-                max_packet_size: cfg.mqtt.max_payload_size,
-                passwords: PasswordStore::new(pki.dir()),
-            },
-            metrics.clone(),
-            revoked,
-        );
         tokio::spawn(front.clone().run_tls(listener, tls, shutdown_rx.clone()));
         let plain_addr = match cfg.mqtt.plain_listen {
             Some(addr) => {
