@@ -579,13 +579,7 @@ impl Front {
         let conn_id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         // A persistent session keeps the broker path: rumqttd resends its
         // unacknowledged QoS 1 messages when the device comes back.
-        let (direct, direct_rx) = match clean {
-            true => {
-                let (d, rx) = direct::Direct::new();
-                (Some(d), Some(rx))
-            }
-            false => (None, None),
-        };
+        let direct = clean.then(|| Arc::new(direct::Direct::default()));
         self.take_over(&device, conn_id, ident.as_ref(), kill_tx, direct.clone())
             .await;
 
@@ -608,8 +602,7 @@ impl Front {
                 direct: direct.as_deref(),
             };
             let to_broker = up.run(&mut dev_r, &mut buf, &mut up_w, acks_rx, puback_tx);
-            let ours = direct.as_deref().zip(direct_rx);
-            let to_device = downlink(&mut up_r, &mut dev_w, puback_rx, acks_tx, ours);
+            let to_device = downlink(&mut up_r, &mut dev_w, puback_rx, acks_tx, direct.as_deref());
             let r: Result<(), Violation> = tokio::select! {
                 r = to_broker => r,
                 _ = to_device => Ok(()),
@@ -619,6 +612,9 @@ impl Front {
                 }
             };
             metrics.connections.fetch_sub(1, Ordering::Relaxed);
+            if let Some(d) = &direct {
+                d.close();
+            }
             match r {
                 Ok(()) => {}
                 Err(Violation::Io(e)) => debug!(%peer, device = %device, error = %e, "connection closed"),
@@ -843,7 +839,7 @@ struct ReadAhead<S> {
     cap: usize,
 }
 
-const READ_AHEAD: usize = 32 * 1024;
+const READ_AHEAD: usize = 64 * 1024;
 
 impl<S> ReadAhead<S> {
     fn new(inner: S) -> Self {
@@ -1280,7 +1276,7 @@ async fn downlink<R, W>(
     dev_w: &mut W,
     mut pubacks: mpsc::Receiver<Vec<u8>>,
     acks: watch::Sender<u64>,
-    direct: Option<(&direct::Direct, mpsc::Receiver<Outgoing>)>,
+    direct: Option<&direct::Direct>,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -1291,10 +1287,6 @@ where
     let mut from_broker = BytesMut::with_capacity(1024);
     let mut ours = Vec::new();
     let mut acked = 0u64;
-    let (subs, mut direct_rx) = match direct {
-        Some((d, rx)) => (Some(d), Some(rx)),
-        None => (None, None),
-    };
     let mut pkids = direct::PacketIds::new();
     let mut put = |m: Outgoing, out: &mut Vec<u8>| {
         let pkid = match m.qos {
@@ -1319,7 +1311,7 @@ where
                     if matches!(kind, CONNACK | SUBACK) {
                         acked += 1;
                     }
-                    if let (SUBACK, Some(d)) = (kind, subs) {
+                    if let (SUBACK, Some(d)) = (kind, direct) {
                         let frame = &from_broker[whole..whole + h.frame_length()];
                         if let Ok(Packet::SubAck(a, _)) = parse(BytesMut::from(frame), usize::MAX) {
                             d.granted(a.pkid, &a.return_codes);
@@ -1335,18 +1327,18 @@ where
                 Some(acks) => ours.extend_from_slice(&acks),
                 None => return Ok(()),
             },
-            Some(m) = async {
-                match direct_rx.as_mut() {
-                    Some(rx) => rx.recv().await,
+            () = async {
+                match direct {
+                    Some(d) => d.wait().await,
                     None => std::future::pending().await,
                 }
-            } => put(m, &mut ours),
+            } => {}
         }
         while let Ok(acks) = pubacks.try_recv() {
             ours.extend_from_slice(&acks);
         }
-        if let Some(rx) = direct_rx.as_mut() {
-            while let Ok(m) = rx.try_recv() {
+        if let Some(d) = direct {
+            for m in d.take() {
                 put(m, &mut ours);
             }
         }

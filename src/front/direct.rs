@@ -18,8 +18,9 @@
 use crate::metrics::Metrics;
 use rumqttd::protocol::{QoS, SubscribeReasonCode};
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 /// The first packet id of the front's own QoS 1 publishes (rumqttd uses
 /// 1..=100 on a connection).
@@ -37,15 +38,22 @@ pub struct Outgoing {
     pub qos: QoS,
 }
 
-/// A session's direct downlink: the queue and the subscriptions the broker
-/// granted.
+/// A session's direct downlink: the subscriptions the broker granted and
+/// the queue. A plain deque under the same small lock, not a channel: a
+/// channel allocates its slots up front, 2 KiB for each of a thousand
+/// sessions that mostly wait.
+#[derive(Default)]
 pub(super) struct Direct {
-    tx: mpsc::Sender<Outgoing>,
     subs: Mutex<Subs>,
+    /// Wakes the downlink when the queue gets a message.
+    queued: Notify,
 }
 
 #[derive(Default)]
 struct Subs {
+    queue: VecDeque<Outgoing>,
+    /// The downlink has ended: nothing more is taken directly.
+    closed: bool,
     /// Topics the broker acknowledged, with the granted QoS. A device may
     /// subscribe only its own exact topics, so these are not filters.
     granted: Vec<(String, QoS)>,
@@ -55,15 +63,6 @@ struct Subs {
 }
 
 impl Direct {
-    pub(super) fn new() -> (Arc<Direct>, mpsc::Receiver<Outgoing>) {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let d = Direct {
-            tx,
-            subs: Mutex::new(Subs::default()),
-        };
-        (Arc::new(d), rx)
-    }
-
     fn subs(&self) -> std::sync::MutexGuard<'_, Subs> {
         self.subs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -105,9 +104,48 @@ impl Direct {
         self.subs().granted.retain(|(t, _)| !topics.contains(t));
     }
 
+    #[cfg(test)]
     fn qos_for(&self, topic: &str) -> Option<QoS> {
-        self.subs()
-            .granted
+        self.subs().qos_for(topic)
+    }
+
+    /// Queues `m` at the topic's granted QoS, or hands it back.
+    fn offer(&self, topic: String, payload: Vec<u8>) -> Result<(), (String, Vec<u8>)> {
+        {
+            let mut s = self.subs();
+            let qos = match s.qos_for(&topic) {
+                Some(q) if !s.closed && s.queue.len() < QUEUE => q,
+                _ => return Err((topic, payload)),
+            };
+            s.queue.push_back(Outgoing {
+                topic,
+                payload,
+                qos,
+            });
+        }
+        self.queued.notify_one();
+        Ok(())
+    }
+
+    /// Waits until something is queued (or was, since the last take).
+    pub(super) async fn wait(&self) {
+        self.queued.notified().await
+    }
+
+    /// Everything queued now, oldest first.
+    pub(super) fn take(&self) -> VecDeque<Outgoing> {
+        std::mem::take(&mut self.subs().queue)
+    }
+
+    /// The downlink is gone: later messages go through the broker.
+    pub(super) fn close(&self) {
+        self.subs().closed = true;
+    }
+}
+
+impl Subs {
+    fn qos_for(&self, topic: &str) -> Option<QoS> {
+        self.granted
             .iter()
             .find(|(t, _)| t == topic)
             .map(|(_, q)| *q)
@@ -141,22 +179,9 @@ impl Outlet {
         let Some(direct) = direct else {
             return Err((topic, payload));
         };
-        let Some(qos) = direct.qos_for(&topic) else {
-            return Err((topic, payload));
-        };
-        match direct.tx.try_send(Outgoing {
-            topic,
-            payload,
-            qos,
-        }) {
-            Ok(()) => {
-                Metrics::inc(&self.metrics.commands_direct);
-                Ok(())
-            }
-            Err(mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m)) => {
-                Err((m.topic, m.payload))
-            }
-        }
+        direct.offer(topic, payload)?;
+        Metrics::inc(&self.metrics.commands_direct);
+        Ok(())
     }
 }
 
@@ -257,7 +282,7 @@ mod tests {
 
     #[test]
     fn only_granted_qos_0_and_1_topics_go_direct() {
-        let (d, _rx) = Direct::new();
+        let d = Direct::default();
         let t = |s: &str| s.to_string();
         d.subscribing(1, vec![t("a/cmd"), t("a/ack")]);
         assert_eq!(d.qos_for("a/cmd"), None, "not before the SUBACK");
