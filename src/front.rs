@@ -37,7 +37,8 @@
 
 mod direct;
 
-pub use direct::{encode_publish, Outgoing, Outlet, FIRST_PKID};
+use direct::{encode_publish, Outgoing};
+pub use direct::{Outlet, FIRST_PKID};
 
 use crate::broker::{Inbound, Payload};
 use crate::devpass::{self, PasswordStore};

@@ -32,7 +32,7 @@ const QUEUE: usize = 32;
 
 /// One publish for a device's downlink.
 #[derive(Debug)]
-pub struct Outgoing {
+pub(super) struct Outgoing {
     pub topic: String,
     pub payload: Vec<u8>,
     pub qos: QoS,
@@ -208,7 +208,7 @@ pub(super) fn is_ours(pkid: u16) -> bool {
 /// Appends an MQTT 3.1.1 PUBLISH (not retained, not a duplicate) to `out`.
 /// `pkid` is written for QoS 1 and 2 only. (rumqttd's `Publish` keeps QoS and
 /// packet id crate-private, so it cannot encode one for us.)
-pub fn encode_publish(topic: &str, payload: &[u8], qos: QoS, pkid: u16, out: &mut Vec<u8>) {
+pub(super) fn encode_publish(topic: &str, payload: &[u8], qos: QoS, pkid: u16, out: &mut Vec<u8>) {
     let qos = qos as u8;
     let id_len = if qos > 0 { 2 } else { 0 };
     let mut len = 2 + topic.len() + id_len + payload.len();
