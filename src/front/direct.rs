@@ -280,6 +280,60 @@ mod tests {
         assert!(!is_ours(100), "rumqttd's ids are not ours");
     }
 
+    /// The ingest's outlet takes a message only for an open session with
+    /// the topic granted and room in its queue; anything else comes back
+    /// whole, for the broker.
+    #[test]
+    fn the_outlet_hands_back_what_it_cannot_queue() {
+        let metrics = Arc::new(Metrics::default());
+        let outlet = Outlet {
+            sessions: Arc::new(Mutex::new(HashMap::new())),
+            metrics: metrics.clone(),
+        };
+        let topic = || "ESP32CAM/AABBCCDDEEFF/cmd".to_string();
+        let back = outlet.deliver("AABBCCDDEEFF", topic(), b"x".to_vec());
+        assert_eq!(back, Err((topic(), b"x".to_vec())), "no session");
+
+        let direct = Arc::new(Direct::default());
+        let (kill, _) = tokio::sync::watch::channel(false);
+        outlet.sessions.lock().unwrap().insert(
+            "AABBCCDDEEFF".into(),
+            super::super::Session {
+                id: 1,
+                serial: None,
+                kill,
+                direct: Some(direct.clone()),
+            },
+        );
+        assert!(
+            outlet.deliver("AABBCCDDEEFF", topic(), vec![1]).is_err(),
+            "not subscribed"
+        );
+        direct.subscribing(1, vec![topic()]);
+        direct.granted(1, &[SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+        for i in 0..QUEUE {
+            let p = (i as u32).to_be_bytes().to_vec();
+            assert_eq!(outlet.deliver("AABBCCDDEEFF", topic(), p), Ok(()));
+        }
+        let full = outlet.deliver("AABBCCDDEEFF", topic(), b"late".to_vec());
+        assert_eq!(full, Err((topic(), b"late".to_vec())), "queue full");
+        let taken = direct.take();
+        assert_eq!(taken.len(), QUEUE);
+        assert_eq!(taken[0].payload, 0u32.to_be_bytes(), "oldest first");
+        assert!(taken.iter().all(|m| m.qos == QoS::AtLeastOnce));
+        assert_eq!(
+            metrics
+                .commands_direct
+                .load(std::sync::atomic::Ordering::Relaxed),
+            QUEUE as u64
+        );
+        direct.close();
+        assert!(
+            outlet.deliver("AABBCCDDEEFF", topic(), vec![2]).is_err(),
+            "downlink gone"
+        );
+    }
+
     #[test]
     fn only_granted_qos_0_and_1_topics_go_direct() {
         let d = Direct::default();
