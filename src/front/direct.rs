@@ -44,13 +44,13 @@ pub(super) struct Outgoing {
 /// sessions that mostly wait.
 #[derive(Default)]
 pub(super) struct Direct {
-    subs: Mutex<Subs>,
+    state: Mutex<State>,
     /// Wakes the downlink when the queue gets a message.
     queued: Notify,
 }
 
 #[derive(Default)]
-struct Subs {
+struct State {
     queue: VecDeque<Outgoing>,
     /// The downlink has ended: nothing more is taken directly.
     closed: bool,
@@ -63,14 +63,14 @@ struct Subs {
 }
 
 impl Direct {
-    fn subs(&self) -> std::sync::MutexGuard<'_, Subs> {
-        self.subs.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A SUBSCRIBE on its way to the broker: its topics count once the
     /// broker's SUBACK grants them ([`Direct::granted`]).
     pub(super) fn subscribing(&self, pkid: u16, topics: Vec<String>) {
-        let mut s = self.subs();
+        let mut s = self.state();
         s.pending.retain(|(p, _)| *p != pkid);
         s.pending.push((pkid, topics));
     }
@@ -78,7 +78,7 @@ impl Direct {
     /// The broker's SUBACK for `pkid`: each topic of that SUBSCRIBE at the
     /// QoS granted (a refusal or QoS 2 leaves the topic to the broker).
     pub(super) fn granted(&self, pkid: u16, codes: &[SubscribeReasonCode]) {
-        let mut s = self.subs();
+        let mut s = self.state();
         let Some(i) = s.pending.iter().position(|(p, _)| *p == pkid) else {
             return;
         };
@@ -101,18 +101,18 @@ impl Direct {
     /// An UNSUBSCRIBE: the topics stop at once (before the broker has it,
     /// so nothing is written directly after the device asked to stop).
     pub(super) fn unsubscribe(&self, topics: &[String]) {
-        self.subs().granted.retain(|(t, _)| !topics.contains(t));
+        self.state().granted.retain(|(t, _)| !topics.contains(t));
     }
 
     #[cfg(test)]
     fn qos_for(&self, topic: &str) -> Option<QoS> {
-        self.subs().qos_for(topic)
+        self.state().qos_for(topic)
     }
 
-    /// Queues `m` at the topic's granted QoS, or hands it back.
+    /// Queues a publish at its topic's granted QoS, or hands it back.
     fn offer(&self, topic: String, payload: Vec<u8>) -> Result<(), (String, Vec<u8>)> {
         {
-            let mut s = self.subs();
+            let mut s = self.state();
             let qos = match s.qos_for(&topic) {
                 Some(q) if !s.closed && s.queue.len() < QUEUE => q,
                 _ => return Err((topic, payload)),
@@ -134,16 +134,16 @@ impl Direct {
 
     /// Everything queued now, oldest first.
     pub(super) fn take(&self) -> VecDeque<Outgoing> {
-        std::mem::take(&mut self.subs().queue)
+        std::mem::take(&mut self.state().queue)
     }
 
     /// The downlink is gone: later messages go through the broker.
     pub(super) fn close(&self) {
-        self.subs().closed = true;
+        self.state().closed = true;
     }
 }
 
-impl Subs {
+impl State {
     fn qos_for(&self, topic: &str) -> Option<QoS> {
         self.granted
             .iter()
