@@ -178,6 +178,23 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         repeat: usize,
     },
+    /// Two gateway binaries side by side: `--gateway-bin` (the candidate)
+    /// and `--baseline-bin` take turns, one wake each, for several rounds;
+    /// prints every run and the medians. On a noisy machine only alternating
+    /// runs compare two builds.
+    Ab {
+        #[command(flatten)]
+        c: Common,
+        /// The binary to compare against.
+        #[arg(long)]
+        baseline_bin: PathBuf,
+        /// Devices per wake.
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Rounds (each runs the baseline, then the candidate).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// A wake burst against the gateway with pre-registered devices:
     /// zero loss and RSS.
     Burst {
@@ -838,6 +855,8 @@ struct LoadResult {
     /// The watched process's memory once every device was connected and
     /// subscribed, before the wake (after a 2 s settle).
     connected: Option<Mem>,
+    /// The stack's CPU seconds and page faults during the wake.
+    stack_wake: Option<(f64, u64)>,
 }
 
 /// Resident memory of a process, MiB.
@@ -1058,18 +1077,20 @@ async fn run_load(
     } else {
         t0.elapsed().as_secs_f64()
     };
+    let stack_wake = match (stack_pid, stack0, faults0.1) {
+        (Some(pid), Some(c0), Some(f0)) => {
+            Some((cpu_secs(pid) - c0, minor_faults(pid).saturating_sub(f0)))
+        }
+        _ => None,
+    };
     eprintln!(
         "wake: {:.2} s; load generator {:.2} CPU s ({} page faults){}",
         t0.elapsed().as_secs_f64(),
         cpu_secs(me) - own0,
         minor_faults(me).saturating_sub(faults0.0),
-        match (stack_pid, stack0, faults0.1) {
-            (Some(pid), Some(c0), Some(f0)) => format!(
-                ", stack {:.2} CPU s ({} page faults)",
-                cpu_secs(pid) - c0,
-                minor_faults(pid).saturating_sub(f0)
-            ),
-            _ => String::new(),
+        match stack_wake {
+            Some((cpu, faults)) => format!(", stack {cpu:.2} CPU s ({faults} page faults)"),
+            None => String::new(),
         }
     );
     LoadResult {
@@ -1079,6 +1100,7 @@ async fn run_load(
         resent: counters.resent.load(Ordering::Relaxed),
         wakes,
         connected,
+        stack_wake,
     }
 }
 
@@ -1442,23 +1464,7 @@ async fn scenario_run(
     for &n in &devices {
         for stack in (0..rounds).flat_map(|_| stacks.iter()) {
             let r = match stack.as_str() {
-                "gateway" => {
-                    let dir = tmpdir(&format!("gw{n}"));
-                    let ids: Vec<String> = (0..n).map(|d| mac(RUN_BASE, d)).collect();
-                    let cfg = LoadCfg {
-                        tls: gateway_tls(&c, &dir, &ids),
-                        ..cfg.clone()
-                    };
-                    let (mut p, addr) = start_gateway(&c, &dir);
-                    let cpu0 = cpu_secs(p.pid());
-                    let r = run_load(addr, RUN_BASE, n, 0, &cfg, None, Some(p.pid())).await;
-                    let cpu = cpu_secs(p.pid()) - cpu0;
-                    let rss = peak_rss_mib(p.pid());
-                    p.term();
-                    let _ = std::fs::remove_dir_all(&dir);
-                    report_errors(&r);
-                    row("gateway", &c, &r, cpu, rss)
-                }
+                "gateway" => gateway_once(&c, &cfg, n).await.0,
                 "ceiling" => {
                     let (mut p, addr) = start_ceiling();
                     let cpu0 = cpu_secs(p.pid());
@@ -1551,6 +1557,81 @@ async fn scenario_run(
             );
         }
     }
+}
+
+/// One wake of `n` devices against a fresh `barngate serve` (`c.gateway_bin`)
+/// over mutual TLS: the row, and the gateway's CPU seconds and page faults
+/// during the wake.
+async fn gateway_once(c: &Common, cfg: &LoadCfg, n: usize) -> (Row, Option<(f64, u64)>) {
+    let dir = tmpdir(&format!("gw{n}"));
+    let ids: Vec<String> = (0..n).map(|d| mac(RUN_BASE, d)).collect();
+    let cfg = LoadCfg {
+        tls: gateway_tls(c, &dir, &ids),
+        ..cfg.clone()
+    };
+    let (mut p, addr) = start_gateway(c, &dir);
+    let cpu0 = cpu_secs(p.pid());
+    let r = run_load(addr, RUN_BASE, n, 0, &cfg, None, Some(p.pid())).await;
+    let cpu = cpu_secs(p.pid()) - cpu0;
+    let rss = peak_rss_mib(p.pid());
+    p.term();
+    let _ = std::fs::remove_dir_all(&dir);
+    report_errors(&r);
+    (row("gateway", c, &r, cpu, rss), r.stack_wake)
+}
+
+/// `bench ab`: the baseline and the candidate take turns.
+async fn scenario_ab(c: Common, baseline: PathBuf, n: usize, rounds: usize) {
+    let cfg = LoadCfg::from(&c);
+    let builds = [
+        (
+            "baseline",
+            Common {
+                gateway_bin: baseline,
+                ..c.clone()
+            },
+        ),
+        ("candidate", c),
+    ];
+    let mut runs: Vec<Vec<(f64, f64, u64, f64)>> = vec![Vec::new(), Vec::new()];
+    println!("round  build        chunk msgs/s   wake CPU s   page faults   p50 ms");
+    for round in 1..=rounds.max(1) {
+        for (i, (name, c)) in builds.iter().enumerate() {
+            let (r, wake) = gateway_once(c, &cfg, n).await;
+            let (cpu, faults) = wake.unwrap_or((f64::NAN, 0));
+            println!(
+                "{round:>5}  {name:<10} {:>14.0} {cpu:>12.2} {faults:>13} {:>8.0}",
+                r.chunk_msgs_per_s, r.p50_ms
+            );
+            runs[i].push((r.chunk_msgs_per_s, cpu, faults, r.p50_ms));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("\nmedians of {} rounds, {n} devices:", runs[0].len());
+    for (i, (name, c)) in builds.iter().enumerate() {
+        let col =
+            |f: fn(&(f64, f64, u64, f64)) -> f64| median(&mut runs[i].iter().map(f).collect());
+        println!(
+            "{name:<10} {:>9.0} chunk msgs/s, wake CPU {:.2} s, {:.0} page faults, p50 {:.0} ms  ({})",
+            col(|r| r.0),
+            col(|r| r.1),
+            col(|r| r.2 as f64),
+            col(|r| r.3),
+            c.gateway_bin.display()
+        );
+    }
+    let wins = runs[0]
+        .iter()
+        .zip(&runs[1])
+        .filter(|(b, c)| c.0 > b.0)
+        .count();
+    println!(
+        "the candidate was faster in {wins} of {} rounds",
+        runs[0].len()
+    );
 }
 
 fn verify_images(dir: &Path, expect: &[Wake]) -> (usize, Vec<String>) {
@@ -1900,9 +1981,11 @@ fn main() {
     keep_freed_pages();
     let cli = Cli::parse();
     let pin = match &cli.cmd {
-        Cmd::Run { c, .. } | Cmd::Burst { c, .. } | Cmd::Crash { c, .. } | Cmd::Load { c, .. } => {
-            c.pin
-        }
+        Cmd::Run { c, .. }
+        | Cmd::Ab { c, .. }
+        | Cmd::Burst { c, .. }
+        | Cmd::Crash { c, .. }
+        | Cmd::Load { c, .. } => c.pin,
         Cmd::Ciphers {
             size,
             records,
@@ -1939,6 +2022,12 @@ fn main() {
                 out,
                 repeat,
             } => scenario_run(c, devices, stacks, out, repeat).await,
+            Cmd::Ab {
+                c,
+                baseline_bin,
+                devices,
+                rounds,
+            } => scenario_ab(c, baseline_bin, devices, rounds).await,
             Cmd::Burst {
                 c,
                 devices,
