@@ -246,23 +246,18 @@ fn probe(addr: SocketAddr, secret: Option<&str>) -> std::io::Result<()> {
 /// takes them directly, through the broker otherwise.
 pub struct Replies {
     link: LinkTx,
-    direct: Option<Outlet>,
+    direct: Outlet,
 }
 
 impl Replies {
-    pub fn new(link: LinkTx, direct: Option<Outlet>) -> Replies {
+    pub fn new(link: LinkTx, direct: Outlet) -> Replies {
         Replies { link, direct }
     }
 
     fn publish(&mut self, p: Publish) -> Result<(), BrokerError> {
-        let (topic, payload) = match &self.direct {
-            Some(d) => match d.deliver(&p.mac, p.topic, p.payload) {
-                Ok(()) => return Ok(()),
-                Err(back) => back,
-            },
-            None => (p.topic, p.payload),
-        };
-        self.link.publish(topic, payload)?;
+        if let Err((topic, payload)) = self.direct.deliver(&p.mac, p.topic, p.payload) {
+            self.link.publish(topic, payload)?;
+        }
         Ok(())
     }
 

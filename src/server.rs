@@ -209,7 +209,7 @@ impl Gateway {
         let ingest = {
             let stop = stop.clone();
             let clock = clock.clone();
-            let replies = broker::Replies::new(b.link_tx, Some(front.outlet()));
+            let replies = broker::Replies::new(b.link_tx, front.outlet());
             std::thread::Builder::new()
                 .name("ingest".into())
                 .spawn(move || {
