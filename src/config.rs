@@ -93,6 +93,9 @@ pub struct MqttConfig {
     /// Broker in-memory log per topic filter: segment size (bytes) and count.
     pub segment_size: usize,
     pub segment_count: usize,
+    /// A device's clean session stays in the front (no connection into the
+    /// embedded broker); `false` sends every session through the broker.
+    pub local_sessions: bool,
 }
 
 impl Default for MqttConfig {
@@ -107,6 +110,7 @@ impl Default for MqttConfig {
             max_connections: 12_000,
             segment_size: 4 * 1024 * 1024,
             segment_count: 4,
+            local_sessions: true,
         }
     }
 }

@@ -47,10 +47,12 @@ use crate::pki::{peer_identity, SharedRevoked};
 use crate::protocol::{normalize_device_id, parse_topic, Channel, DataMessage};
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::v4::{check, V4};
-use rumqttd::protocol::{Error as MqttError, LastWill, Login, Packet, Protocol, QoS};
-use std::collections::HashMap;
+use rumqttd::protocol::{
+    Error as MqttError, LastWill, Login, Packet, Protocol, QoS, SubAck, SubscribeReasonCode,
+};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -86,6 +88,23 @@ pub struct FrontConfig {
     pub max_packet_size: usize,
     /// Device password hashes, for the password listener.
     pub passwords: PasswordStore,
+    /// Clean sessions are local: the front answers CONNECT, SUBSCRIBE,
+    /// PINGREQ and QoS 2 itself and hands a will to the ingest, with no
+    /// broker connection behind the device (`mqtt.local_sessions`).
+    pub local_sessions: bool,
+}
+
+/// A device's CONNECT, checked.
+struct Connect {
+    /// The device id (normalised MAC).
+    device: String,
+    /// The device's keep-alive, seconds.
+    keep_alive: u16,
+    clean: bool,
+    will: Option<LastWill>,
+    /// The CONNECT for the broker: the broker secret as credentials, the
+    /// longest keep-alive (the front enforces the device's own).
+    bytes: BytesMut,
 }
 
 /// Who a connection is, once authenticated.
@@ -224,6 +243,10 @@ struct Inner {
     /// Concurrent argon2 verifications (each takes ~19 MiB and a core).
     verifications: Arc<Semaphore>,
     next_id: AtomicU64,
+    /// Devices that had a persistent session in the broker since it
+    /// started: their next clean CONNECT goes through the broker, which
+    /// discards that session's state (a local session would leave it).
+    persistent: Mutex<HashSet<String>>,
 }
 
 /// The device front; cheap to clone (shared state).
@@ -269,6 +292,7 @@ impl Front {
                 revoked,
                 sessions: Arc::new(Mutex::new(HashMap::new())),
                 next_id: AtomicU64::new(1),
+                persistent: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -565,9 +589,7 @@ impl Front {
         drop(handshake);
         let id_mac = ident.as_ref().map(|c| c.mac.clone());
         let shown = id_mac.clone().unwrap_or(shown);
-        let (device, keep_alive, clean, connect_bytes) = match self
-            .check_connect(frame, id_mac.as_deref())
-        {
+        let connect = match self.check_connect(frame, id_mac.as_deref()) {
             Ok(v) => v,
             Err(v) => {
                 metrics.reject(v.reason());
@@ -575,23 +597,43 @@ impl Front {
                 return;
             }
         };
+        let Connect {
+            device,
+            keep_alive,
+            clean,
+            will,
+            bytes: connect_bytes,
+        } = connect;
 
         let (kill_tx, mut kill_rx) = watch::channel(false);
         let conn_id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let local = self.local_session(&device, clean);
         // A persistent session keeps the broker path: rumqttd resends its
         // unacknowledged QoS 1 messages when the device comes back.
-        let direct = clean.then(|| Arc::new(direct::Direct::default()));
+        let direct = clean.then(|| Arc::new(direct::Direct::new(local)));
         self.take_over(&device, conn_id, ident.as_ref(), kill_tx, direct.clone())
             .await;
 
+        let disconnected = AtomicBool::new(false);
         let result = async {
-            let mut up = TcpStream::connect(cfg.upstream).await?;
-            up.set_nodelay(true)?;
-            up.write_all(&connect_bytes).await?;
-            let (mut up_r, mut up_w) = up.into_split();
+            let mut broker = None;
+            if local {
+                // CONNACK: accepted, no session present (it is clean).
+                dev_w.write_all(&[CONNACK << 4, 0x02, 0x00, 0x00]).await?;
+                dev_w.flush().await?;
+            } else {
+                let mut up = TcpStream::connect(cfg.upstream).await?;
+                up.set_nodelay(true)?;
+                up.write_all(&connect_bytes).await?;
+                broker = Some(up.into_split());
+            }
             Metrics::inc(&metrics.connections);
+            if local {
+                Metrics::inc(&metrics.connections_local);
+            }
             let via = ident.as_ref().map_or("plaintext", |i| i.via);
-            info!(%peer, device = %device, auth = via, keep_alive_s = keep_alive, "device connected");
+            let path = if local { "local" } else { "broker" };
+            info!(%peer, device = %device, auth = via, keep_alive_s = keep_alive, session = path, "device connected");
             let (acks_tx, acks_rx) = watch::channel(0u64);
             let (puback_tx, puback_rx) = mpsc::channel(PUBACK_QUEUE);
             let up = Uplink {
@@ -601,9 +643,14 @@ impl Front {
                 ack_wait: cfg.handshake_timeout,
                 ingest: &cfg.ingest,
                 direct: direct.as_deref(),
+                disconnected: &disconnected,
             };
-            let to_broker = up.run(&mut dev_r, &mut buf, &mut up_w, acks_rx, puback_tx);
-            let to_device = downlink(&mut up_r, &mut dev_w, puback_rx, acks_tx, direct.as_deref());
+            let (up_r, upstream) = match broker.as_mut() {
+                Some((r, w)) => (Some(r), Upstream::Broker { w, acks: acks_rx }),
+                None => (None, Upstream::Local),
+            };
+            let to_broker = up.run(&mut dev_r, &mut buf, upstream, puback_tx);
+            let to_device = downlink(up_r, &mut dev_w, puback_rx, acks_tx, direct.as_deref());
             let r: Result<(), Violation> = tokio::select! {
                 r = to_broker => r,
                 _ = to_device => Ok(()),
@@ -613,6 +660,9 @@ impl Front {
                 }
             };
             metrics.connections.fetch_sub(1, Ordering::Relaxed);
+            if local {
+                metrics.connections_local.fetch_sub(1, Ordering::Relaxed);
+            }
             if let Some(d) = &direct {
                 d.close();
             }
@@ -628,8 +678,29 @@ impl Front {
             Ok::<(), std::io::Error>(())
         }
         .await;
-        if let Err(e) = result {
-            warn!(%peer, device = %device, error = %e, "cannot reach the embedded broker");
+        let connected = result.is_ok();
+        match result {
+            Err(e) if local => {
+                debug!(%peer, device = %device, error = %e, "connection closed before CONNACK")
+            }
+            Err(e) => {
+                warn!(%peer, device = %device, error = %e, "cannot reach the embedded broker")
+            }
+            Ok(()) => {}
+        }
+        // A local session's will: the broker would publish it now, to the
+        // ingest (its topic was checked with the CONNECT).
+        if let Some(w) =
+            will.filter(|_| local && connected && !disconnected.load(Ordering::Relaxed))
+        {
+            info!(device = %device, topic = %String::from_utf8_lossy(&w.topic), "will published: the connection closed without DISCONNECT");
+            let _ = cfg
+                .ingest
+                .send_async(Inbound {
+                    topic: w.topic,
+                    payload: Payload::Raw(w.message),
+                })
+                .await;
         }
         self.release(&device, conn_id);
         info!(%peer, device = %device, "device disconnected");
@@ -734,11 +805,7 @@ impl Front {
     /// Validates the CONNECT and re-encodes it with the broker secret and
     /// the longest keep-alive (the front enforces the device's own, which it
     /// returns).
-    fn check_connect(
-        &self,
-        frame: BytesMut,
-        cert_mac: Option<&str>,
-    ) -> Result<(String, u16, bool, BytesMut), Violation> {
+    fn check_connect(&self, frame: BytesMut, cert_mac: Option<&str>) -> Result<Connect, Violation> {
         let packet = parse(frame, self.inner.cfg.max_packet_size)?;
         let Packet::Connect(mut connect, _, will, _, _) = packet else {
             return Err(Violation::NotConnect);
@@ -764,13 +831,35 @@ impl Front {
         };
         let keep_alive = std::mem::replace(&mut connect.keep_alive, u16::MAX);
         let clean = connect.clean_session;
-        let mut out = BytesMut::new();
+        let mut bytes = BytesMut::new();
         V4.write(
-            Packet::Connect(connect, None, will, None, Some(login)),
-            &mut out,
+            Packet::Connect(connect, None, will.clone(), None, Some(login)),
+            &mut bytes,
         )
         .map_err(|e| Violation::Malformed(e.to_string()))?;
-        Ok((device, keep_alive, clean, out))
+        Ok(Connect {
+            device,
+            keep_alive,
+            clean,
+            will,
+            bytes,
+        })
+    }
+
+    /// Whether a CONNECT of `device` can be a local session; remembers a
+    /// persistent one (which the broker keeps after it closes).
+    fn local_session(&self, device: &str, clean: bool) -> bool {
+        let mut p = self
+            .inner
+            .persistent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !clean {
+            p.insert(device.to_string());
+            return false;
+        }
+        // A clean CONNECT through the broker ends the broker's session.
+        !p.remove(device) && self.inner.cfg.local_sessions
     }
 
     /// Registers the session of `device`, closing an older one first.
@@ -1023,40 +1112,62 @@ fn check_publish_topic(topic: &[u8], device: &str) -> Result<(), Violation> {
 
 /// Where a device packet (after CONNECT) goes.
 enum Route {
-    /// To the broker as it is. `awaits_ack`: a SUBSCRIBE, which the broker
-    /// answers with a SUBACK the direct path waits for.
-    Broker {
-        frame: BytesMut,
-        awaits_ack: bool,
-        subs: SubChange,
-    },
-    /// A device publish for the ingest; QoS 1 is answered by the front.
-    Ingest {
-        message: Inbound,
-        puback: Option<u16>,
-    },
+    /// Any packet but a PUBLISH: to the broker as it is (a broker session),
+    /// or answered by the front (a local session).
+    Control { frame: BytesMut, control: Control },
+    /// A device publish for the ingest, and what acknowledges it.
+    Ingest { message: Inbound, ack: Ack },
     /// The device's PUBACK for one of the front's own publishes: the broker
     /// never sent that packet id.
     Ours,
 }
 
-/// What a SUBSCRIBE or UNSUBSCRIBE changes in the session's subscriptions.
-enum SubChange {
+/// How the front acknowledges a publish it hands to the ingest.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ack {
+    /// QoS 0.
     None,
-    Subscribe { pkid: u16, topics: Vec<String> },
-    Unsubscribe(Vec<String>),
+    /// QoS 1: PUBACK.
+    Puback(u16),
+    /// QoS 2 (local sessions only): PUBREC, then PUBCOMP on the PUBREL.
+    Pubrec(u16),
+}
+
+/// A device packet other than PUBLISH, as far as a session needs it.
+#[derive(Debug, PartialEq, Eq)]
+enum Control {
+    Subscribe {
+        pkid: u16,
+        filters: Vec<(String, QoS)>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        topics: Vec<String>,
+    },
+    PingReq,
+    /// The second half of a device's QoS 2 publish.
+    PubRel(u16),
+    Disconnect,
+    /// Acknowledgements of the broker's publishes (PUBACK, PUBREC, PUBCOMP).
+    Other,
 }
 
 const PUBLISH: u8 = 3;
 const PUBACK: u8 = 4;
 const CONNACK: u8 = 2;
-const SUBSCRIBE: u8 = 8;
+const PUBREC: u8 = 5;
+const PUBCOMP: u8 = 7;
+const UNSUBACK: u8 = 11;
+const PINGRESP: u8 = 13;
 const SUBACK: u8 = 9;
 
 /// Checks one packet after CONNECT against the device's identity and routes
-/// it. Publishes are parsed in place (no copy); the rare ones the broker must
-/// carry (retained, QoS 2) are re-encoded.
-fn route(frame: BytesMut, device: &str, max: usize) -> Result<Route, Violation> {
+/// it. Publishes are parsed in place (no copy); the rare ones a broker
+/// session's broker must carry (retained, QoS 2) are re-encoded. In a local
+/// session (`local`) every publish goes to the ingest: a retained one as an
+/// ordinary publish (the broker's retained store only ever served the
+/// ingest, subscribed from the start), QoS 2 acknowledged by the front.
+fn route(frame: BytesMut, device: &str, max: usize, local: bool) -> Result<Route, Violation> {
     let kind = frame.first().map_or(0, |b| b >> 4);
     if kind == PUBACK
         && frame.len() == 4
@@ -1065,30 +1176,25 @@ fn route(frame: BytesMut, device: &str, max: usize) -> Result<Route, Violation> 
         return Ok(Route::Ours);
     }
     if kind != PUBLISH {
-        let subs = check_packet(&frame, device, max)?;
-        return Ok(Route::Broker {
-            frame,
-            awaits_ack: kind == SUBSCRIBE,
-            subs,
-        });
+        let control = check_packet(&frame, device, max)?;
+        return Ok(Route::Control { frame, control });
     }
     let Packet::Publish(p, _) = parse(frame, max)? else {
         return Err(Violation::Malformed("not a PUBLISH".into()));
     };
     check_publish_topic(&p.topic, device)?;
-    let puback = match p.qos() {
-        QoS::AtMostOnce => None,
-        QoS::AtLeastOnce => Some(p.pkid()),
-        QoS::ExactlyOnce => None,
+    let ack = match p.qos() {
+        QoS::AtMostOnce => Ack::None,
+        QoS::AtLeastOnce => Ack::Puback(p.pkid()),
+        QoS::ExactlyOnce => Ack::Pubrec(p.pkid()),
     };
-    if p.retain || p.qos() == QoS::ExactlyOnce {
+    if !local && (p.retain || p.qos() == QoS::ExactlyOnce) {
         let mut frame = BytesMut::new();
         V4.write(Packet::Publish(p, None), &mut frame)
             .map_err(|e| Violation::Malformed(e.to_string()))?;
-        return Ok(Route::Broker {
+        return Ok(Route::Control {
             frame,
-            awaits_ack: false,
-            subs: SubChange::None,
+            control: Control::Other,
         });
     }
     // Chunks are decoded here, on the front's threads, not on the one
@@ -1115,7 +1221,7 @@ fn route(frame: BytesMut, device: &str, max: usize) -> Result<Route, Violation> 
             payload: Payload::Raw(p.payload),
         },
     };
-    Ok(Route::Ingest { message, puback })
+    Ok(Route::Ingest { message, ack })
 }
 
 /// The device-to-gateway half of a session.
@@ -1129,33 +1235,57 @@ struct Uplink<'a> {
     ingest: &'a flume::Sender<Inbound>,
     /// The session's direct downlink, whose subscriptions it keeps.
     direct: Option<&'a direct::Direct>,
+    /// Set when the device sends DISCONNECT: a local session then drops
+    /// its will.
+    disconnected: &'a AtomicBool,
+}
+
+/// Where the packets of a session that are not the ingest's go.
+enum Upstream<'a, W> {
+    /// A broker session: to the broker's loopback connection. A publish for
+    /// the ingest waits until the broker has answered the CONNECT and every
+    /// SUBSCRIBE before it (`acks` counts its CONNACK and SUBACKs).
+    Broker {
+        w: &'a mut W,
+        acks: watch::Receiver<u64>,
+    },
+    /// A local session: the front answers them itself.
+    Local,
 }
 
 impl Uplink<'_> {
     /// Reads the device's packets until it closes: checks each, hands
-    /// publishes to the ingest and forwards the rest to the broker.
+    /// publishes to the ingest and forwards the rest to the broker (or, in
+    /// a local session, answers them).
     async fn run<R, W>(
         self,
         dev_r: &mut R,
         buf: &mut BytesMut,
-        up_w: &mut W,
-        mut acks: watch::Receiver<u64>,
+        upstream: Upstream<'_, W>,
         pubacks: mpsc::Sender<Vec<u8>>,
     ) -> Result<(), Violation>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        let (mut up_w, mut acks) = match upstream {
+            Upstream::Broker { w, acks } => (Some(w), Some(acks)),
+            Upstream::Local => (None, None),
+        };
+        let local = up_w.is_none();
         // MQTT 3.1.1 §3.1.2.10: a server closes a client silent for 1.5 ×
         // its keep-alive.
         let idle =
             (self.keep_alive > 0).then(|| Duration::from_millis(self.keep_alive as u64 * 1500));
         // Broker acknowledgements sent so far that a direct publish waits
-        // for: the CONNECT's, then one per SUBSCRIBE.
-        let mut awaited: u64 = 1;
+        // for: the CONNECT's, then one per SUBSCRIBE (none locally).
+        let mut awaited = u64::from(!local);
         // How many of them are known to have arrived (the watch is read
         // only while some are outstanding, not on every publish).
         let mut arrived: u64 = 0;
+        // A local session's QoS 2 publishes handed over and not yet
+        // released: a resend of one (same packet id) is not handed again.
+        let mut unreleased: Vec<u16> = Vec::new();
         loop {
             let read = next_frame(dev_r, buf, self.max_packet);
             let first =
@@ -1202,29 +1332,47 @@ impl Uplink<'_> {
                         }
                     },
                 };
-                match route(frame, self.device, self.max_packet) {
-                    Ok(Route::Broker {
-                        frame,
-                        awaits_ack,
-                        subs,
-                    }) => {
-                        awaited += u64::from(awaits_ack);
-                        match (self.direct, subs) {
-                            (Some(d), SubChange::Subscribe { pkid, topics }) => {
-                                d.subscribing(pkid, topics)
+                match route(frame, self.device, self.max_packet, local) {
+                    Ok(Route::Control { frame, control }) if !local => {
+                        awaited += u64::from(matches!(control, Control::Subscribe { .. }));
+                        match (self.direct, control) {
+                            (Some(d), Control::Subscribe { pkid, filters }) => {
+                                d.subscribing(pkid, filters.into_iter().map(|(t, _)| t).collect())
                             }
-                            (Some(d), SubChange::Unsubscribe(topics)) => d.unsubscribe(&topics),
+                            (Some(d), Control::Unsubscribe { topics, .. }) => {
+                                d.unsubscribe(&topics)
+                            }
                             _ => {}
                         }
                         run.unsplit(frame);
                     }
-                    Ok(Route::Ours) => {}
-                    Ok(Route::Ingest { message, puback }) => {
-                        if !run.is_empty() {
-                            to_broker(up_w, &run).await?;
-                            run.clear();
+                    Ok(Route::Control { control, .. }) => {
+                        if control == Control::Disconnect {
+                            self.disconnected.store(true, Ordering::Relaxed);
+                            if !acks_out.is_empty() {
+                                let _ = pubacks.send(acks_out).await;
+                            }
+                            return Ok(());
                         }
-                        if arrived < awaited {
+                        let before = acks_out.len();
+                        answer(control, self.direct, &mut unreleased, &mut acks_out);
+                        // An answer goes out before anything the ingest
+                        // might send on a topic just subscribed.
+                        if acks_out.len() != before
+                            && pubacks.send(std::mem::take(&mut acks_out)).await.is_err()
+                        {
+                            return Ok(());
+                        }
+                    }
+                    Ok(Route::Ours) => {}
+                    Ok(Route::Ingest { message, ack }) => {
+                        if let Some(w) = up_w.as_deref_mut() {
+                            if !run.is_empty() {
+                                to_broker(w, &run).await?;
+                                run.clear();
+                            }
+                        }
+                        if let Some(acks) = acks.as_mut().filter(|_| arrived < awaited) {
                             let wait = acks.wait_for(|n| *n >= awaited);
                             match tokio::time::timeout(self.ack_wait, wait).await {
                                 Ok(Ok(n)) => arrived = *n,
@@ -1233,12 +1381,22 @@ impl Uplink<'_> {
                                 Err(_) => return Err(Violation::BrokerTimeout),
                             }
                         }
-                        self.ingest
-                            .send_async(message)
-                            .await
-                            .map_err(|_| Violation::Io("the ingest has stopped".into()))?;
-                        if let Some(pkid) = puback {
-                            acks_out.extend_from_slice(&puback_packet(pkid));
+                        let resent = matches!(ack, Ack::Pubrec(id) if unreleased.contains(&id));
+                        if !resent {
+                            self.ingest
+                                .send_async(message)
+                                .await
+                                .map_err(|_| Violation::Io("the ingest has stopped".into()))?;
+                        }
+                        match ack {
+                            Ack::None => {}
+                            Ack::Puback(id) => acks_out.extend_from_slice(&puback_packet(id)),
+                            Ack::Pubrec(id) => {
+                                if !resent {
+                                    unreleased.push(id);
+                                }
+                                acks_out.extend_from_slice(&short_packet(PUBREC, id));
+                            }
                         }
                     }
                     Err(v) => {
@@ -1247,8 +1405,10 @@ impl Uplink<'_> {
                     }
                 }
             }
-            if !run.is_empty() {
-                to_broker(up_w, &run).await?;
+            if let Some(w) = up_w.as_deref_mut() {
+                if !run.is_empty() {
+                    to_broker(w, &run).await?;
+                }
             }
             if !acks_out.is_empty() && pubacks.send(acks_out).await.is_err() {
                 return Ok(());
@@ -1260,20 +1420,76 @@ impl Uplink<'_> {
     }
 }
 
+/// A local session's answer to a device packet (not DISCONNECT), appended
+/// to `out`: what the broker would have answered.
+fn answer(
+    control: Control,
+    direct: Option<&direct::Direct>,
+    unreleased: &mut Vec<u16>,
+    out: &mut Vec<u8>,
+) {
+    match control {
+        Control::Subscribe { pkid, filters } => {
+            // At most QoS 1: the ingest's replies are at-least-once, and a
+            // server may grant less than asked (MQTT 3.1.1 §3.8.4).
+            let filters: Vec<(String, QoS)> = filters
+                .into_iter()
+                .map(|(t, q)| {
+                    (
+                        t,
+                        if q == QoS::AtMostOnce {
+                            q
+                        } else {
+                            QoS::AtLeastOnce
+                        },
+                    )
+                })
+                .collect();
+            let return_codes = filters
+                .iter()
+                .map(|(_, q)| SubscribeReasonCode::Success(*q))
+                .collect();
+            if let Some(d) = direct {
+                d.grant(filters);
+            }
+            let mut b = BytesMut::new();
+            if V4
+                .write(Packet::SubAck(SubAck { pkid, return_codes }, None), &mut b)
+                .is_ok()
+            {
+                out.extend_from_slice(&b);
+            }
+        }
+        Control::Unsubscribe { pkid, topics } => {
+            if let Some(d) = direct {
+                d.unsubscribe(&topics);
+            }
+            out.extend_from_slice(&short_packet(UNSUBACK, pkid));
+        }
+        Control::PingReq => out.extend_from_slice(&[PINGRESP << 4, 0]),
+        Control::PubRel(pkid) => {
+            unreleased.retain(|id| *id != pkid);
+            out.extend_from_slice(&short_packet(PUBCOMP, pkid));
+        }
+        Control::Disconnect | Control::Other => {}
+    }
+}
+
 async fn to_broker<W: AsyncWrite + Unpin>(up_w: &mut W, bytes: &[u8]) -> Result<(), Violation> {
     up_w.write_all(bytes)
         .await
         .map_err(|e| Violation::Io(format!("broker write: {e}")))
 }
 
-/// The gateway-to-device half of a session: the broker's packets, the
-/// front's PUBACKs and the ingest's direct publishes (`direct`), interleaved
+/// The gateway-to-device half of a session: the broker's packets (none in a
+/// local session), the front's PUBACKs and other answers, and the ingest's
+/// direct publishes (`direct`), interleaved
 /// only between whole packets. Counts the broker's CONNACK and SUBACKs into
 /// `acks` for the uplink, and hands each SUBACK to the direct downlink
 /// first, so the subscription is in place before the uplink lets a publish
 /// through.
 async fn downlink<R, W>(
-    up_r: &mut R,
+    mut up_r: Option<&mut R>,
     dev_w: &mut W,
     mut pubacks: mpsc::Receiver<Vec<u8>>,
     acks: watch::Sender<u64>,
@@ -1285,7 +1501,7 @@ where
 {
     // The gateway sends a device a few small commands per wake; a 1 KiB
     // buffer keeps 1,000 idle connections small (it grows for a big one).
-    let mut from_broker = BytesMut::with_capacity(1024);
+    let mut from_broker = BytesMut::with_capacity(if up_r.is_some() { 1024 } else { 0 });
     let mut ours = Vec::new();
     let mut acked = 0u64;
     let mut pkids = direct::PacketIds::new();
@@ -1297,12 +1513,18 @@ where
         encode_publish(&m.topic, &m.payload, m.qos, pkid, out);
     };
     loop {
-        if from_broker.capacity() - from_broker.len() < 256 {
+        if up_r.is_some() && from_broker.capacity() - from_broker.len() < 256 {
             from_broker.reserve(1024);
         }
         let mut whole = 0;
         tokio::select! {
-            r = up_r.read_buf(&mut from_broker) => {
+            r = async {
+                match up_r.as_deref_mut() {
+                    Some(r) => r.read_buf(&mut from_broker).await,
+                    // A local session has no broker connection.
+                    None => std::future::pending().await,
+                }
+            } => {
                 if r? == 0 {
                     return Ok(());
                 }
@@ -1357,15 +1579,21 @@ where
 
 /// An MQTT 3.1.1 PUBACK.
 fn puback_packet(pkid: u16) -> [u8; 4] {
-    let [hi, lo] = pkid.to_be_bytes();
-    [0x40, 0x02, hi, lo]
+    short_packet(PUBACK, pkid)
 }
 
-/// Checks one packet after CONNECT against the device's identity; returns
-/// what it changes in the session's subscriptions.
-fn check_packet(frame: &BytesMut, device: &str, max: usize) -> Result<SubChange, Violation> {
+/// An MQTT 3.1.1 packet that is just a packet id (PUBACK, PUBREC, PUBCOMP,
+/// UNSUBACK).
+fn short_packet(kind: u8, pkid: u16) -> [u8; 4] {
+    let [hi, lo] = pkid.to_be_bytes();
+    [kind << 4, 0x02, hi, lo]
+}
+
+/// Checks one packet after CONNECT (not a PUBLISH) against the device's
+/// identity; returns what a session needs of it.
+fn check_packet(frame: &BytesMut, device: &str, max: usize) -> Result<Control, Violation> {
     match parse(frame.clone(), max)? {
-        Packet::Publish(p, _) => check_publish_topic(&p.topic, device).map(|()| SubChange::None),
+        Packet::Publish(p, _) => check_publish_topic(&p.topic, device).map(|()| Control::Other),
         Packet::Subscribe(s, _) => {
             for f in &s.filters {
                 if !own_topic(&f.path, device, &[Channel::Cmd, Channel::Ack]) {
@@ -1374,17 +1602,23 @@ fn check_packet(frame: &BytesMut, device: &str, max: usize) -> Result<SubChange,
                     });
                 }
             }
-            Ok(SubChange::Subscribe {
+            Ok(Control::Subscribe {
                 pkid: s.pkid,
-                topics: s.filters.into_iter().map(|f| f.path).collect(),
+                filters: s.filters.into_iter().map(|f| (f.path, f.qos)).collect(),
             })
         }
-        Packet::Unsubscribe(u, _) => Ok(SubChange::Unsubscribe(u.filters)),
+        Packet::Unsubscribe(u, _) => Ok(Control::Unsubscribe {
+            pkid: u.pkid,
+            topics: u.filters,
+        }),
+        Packet::PingReq(_) => Ok(Control::PingReq),
+        Packet::PubRel(r, _) => Ok(Control::PubRel(r.pkid)),
+        Packet::Disconnect(..) => Ok(Control::Disconnect),
         Packet::Connect(..) => Err(Violation::SecondConnect),
         Packet::ConnAck(..) | Packet::SubAck(..) | Packet::UnsubAck(..) | Packet::PingResp(_) => {
             Err(Violation::ServerPacket)
         }
-        _ => Ok(SubChange::None),
+        _ => Ok(Control::Other),
     }
 }
 
@@ -1456,11 +1690,14 @@ mod tests {
             ack_wait: Duration::from_secs(5),
             ingest: &ingest,
             direct: None,
+            disconnected: &AtomicBool::new(false),
         };
         let mut buf = BytesMut::with_capacity(512);
-        up.run(&mut r, &mut buf, &mut tokio::io::sink(), acks_rx, puback_tx)
-            .await
-            .unwrap();
+        let upstream = Upstream::Broker {
+            w: &mut tokio::io::sink(),
+            acks: acks_rx,
+        };
+        up.run(&mut r, &mut buf, upstream, puback_tx).await.unwrap();
         assert_eq!(queued.len(), 10);
         let batch = puback_rx.recv().await.expect("one batch");
         let want: Vec<u8> = (1..=10u16).flat_map(puback_packet).collect();

@@ -22,10 +22,14 @@ pub struct Metrics {
     pub commands_sent: AtomicU64,
     /// Of `commands_sent`: written straight into the device's front session.
     pub commands_direct: AtomicU64,
+    /// Messages for a local session that had [`crate::front`]'s queue full.
+    pub commands_dropped: AtomicU64,
     pub commits: AtomicU64,
     pub streaming: AtomicU64,
     pub waiting: AtomicU64,
     pub connections: AtomicU64,
+    /// Of `connections`: local sessions (no broker connection behind them).
+    pub connections_local: AtomicU64,
     pub connections_refused: AtomicU64,
     pub ingest_queue: AtomicU64,
     pub upstream_delivered: AtomicU64,
@@ -147,6 +151,12 @@ impl Metrics {
             &self.commands_direct,
         );
         c(
+            "commands_dropped_total",
+            "Messages to devices dropped because the device's session had 32 unread (it stopped reading).",
+            "counter",
+            &self.commands_dropped,
+        );
+        c(
             "commits_total",
             "Database commits by the ingest.",
             "counter",
@@ -169,6 +179,12 @@ impl Metrics {
             "Open device connections.",
             "gauge",
             &self.connections,
+        );
+        c(
+            "connections_local",
+            "Of the open device connections, those served by the front alone (clean sessions, mqtt.local_sessions); the rest go through the embedded broker.",
+            "gauge",
+            &self.connections_local,
         );
         c(
             "ingest_queue",

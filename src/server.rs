@@ -199,6 +199,7 @@ impl Gateway {
                 handshake_timeout: std::time::Duration::from_millis(cfg.mqtt.handshake_timeout_ms),
                 max_packet_size: cfg.mqtt.max_payload_size,
                 passwords: PasswordStore::new(pki.dir()),
+                local_sessions: cfg.mqtt.local_sessions,
             },
             metrics.clone(),
             revoked,

@@ -1,10 +1,14 @@
 //! The front's direct path, packet by packet, with a raw MQTT 3.1.1 client
-//! on the loopback plaintext listener (the same session code as TLS): a
-//! device's publishes go to the ingest without the broker, the front answers
-//! QoS 1 itself, waits for the broker's SUBACK before a publish, keeps the
-//! device's keep-alive, leaves retained and QoS 2 publishes to the broker,
-//! closes a session whose broker never acknowledges it (`broker_timeout`),
-//! and writes the gateway's replies to a clean session itself.
+//! on the loopback plaintext listener (the same session code as TLS), both
+//! for local sessions (`mqtt.local_sessions`: a clean session is served by
+//! the front alone) and for sessions through the broker: a device's
+//! publishes go to the ingest without the broker, the front answers QoS 1
+//! itself, (through the broker) waits for the broker's SUBACK before a
+//! publish, keeps the device's keep-alive, carries retained and QoS 2
+//! publishes, closes a session whose broker never acknowledges it
+//! (`broker_timeout`), and writes the gateway's replies to a clean session
+//! itself. A local session's own answers (SUBACK grants, UNSUBACK, QoS 2,
+//! its will) are checked against the ingest queue itself.
 
 mod common;
 
@@ -154,14 +158,40 @@ impl Raw {
     }
 }
 
+/// The gateway's test configuration, with clean sessions local to the
+/// front or every session through the broker.
+fn config(local: bool) -> barngate::config::Config {
+    let mut c = test_config();
+    c.mqtt.local_sessions = local;
+    c
+}
+
+/// Runs a test body (`async fn name(local: bool)`) as two tests,
+/// `name::local` and `name::broker`: a clean session in the front alone, and
+/// every session through the embedded broker.
+macro_rules! both_paths {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn local() {
+                super::$name(true).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn broker() {
+                super::$name(false).await
+            }
+        }
+    };
+}
+
 fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_publish_right_after_subscribe_gets_its_reply() {
+both_paths!(a_publish_right_after_subscribe_gets_its_reply);
+async fn a_publish_right_after_subscribe_gets_its_reply(local: bool) {
     let data = tempfile::tempdir().unwrap();
-    let gw = start_gateway(data.path(), test_config()).await;
+    let gw = start_gateway(data.path(), config(local)).await;
     let addr = gw.plain_addr.unwrap();
     // CONNECT, SUBSCRIBE and HELLO in one write, as a hurried firmware does:
     // the front must not hand the HELLO to the ingest before the broker has
@@ -212,14 +242,14 @@ fn publish_header(frame: &[u8]) -> (u8, Option<u16>) {
     )
 }
 
+both_paths!(replies_to_a_clean_session_are_written_by_the_front);
 /// A clean session's replies come from the front itself, at the QoS the
-/// broker granted, QoS 1 numbered from 0x8000 (rumqttd uses 1–100), and the
-/// device's PUBACKs for them stay out of the broker; a persistent session's
-/// come through the broker, which can resend them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replies_to_a_clean_session_are_written_by_the_front() {
+/// broker (or the front) granted, QoS 1 numbered from 0x8000 (rumqttd uses
+/// 1–100), and the device's PUBACKs for them stay out of the broker; a
+/// persistent session's come through the broker, which can resend them.
+async fn replies_to_a_clean_session_are_written_by_the_front(local: bool) {
     let data = tempfile::tempdir().unwrap();
-    let gw = start_gateway(data.path(), test_config()).await;
+    let gw = start_gateway(data.path(), config(local)).await;
     let addr = gw.plain_addr.unwrap();
     let direct = || gw.metrics.commands_direct.load(Ordering::Relaxed);
     for (n, clean, qos) in [
@@ -274,10 +304,10 @@ async fn replies_to_a_clean_session_are_written_by_the_front() {
     gw.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retained_and_qos2_publishes_still_reach_the_ingest_through_the_broker() {
+both_paths!(retained_and_qos2_publishes_reach_the_ingest);
+async fn retained_and_qos2_publishes_reach_the_ingest(local: bool) {
     let data = tempfile::tempdir().unwrap();
-    let gw = start_gateway(data.path(), test_config()).await;
+    let gw = start_gateway(data.path(), config(local)).await;
     let mac = "AABBCC110001";
     let mut d = Raw::open(gw.plain_addr.unwrap()).await;
     d.send(&encode(vec![
@@ -286,8 +316,8 @@ async fn retained_and_qos2_publishes_still_reach_the_ingest_through_the_broker()
     ]))
     .await;
     d.until(|t, _| t == 9).await;
-    // QoS 2: the broker answers PUBREC, then PUBCOMP to our PUBREL; the
-    // ingest still gets the HELLO.
+    // QoS 2: the front (local) or the broker answers PUBREC, then PUBCOMP
+    // to our PUBREL; the ingest still gets the HELLO.
     d.send(&publish(
         &format!("ESP32CAM/{mac}/status"),
         &hello(mac),
@@ -301,7 +331,8 @@ async fn retained_and_qos2_publishes_still_reach_the_ingest_through_the_broker()
     let seen = d.until(|t, f| t == 3 && contains(f, "capture_image")).await;
     let _ = seen;
     assert!(gw.store.device(mac).unwrap().is_some());
-    // Retained (QoS 1): through the broker, whose PUBACK answers it.
+    // Retained (QoS 1): a broker session's goes through the broker, whose
+    // PUBACK answers it; a local session's goes to the ingest like any other.
     let hellos = gw.metrics.hellos.load(Ordering::Relaxed);
     d.send(&publish(
         &format!("ESP32CAM/{mac}/status"),
@@ -320,10 +351,10 @@ async fn retained_and_qos2_publishes_still_reach_the_ingest_through_the_broker()
     gw.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_front_keeps_the_devices_keep_alive() {
+both_paths!(the_front_keeps_the_devices_keep_alive);
+async fn the_front_keeps_the_devices_keep_alive(local: bool) {
     let data = tempfile::tempdir().unwrap();
-    let gw = start_gateway(data.path(), test_config()).await;
+    let gw = start_gateway(data.path(), config(local)).await;
     let addr = gw.plain_addr.unwrap();
 
     // Keep-alive 1 s and only publishes (no PINGREQ, as a busy client does):
@@ -384,16 +415,22 @@ async fn the_front_keeps_the_devices_keep_alive() {
     gw.shutdown().await.unwrap();
 }
 
-/// If the broker never acknowledges the CONNECT, a device's publish is not
-/// handed to the ingest (its reply could not reach the device): the session
-/// closes after the handshake timeout with `broker_timeout`.
-#[tokio::test]
-async fn a_broker_that_never_acknowledges_closes_the_session() {
+/// A front alone, on a plaintext loopback listener, whose "broker" accepts
+/// connections and never answers, and whose ingest queue the test reads.
+struct Bare {
+    front: barngate::front::Front,
+    addr: SocketAddr,
+    from_front: flume::Receiver<barngate::broker::Inbound>,
+    metrics: std::sync::Arc<barngate::metrics::Metrics>,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+async fn bare_front(local: bool) -> Bare {
     use barngate::front::{Front, FrontConfig};
     use barngate::metrics::Metrics;
     use std::sync::Arc;
 
-    // A "broker" that accepts and never answers.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = silent.local_addr().unwrap();
     tokio::spawn(async move {
@@ -415,14 +452,33 @@ async fn a_broker_that_never_acknowledges_closes_the_session() {
             handshake_timeout: Duration::from_millis(300),
             max_packet_size: 1 << 16,
             passwords: barngate::devpass::PasswordStore::new(dir.path()),
+            local_sessions: local,
         },
         metrics.clone(),
         Default::default(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(front.run_plain(listener, stop_rx));
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(front.clone().run_plain(listener, stop_rx));
+    Bare {
+        front,
+        addr,
+        from_front,
+        metrics,
+        _dir: dir,
+        _stop: stop,
+    }
+}
+
+/// If the broker never acknowledges the CONNECT, a device's publish is not
+/// handed to the ingest (its reply could not reach the device): the session
+/// closes after the handshake timeout with `broker_timeout`. (A session
+/// through the broker: a local one never waits for it.)
+#[tokio::test]
+async fn a_broker_that_never_acknowledges_closes_the_session() {
+    let bare = bare_front(false).await;
+    let (addr, from_front, metrics) = (bare.addr, &bare.from_front, &bare.metrics);
 
     let mac = "AABBCC330001";
     let mut dev = Raw::open(addr).await;
@@ -450,4 +506,199 @@ async fn a_broker_that_never_acknowledges_closes_the_session() {
         from_front.is_empty(),
         "the publish did not reach the ingest"
     );
+}
+
+/// The topic and raw payload of what the front handed to the ingest.
+fn handed(m: barngate::broker::Inbound) -> (String, Vec<u8>) {
+    let payload = match m.payload {
+        barngate::broker::Payload::Raw(b) => b.to_vec(),
+        barngate::broker::Payload::Chunk(_) => b"<chunk>".to_vec(),
+    };
+    (String::from_utf8_lossy(&m.topic).into_owned(), payload)
+}
+
+/// A local session with a broker that never answers: the front alone
+/// answers CONNECT, SUBSCRIBE (at most QoS 1 granted), PINGREQ, QoS 2 (a
+/// resend before the PUBREL is not handed over twice), retained publishes
+/// and UNSUBSCRIBE, writes the gateway's replies itself, and hands the will
+/// to the ingest when the connection drops without DISCONNECT — and not
+/// after one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_session_is_served_by_the_front_alone() {
+    use rumqttd::protocol::{LastWill, Unsubscribe};
+    let bare = bare_front(true).await;
+    let mac = "AABBCC550001";
+    let status = format!("ESP32CAM/{mac}/status");
+    let cmd = format!("ESP32CAM/{mac}/cmd");
+    let will = |text: &str| LastWill {
+        topic: status.clone().into_bytes().into(),
+        message: text.as_bytes().to_vec().into(),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+    };
+    let connect_will = |w: LastWill| {
+        Packet::Connect(
+            Connect {
+                keep_alive: 30,
+                client_id: mac.into(),
+                clean_session: true,
+            },
+            None,
+            Some(w),
+            None,
+            None,
+        )
+    };
+    let mut d = Raw::open(bare.addr).await;
+    let mut sub = subscribe_qos(3, cmd.clone(), QoS::ExactlyOnce);
+    if let Packet::Subscribe(s, _) = &mut sub {
+        s.filters.push(Filter {
+            path: format!("ESP32CAM/{mac}/ack"),
+            qos: QoS::AtMostOnce,
+            nolocal: false,
+            preserve_retain: false,
+            retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+        });
+    }
+    d.send(&encode(vec![connect_will(will("gone")), sub])).await;
+    let (t, connack) = d.next(WAIT).await.unwrap();
+    assert_eq!((t, &connack[..]), (2, &[0x20, 0x02, 0x00, 0x00][..]));
+    let (t, suback) = d.next(WAIT).await.unwrap();
+    assert_eq!(
+        (t, &suback[..]),
+        (9, &[0x90, 0x04, 0x00, 0x03, 0x01, 0x00][..]),
+        "QoS 2 granted as 1, QoS 0 as 0"
+    );
+
+    // The gateway's reply, written by the front at the granted QoS 1.
+    let outlet = bare.front.outlet();
+    outlet
+        .deliver(mac, cmd.clone(), b"{\"hi\":1}".to_vec())
+        .expect("subscribed: taken directly");
+    let (t, p) = d.next(WAIT).await.unwrap();
+    let (first, pkid) = publish_header(&p);
+    assert_eq!((t, first & 0x06), (3, 0x02));
+    assert!(pkid.unwrap() >= barngate::front::FIRST_PKID);
+    assert!(
+        outlet
+            .deliver(mac, format!("ESP32CAM/{mac}/other"), vec![])
+            .is_err(),
+        "not subscribed: not taken"
+    );
+
+    d.send(&[0xC0, 0x00]).await;
+    assert_eq!(d.next(WAIT).await.unwrap().0, 13, "PINGRESP");
+
+    // QoS 2, sent twice before the PUBREL: one hand-over, two PUBRECs.
+    let hello2 = publish(&status, &hello(mac), 2, false, 9);
+    d.send(&hello2).await;
+    d.send(&hello2).await;
+    for _ in 0..2 {
+        let (t, f) = d.next(WAIT).await.unwrap();
+        assert_eq!((t, &f[..]), (5, &[0x50, 0x02, 0x00, 0x09][..]));
+    }
+    d.send(&[0x62, 0x02, 0x00, 0x09]).await;
+    let (t, f) = d.next(WAIT).await.unwrap();
+    assert_eq!((t, &f[..]), (7, &[0x70, 0x02, 0x00, 0x09][..]), "PUBCOMP");
+    // Released: the same id is a new message.
+    d.send(&publish(&status, b"again", 2, false, 9)).await;
+    assert_eq!(d.next(WAIT).await.unwrap().0, 5);
+    // Retained, QoS 1: to the ingest, PUBACK from the front.
+    d.send(&publish(&status, b"kept", 1, true, 10)).await;
+    let (t, f) = d.next(WAIT).await.unwrap();
+    assert_eq!((t, &f[..]), (4, &[0x40, 0x02, 0x00, 0x0A][..]));
+
+    d.send(&encode(vec![Packet::Unsubscribe(
+        Unsubscribe {
+            pkid: 11,
+            filters: vec![cmd.clone()],
+        },
+        None,
+    )]))
+    .await;
+    let (t, f) = d.next(WAIT).await.unwrap();
+    assert_eq!((t, &f[..]), (11, &[0xB0, 0x02, 0x00, 0x0B][..]), "UNSUBACK");
+    assert!(outlet.deliver(mac, cmd.clone(), vec![]).is_err());
+
+    // Dropped without DISCONNECT: the will follows everything else.
+    drop(d);
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let m = tokio::time::timeout(WAIT, bare.from_front.recv_async())
+            .await
+            .expect("handed over in time")
+            .unwrap();
+        got.push(handed(m));
+    }
+    let payloads: Vec<&[u8]> = got.iter().map(|(_, p)| &p[..]).collect();
+    assert_eq!(
+        payloads,
+        vec![&hello(mac)[..], b"again", b"kept", b"gone"],
+        "each once, the will last"
+    );
+    assert!(got.iter().all(|(t, _)| *t == status));
+
+    // With DISCONNECT: no will.
+    let mut d = Raw::open(bare.addr).await;
+    d.send(&encode(vec![connect_will(will("not sent"))])).await;
+    assert_eq!(d.next(WAIT).await.unwrap().0, 2);
+    d.send(&[0xE0, 0x00]).await;
+    assert!(d.next(WAIT).await.is_none(), "closed after DISCONNECT");
+    let deadline = Instant::now() + WAIT;
+    while !bare.front.connected().is_empty() {
+        assert!(Instant::now() < deadline, "session released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(bare.from_front.is_empty(), "no will after DISCONNECT");
+    assert_eq!(bare.metrics.rejected("broker_timeout"), 0);
+}
+
+/// A persistent session goes through the broker (which keeps it), and so
+/// does the device's next clean session, which makes the broker discard
+/// the kept one; after that the device's clean sessions are local again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_broker_session_is_ended_through_the_broker() {
+    let data = tempfile::tempdir().unwrap();
+    let gw = start_gateway(data.path(), config(true)).await;
+    let addr = gw.plain_addr.unwrap();
+    let mac = "AABBCC660001";
+    // (clean, a local session)
+    for (clean, local) in [(false, false), (true, false), (true, true)] {
+        let mut d = Raw::open(addr).await;
+        d.send(&encode(vec![
+            connect_session(mac, 30, clean),
+            subscribe(1, format!("ESP32CAM/{mac}/cmd")),
+        ]))
+        .await;
+        d.until(|t, _| t == 9).await;
+        assert_eq!(
+            gw.metrics.connections_local.load(Ordering::Relaxed),
+            u64::from(local),
+            "clean {clean}: local session"
+        );
+        d.send(&publish(
+            &format!("ESP32CAM/{mac}/status"),
+            &hello(mac),
+            0,
+            false,
+            0,
+        ))
+        .await;
+        let seen = d.until(|t, f| t == 3 && contains(f, "capture_image")).await;
+        let (_, pkid) = publish_header(&seen.last().unwrap().1);
+        let id = pkid.expect("QoS 1");
+        assert_eq!(
+            id >= barngate::front::FIRST_PKID,
+            clean,
+            "clean {clean}: written by the front (packet id {id})"
+        );
+        let [hi, lo] = id.to_be_bytes();
+        d.send(&[0x40, 0x02, hi, lo, 0xE0, 0x00]).await;
+        let deadline = Instant::now() + WAIT;
+        while gw.metrics.connections.load(Ordering::Relaxed) > 0 {
+            assert!(Instant::now() < deadline, "disconnected");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    gw.shutdown().await.unwrap();
 }

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
+use tracing::warn;
 
 /// The first packet id of the front's own QoS 1 publishes (rumqttd uses
 /// 1..=100 on a connection).
@@ -47,6 +48,10 @@ pub(super) struct Direct {
     state: Mutex<State>,
     /// Wakes the downlink when the queue gets a message.
     queued: Notify,
+    /// A local session (no broker connection behind it): what it cannot
+    /// take is lost, as the broker drops what a clean session's full
+    /// queue cannot take.
+    local: bool,
 }
 
 #[derive(Default)]
@@ -63,6 +68,13 @@ struct State {
 }
 
 impl Direct {
+    pub(super) fn new(local: bool) -> Self {
+        Direct {
+            local,
+            ..Direct::default()
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -98,6 +110,15 @@ impl Direct {
         }
     }
 
+    /// A local session's SUBSCRIBE, granted by the front at once.
+    pub(super) fn grant(&self, filters: Vec<(String, QoS)>) {
+        let mut s = self.state();
+        for (topic, qos) in filters {
+            s.granted.retain(|(t, _)| *t != topic);
+            s.granted.push((topic, qos));
+        }
+    }
+
     /// An UNSUBSCRIBE: the topics stop at once (before the broker has it,
     /// so nothing is written directly after the device asked to stop).
     pub(super) fn unsubscribe(&self, topics: &[String]) {
@@ -109,13 +130,17 @@ impl Direct {
         self.state().qos_for(topic)
     }
 
-    /// Queues a publish at its topic's granted QoS, or hands it back.
-    fn offer(&self, topic: String, payload: Vec<u8>) -> Result<(), (String, Vec<u8>)> {
+    /// Queues a publish at its topic's granted QoS, or hands it back (and
+    /// says whether that was because the queue is full).
+    fn offer(&self, topic: String, payload: Vec<u8>) -> Result<(), (String, Vec<u8>, bool)> {
         {
             let mut s = self.state();
             let qos = match s.qos_for(&topic) {
                 Some(q) if !s.closed && s.queue.len() < QUEUE => q,
-                _ => return Err((topic, payload)),
+                q => {
+                    let full = q.is_some() && !s.closed;
+                    return Err((topic, payload, full));
+                }
             };
             s.queue.push_back(Outgoing {
                 topic,
@@ -179,9 +204,19 @@ impl Outlet {
         let Some(direct) = direct else {
             return Err((topic, payload));
         };
-        direct.offer(topic, payload)?;
-        Metrics::inc(&self.metrics.commands_direct);
-        Ok(())
+        match direct.offer(topic, payload) {
+            Ok(()) => {
+                Metrics::inc(&self.metrics.commands_direct);
+                Ok(())
+            }
+            Err((topic, payload, full)) => {
+                if full && direct.local {
+                    Metrics::inc(&self.metrics.commands_dropped);
+                    warn!(device = %device, %topic, queued = QUEUE, "message to the device dropped: its session is not reading");
+                }
+                Err((topic, payload))
+            }
+        }
     }
 }
 
