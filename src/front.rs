@@ -21,19 +21,28 @@
 //! through the broker: the front hands them to the ingest queue
 //! ([`crate::broker::Inbound`]; a CHUNK already decoded, on the front's
 //! threads rather than the one ingest thread) and answers QoS 1 with its own
-//! PUBACK, written between whole packets of the broker's downlink. A publish waits until the
+//! PUBACK. The front enforces the device's keep-alive itself. The other
+//! way, the ingest's replies to a clean session go straight into its
+//! downlink too ([`direct`]).
+//!
+//! A clean session is *local* (`mqtt.local_sessions`, the default): the
+//! front also answers CONNECT, SUBSCRIBE, UNSUBSCRIBE, PINGREQ and the QoS 2
+//! handshake itself, hands retained publishes to the ingest like any other
+//! and the will on a close without DISCONNECT, and opens no connection into
+//! the broker. A persistent session goes *through the broker*, which keeps
+//! it: the front opens a loopback connection for it and forwards every
+//! packet but the ingest's publishes, with the CONNECT re-encoded with the
+//! per-process broker secret as its credentials (a device's own password
+//! never reaches the broker, so the loopback broker admits the front and
+//! nothing else) and the longest keep-alive; a publish waits until the
 //! broker has acknowledged the device's CONNECT and SUBSCRIBEs, so the
-//! ingest's reply always finds the subscription in place. The front enforces
-//! the device's keep-alive itself (the broker, which no longer sees every
-//! packet, gets the longest one). Wills, retained and QoS 2 publishes and
-//! every other packet go to the broker as before. The other way, the
-//! ingest's replies to a clean session go straight into its downlink too
-//! ([`direct`]). The CONNECT is re-encoded with the per-process broker secret as its
-//! credentials (a device's own password never reaches the broker), so the
-//! loopback broker admits the front and nothing else. The front keeps
-//! one session per device: a new connection of the same MAC closes the old
-//! one first (a rumqttd quirk lets the old one kick the new one otherwise),
-//! and a revocation closes the sessions of the revoked certificate at once.
+//! ingest's reply always finds the subscription in place, and its PUBACKs
+//! are written between whole packets of the broker's downlink.
+//!
+//! The front keeps one session per device: a new connection of the same MAC
+//! closes the old one first (a rumqttd quirk lets the old one kick the new
+//! one otherwise), and a revocation closes the sessions of the revoked
+//! certificate at once.
 
 mod direct;
 
