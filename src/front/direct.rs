@@ -317,9 +317,17 @@ mod tests {
 
     /// The ingest's outlet takes a message only for an open session with
     /// the topic granted and room in its queue; anything else comes back
-    /// whole, for the broker.
+    /// whole, for the broker. Also for a local session, where a full queue
+    /// loses the message (as the broker's clean session would) and is
+    /// counted.
     #[test]
     fn the_outlet_hands_back_what_it_cannot_queue() {
+        for local in [false, true] {
+            outlet_hands_back(local);
+        }
+    }
+
+    fn outlet_hands_back(local: bool) {
         let metrics = Arc::new(Metrics::default());
         let outlet = Outlet {
             sessions: Arc::new(Mutex::new(HashMap::new())),
@@ -329,7 +337,7 @@ mod tests {
         let back = outlet.deliver("AABBCCDDEEFF", topic(), b"x".to_vec());
         assert_eq!(back, Err((topic(), b"x".to_vec())), "no session");
 
-        let direct = Arc::new(Direct::default());
+        let direct = Arc::new(Direct::new(local));
         let (kill, _) = tokio::sync::watch::channel(false);
         outlet.sessions.lock().unwrap().insert(
             "AABBCCDDEEFF".into(),
@@ -352,6 +360,10 @@ mod tests {
         }
         let full = outlet.deliver("AABBCCDDEEFF", topic(), b"late".to_vec());
         assert_eq!(full, Err((topic(), b"late".to_vec())), "queue full");
+        let dropped = metrics
+            .commands_dropped
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(dropped, u64::from(local), "counted as dropped when local");
         let taken = direct.take();
         assert_eq!(taken.len(), QUEUE);
         assert_eq!(taken[0].payload, 0u32.to_be_bytes(), "oldest first");
