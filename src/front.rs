@@ -1176,7 +1176,13 @@ const SUBACK: u8 = 9;
 /// session (`local`) every publish goes to the ingest: a retained one as an
 /// ordinary publish (the broker's retained store only ever served the
 /// ingest, subscribed from the start), QoS 2 acknowledged by the front.
-fn route(frame: BytesMut, device: &str, max: usize, local: bool) -> Result<Route, Violation> {
+fn route(
+    frame: BytesMut,
+    device: &str,
+    max: usize,
+    local: bool,
+    topic: &mut Bytes,
+) -> Result<Route, Violation> {
     let kind = frame.first().map_or(0, |b| b >> 4);
     if kind == PUBACK
         && frame.len() == 4
@@ -1220,9 +1226,7 @@ fn route(frame: BytesMut, device: &str, max: usize, local: bool) -> Result<Route
     };
     let message = match chunk {
         Some(c) => Inbound {
-            // Copied: a slice would keep the whole read buffer alive until
-            // the ingest thread frees it.
-            topic: Bytes::copy_from_slice(&p.topic),
+            topic: shared_topic(topic, &p.topic),
             payload: Payload::Chunk(c),
         },
         None => Inbound {
@@ -1231,6 +1235,18 @@ fn route(frame: BytesMut, device: &str, max: usize, local: bool) -> Result<Route
         },
     };
     Ok(Route::Ingest { message, ack })
+}
+
+/// `topic` as a `Bytes` of its own, shared with the session's earlier
+/// chunks on the same topic (`cache`). Not a slice of the frame: that would
+/// keep the whole read buffer alive until the ingest thread frees the
+/// chunk; not a copy per chunk: that is an allocation per chunk, freed on
+/// the ingest thread.
+fn shared_topic(cache: &mut Bytes, topic: &[u8]) -> Bytes {
+    if cache[..] != *topic {
+        *cache = Bytes::copy_from_slice(topic);
+    }
+    cache.clone()
 }
 
 /// The device-to-gateway half of a session.
@@ -1295,6 +1311,8 @@ impl Uplink<'_> {
         // A local session's QoS 2 publishes handed over and not yet
         // released: a resend of one (same packet id) is not handed again.
         let mut unreleased: Vec<u16> = Vec::new();
+        // The topic of the session's chunks, shared by all of them.
+        let mut topic = Bytes::new();
         loop {
             let read = next_frame(dev_r, buf, self.max_packet);
             let first =
@@ -1341,7 +1359,7 @@ impl Uplink<'_> {
                         }
                     },
                 };
-                match route(frame, self.device, self.max_packet, local) {
+                match route(frame, self.device, self.max_packet, local, &mut topic) {
                     Ok(Route::Control { frame, control }) if !local => {
                         awaited += u64::from(matches!(control, Control::Subscribe { .. }));
                         match (self.direct, control) {
@@ -1712,6 +1730,25 @@ mod tests {
         let want: Vec<u8> = (1..=10u16).flat_map(puback_packet).collect();
         assert_eq!(batch, want);
         assert!(puback_rx.recv().await.is_none(), "a second batch");
+    }
+
+    /// A session's chunks share one topic allocation; another topic gets
+    /// its own.
+    #[test]
+    fn chunks_share_their_topic() {
+        let mut cache = Bytes::new();
+        let a = shared_topic(&mut cache, b"ESP32CAM/AABBCCDDEEFF/data");
+        let b = shared_topic(&mut cache, b"ESP32CAM/AABBCCDDEEFF/data");
+        assert_eq!(a, b);
+        assert_eq!(a.as_ptr(), b.as_ptr(), "one allocation");
+        let c = shared_topic(&mut cache, b"device/AABBCCDDEEFF/data");
+        assert_eq!(&c[..], b"device/AABBCCDDEEFF/data");
+        assert_ne!(c.as_ptr(), a.as_ptr());
+        assert_eq!(
+            &a[..],
+            b"ESP32CAM/AABBCCDDEEFF/data",
+            "earlier ones unchanged"
+        );
     }
 
     #[test]

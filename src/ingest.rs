@@ -273,7 +273,7 @@ impl Engine {
             },
             Channel::Data => match DataMessage::parse(payload, self.cfg.max_image_size) {
                 Ok(DataMessage::Metadata(m)) => self.on_metadata(&mac, *m, payload, now),
-                Ok(DataMessage::Chunk(c)) => self.on_chunk(&mac, c, now),
+                Ok(DataMessage::Chunk(c)) => self.on_chunk(mac, c, now),
                 Err(e) => self.reject(Some(&mac), &e),
             },
             Channel::Cmd | Channel::Ack => {}
@@ -287,7 +287,7 @@ impl Engine {
             return;
         };
         if channel == Channel::Data {
-            self.on_chunk(&mac, chunk, now);
+            self.on_chunk(mac, chunk, now);
         } else {
             self.reject(Some(&mac), &ProtocolError::UnknownTopic(topic.to_string()));
         }
@@ -910,9 +910,12 @@ impl Engine {
             .store(self.waiting.len() as u64, Ordering::Relaxed);
     }
 
-    fn on_chunk(&mut self, mac: &str, mut c: Chunk, now: DateTime<Utc>) {
+    /// `mac` is taken by value: it becomes the capture key without another
+    /// allocation (this runs for every chunk, on the one ingest thread).
+    fn on_chunk(&mut self, mac: String, mut c: Chunk, now: DateTime<Utc>) {
         Metrics::inc(&self.metrics.chunks);
-        let key = (mac.to_string(), std::mem::take(&mut c.image_name));
+        let key = (mac, std::mem::take(&mut c.image_name));
+        let mac = key.0.as_str();
         if !self.active.contains_key(&key) {
             let rec = match self.lookup_capture(mac, &key.1) {
                 Ok(Some(r)) if r.state == CaptureState::Complete => {

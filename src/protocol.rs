@@ -419,9 +419,9 @@ impl Split<'_> {
     }
 }
 
-/// A chunk's fields besides the payload, read without serde.
+/// A chunk's fields besides the payload, read without serde (`device_id`
+/// is checked and not kept, as in [`Chunk`]).
 struct ChunkEnvelope<'a> {
-    device_id: Option<&'a str>,
     image_name: &'a str,
     chunk_id: i64,
     max_chunk_size: Option<i64>,
@@ -481,7 +481,6 @@ impl<'a> Envelope<'a> {
             return None;
         }
         Some(ChunkEnvelope {
-            device_id: self.device_id,
             image_name: self.image_name?,
             chunk_id: self.chunk_id?,
             max_chunk_size: self.max_chunk_size,
@@ -1089,7 +1088,9 @@ pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
 /// CHUNK: one slice of an image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Chunk {
-    pub device_id: Option<String>,
+    // The firmware's `device_id` field is checked (a string, when present)
+    // and not kept: the topic names the device, and an owned copy was an
+    // allocation per chunk on the front's threads for nothing.
     pub image_name: String,
     /// As sent: 1-based (firmware) or 0-based (v1).
     pub chunk_id: u32,
@@ -1101,7 +1102,6 @@ impl Chunk {
     /// A chunk from its fields, validated (the same checks whichever way
     /// the fields were read).
     fn checked(
-        device_id: Option<String>,
         image_name: &str,
         chunk_id: i64,
         max_chunk_size: Option<i64>,
@@ -1120,7 +1120,6 @@ impl Chunk {
             ));
         }
         Ok(DataMessage::Chunk(Chunk {
-            device_id,
             image_name: image_name.to_string(),
             chunk_id,
             max_chunk_size,
@@ -1190,13 +1189,7 @@ impl DataMessage {
                 envelope: Some(e),
                 ..
             }) if envelope => {
-                return Chunk::checked(
-                    e.device_id.map(str::to_string),
-                    e.image_name,
-                    e.chunk_id,
-                    e.max_chunk_size,
-                    bytes,
-                );
+                return Chunk::checked(e.image_name, e.chunk_id, e.max_chunk_size, bytes);
             }
             Some(sp) => (Some(sp.rest()), Some(sp.bytes)),
             None => (None, None),
@@ -1214,13 +1207,7 @@ impl DataMessage {
                 Some(bytes) => bytes,
                 None => decode_payload(raw_payload)?,
             };
-            return Chunk::checked(
-                raw.device_id.map(Cow::into_owned),
-                &image_name,
-                chunk_id,
-                raw.max_chunk_size,
-                payload,
-            );
+            return Chunk::checked(&image_name, chunk_id, raw.max_chunk_size, payload);
         }
         if raw.total_chunks_count.is_none() && raw.image_size.is_none() {
             return Err(ProtocolError::UnknownDataMessage);
@@ -1661,8 +1648,8 @@ mod tests {
             .and_then(|s| s.envelope)
             .expect("plain chunk");
         assert_eq!(
-            (e.device_id, e.image_name, e.chunk_id, e.max_chunk_size),
-            (Some("B8F800000001"), "img_00001.jpg", 17, Some(512))
+            (e.image_name, e.chunk_id, e.max_chunk_size),
+            ("img_00001.jpg", 17, Some(512))
         );
         // Another key, a repeated one, an escape or null: serde reads it.
         for other in [
@@ -1670,6 +1657,7 @@ mod tests {
             r#"{"image_name":"a.jpg","chunk_id":1,"chunk_id":2,"payload":[1]}"#,
             r#"{"image_name":"a\u002ejpg","chunk_id":1,"payload":[1]}"#,
             r#"{"image_name":"a.jpg","chunk_id":1,"max_chunk_size":null,"payload":[1]}"#,
+            r#"{"device_id":7,"image_name":"a.jpg","chunk_id":1,"payload":[1]}"#,
         ] {
             let sp = split_payload(other.as_bytes()).expect("payload scanned");
             assert!(sp.envelope.is_none(), "{other}");
