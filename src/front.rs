@@ -1328,7 +1328,9 @@ impl Uplink<'_> {
         let mut arrived: u64 = 0;
         // A local session's QoS 2 publishes handed over and not yet
         // released: a resend of one (same packet id) is not handed again.
-        let mut unreleased: Vec<u16> = Vec::new();
+        // A set, not a list: a device that never releases could otherwise
+        // make every publish scan up to 65,535 ids.
+        let mut unreleased: HashSet<u16> = HashSet::new();
         // The topic of the session's chunks, shared by all of them.
         let mut topic = Bytes::new();
         loop {
@@ -1426,7 +1428,8 @@ impl Uplink<'_> {
                                 Err(_) => return Err(Violation::BrokerTimeout),
                             }
                         }
-                        let resent = matches!(ack, Ack::Pubrec(id) if unreleased.contains(&id));
+                        // (Inserted here: `false` means already there.)
+                        let resent = matches!(ack, Ack::Pubrec(id) if !unreleased.insert(id));
                         if !resent {
                             self.ingest
                                 .send_async(message)
@@ -1437,10 +1440,7 @@ impl Uplink<'_> {
                             Ack::None => {}
                             Ack::Puback(id) => acks_out.extend_from_slice(&puback_packet(id)),
                             Ack::Pubrec(id) => {
-                                if !resent {
-                                    unreleased.push(id);
-                                }
-                                acks_out.extend_from_slice(&short_packet(PUBREC, id));
+                                acks_out.extend_from_slice(&short_packet(PUBREC, id))
                             }
                         }
                     }
@@ -1470,7 +1470,7 @@ impl Uplink<'_> {
 fn answer(
     control: Control,
     direct: Option<&direct::Direct>,
-    unreleased: &mut Vec<u16>,
+    unreleased: &mut HashSet<u16>,
     out: &mut Vec<u8>,
 ) {
     match control {
@@ -1479,15 +1479,9 @@ fn answer(
             // server may grant less than asked (MQTT 3.1.1 §3.8.4).
             let filters: Vec<(String, QoS)> = filters
                 .into_iter()
-                .map(|(t, q)| {
-                    (
-                        t,
-                        if q == QoS::AtMostOnce {
-                            q
-                        } else {
-                            QoS::AtLeastOnce
-                        },
-                    )
+                .map(|(t, q)| match q {
+                    QoS::ExactlyOnce => (t, QoS::AtLeastOnce),
+                    q => (t, q),
                 })
                 .collect();
             let return_codes = filters
@@ -1513,7 +1507,7 @@ fn answer(
         }
         Control::PingReq => out.extend_from_slice(&[PINGRESP << 4, 0]),
         Control::PubRel(pkid) => {
-            unreleased.retain(|id| *id != pkid);
+            unreleased.remove(&pkid);
             out.extend_from_slice(&short_packet(PUBCOMP, pkid));
         }
         Control::Disconnect | Control::Other => {}
