@@ -66,7 +66,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -77,8 +77,75 @@ pub const BROKER_USER: &str = "barngate-front";
 /// to be torn down.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 
-/// PUBACKs queued for a device's downlink before its uplink waits.
-const PUBACK_QUEUE: usize = 64;
+/// Bytes of replies (PUBACKs, a local session's answers) waiting for a
+/// device's downlink before its uplink waits: a device that stops reading
+/// stops being read.
+const REPLIES_MAX: usize = 16 * 1024;
+
+/// The uplink's replies to a device (PUBACKs; in a local session also
+/// CONNACK's successors: SUBACK, PINGRESP…), encoded, on their way to the
+/// downlink. Not a channel: a channel allocates its first block of slots
+/// up front (≈ 1 KiB for each of a thousand idle sessions) and each batch
+/// was a `Vec` of its own; here two buffers take turns. Both halves of a
+/// session run in its one task, so the lock is never contended.
+#[derive(Default)]
+struct Replies {
+    bytes: Mutex<Vec<u8>>,
+    /// Wakes the downlink: there are bytes.
+    queued: tokio::sync::Notify,
+    /// Wakes the uplink: the downlink took the bytes.
+    taken: tokio::sync::Notify,
+}
+
+impl Replies {
+    fn bytes(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.bytes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends `packets` (whole packets), after waiting while
+    /// [`REPLIES_MAX`] bytes are already waiting.
+    async fn push(&self, packets: &[u8]) {
+        if packets.is_empty() {
+            return;
+        }
+        loop {
+            let taken = self.taken.notified();
+            tokio::pin!(taken);
+            taken.as_mut().enable();
+            {
+                let mut b = self.bytes();
+                if b.len() < REPLIES_MAX {
+                    b.extend_from_slice(packets);
+                    break;
+                }
+            }
+            taken.await;
+        }
+        self.queued.notify_one();
+    }
+
+    /// Moves what is waiting to the end of `out`.
+    fn take_into(&self, out: &mut Vec<u8>) {
+        let mut b = self.bytes();
+        if b.is_empty() {
+            return;
+        }
+        if out.is_empty() {
+            std::mem::swap(&mut *b, out);
+        } else {
+            out.extend_from_slice(&b);
+            b.clear();
+        }
+        drop(b);
+        self.taken.notify_one();
+    }
+
+    /// Until something is pushed (at once if something was pushed since the
+    /// last wait).
+    async fn wait(&self) {
+        self.queued.notified().await
+    }
+}
 
 /// Settings of the front.
 #[derive(Debug, Clone)]
@@ -642,6 +709,7 @@ impl Front {
             .await;
 
         let disconnected = AtomicBool::new(false);
+        let replies = Replies::default();
         let result = async {
             let mut broker = None;
             if local {
@@ -662,7 +730,6 @@ impl Front {
             let path = if local { "local" } else { "broker" };
             info!(%peer, device = %device, auth = via, keep_alive_s = keep_alive, session = path, "device connected");
             let (acks_tx, acks_rx) = watch::channel(0u64);
-            let (puback_tx, puback_rx) = mpsc::channel(PUBACK_QUEUE);
             let up = Uplink {
                 device: &device,
                 max_packet: cfg.max_packet_size,
@@ -676,8 +743,8 @@ impl Front {
                 Some((r, w)) => (Some(r), Upstream::Broker { w, acks: acks_rx }),
                 None => (None, Upstream::Local),
             };
-            let to_broker = up.run(&mut dev_r, &mut buf, upstream, puback_tx);
-            let to_device = downlink(up_r, &mut dev_w, puback_rx, acks_tx, direct.as_deref());
+            let to_broker = up.run(&mut dev_r, &mut buf, upstream, &replies);
+            let to_device = downlink(up_r, &mut dev_w, &replies, acks_tx, direct.as_deref());
             let r: Result<(), Violation> = tokio::select! {
                 r = to_broker => r,
                 _ = to_device => Ok(()),
@@ -1305,7 +1372,7 @@ impl Uplink<'_> {
         dev_r: &mut R,
         buf: &mut BytesMut,
         upstream: Upstream<'_, W>,
-        pubacks: mpsc::Sender<Vec<u8>>,
+        replies: &Replies,
     ) -> Result<(), Violation>
     where
         R: AsyncRead + Unpin,
@@ -1333,6 +1400,10 @@ impl Uplink<'_> {
         let mut unreleased: HashSet<u16> = HashSet::new();
         // The topic of the session's chunks, shared by all of them.
         let mut topic = Bytes::new();
+        // A pass's replies, encoded, go to the downlink together once the
+        // pass is routed: one hand-over and one TLS record for a whole read
+        // instead of one per publish.
+        let mut acks_out = Vec::new();
         loop {
             let read = next_frame(dev_r, buf, self.max_packet);
             let first =
@@ -1355,10 +1426,6 @@ impl Uplink<'_> {
             let mut next = Some(first);
             let mut run = BytesMut::new();
             let mut violation = None;
-            // The pass's PUBACKs, encoded, go to the downlink together once
-            // the pass is routed: one hand-over and one TLS record for a
-            // whole read instead of one per publish.
-            let mut acks_out = Vec::new();
             let mut extra = 0;
             loop {
                 let frame = match next.take() {
@@ -1396,19 +1463,16 @@ impl Uplink<'_> {
                     Ok(Route::Control { control, .. }) => {
                         if control == Control::Disconnect {
                             self.disconnected.store(true, Ordering::Relaxed);
-                            if !acks_out.is_empty() {
-                                let _ = pubacks.send(acks_out).await;
-                            }
+                            replies.push(&acks_out).await;
                             return Ok(());
                         }
                         let before = acks_out.len();
                         answer(control, self.direct, &mut unreleased, &mut acks_out);
                         // An answer goes out before anything the ingest
                         // might send on a topic just subscribed.
-                        if acks_out.len() != before
-                            && pubacks.send(std::mem::take(&mut acks_out)).await.is_err()
-                        {
-                            return Ok(());
+                        if acks_out.len() != before {
+                            replies.push(&acks_out).await;
+                            acks_out.clear();
                         }
                     }
                     Ok(Route::Ours) => {}
@@ -1455,9 +1519,8 @@ impl Uplink<'_> {
                     to_broker(w, &run).await?;
                 }
             }
-            if !acks_out.is_empty() && pubacks.send(acks_out).await.is_err() {
-                return Ok(());
-            }
+            replies.push(&acks_out).await;
+            acks_out.clear();
             if let Some(v) = violation {
                 return Err(v);
             }
@@ -1530,7 +1593,7 @@ async fn to_broker<W: AsyncWrite + Unpin>(up_w: &mut W, bytes: &[u8]) -> Result<
 async fn downlink<R, W>(
     mut up_r: Option<&mut R>,
     dev_w: &mut W,
-    mut pubacks: mpsc::Receiver<Vec<u8>>,
+    replies: &Replies,
     acks: watch::Sender<u64>,
     direct: Option<&direct::Direct>,
 ) -> std::io::Result<()>
@@ -1585,10 +1648,7 @@ where
                     acks.send_replace(acked);
                 }
             }
-            p = pubacks.recv() => match p {
-                Some(acks) => ours.extend_from_slice(&acks),
-                None => return Ok(()),
-            },
+            () = replies.wait() => {}
             () = async {
                 match direct {
                     Some(d) => d.wait().await,
@@ -1596,9 +1656,9 @@ where
                 }
             } => {}
         }
-        while let Ok(acks) = pubacks.try_recv() {
-            ours.extend_from_slice(&acks);
-        }
+        // Replies first: a SUBACK goes out before anything the ingest sends
+        // on the topic it grants.
+        replies.take_into(&mut ours);
         if let Some(d) = direct {
             for m in d.take() {
                 put(m, &mut ours);
@@ -1721,7 +1781,7 @@ mod tests {
         drop(w);
         let (ingest, queued) = flume::bounded(64);
         let (_acks_tx, acks_rx) = watch::channel(1u64);
-        let (puback_tx, mut puback_rx) = mpsc::channel(PUBACK_QUEUE);
+        let replies = Replies::default();
         let up = Uplink {
             device,
             max_packet: 1 << 20,
@@ -1736,12 +1796,38 @@ mod tests {
             w: &mut tokio::io::sink(),
             acks: acks_rx,
         };
-        up.run(&mut r, &mut buf, upstream, puback_tx).await.unwrap();
+        up.run(&mut r, &mut buf, upstream, &replies).await.unwrap();
         assert_eq!(queued.len(), 10);
-        let batch = puback_rx.recv().await.expect("one batch");
+        let mut batch = Vec::new();
+        replies.take_into(&mut batch);
         let want: Vec<u8> = (1..=10u16).flat_map(puback_packet).collect();
         assert_eq!(batch, want);
-        assert!(puback_rx.recv().await.is_none(), "a second batch");
+    }
+
+    /// Replies keep their order across hand-overs; the uplink waits while
+    /// [`REPLIES_MAX`] bytes wait, and goes on once the downlink takes them.
+    #[tokio::test]
+    async fn replies_keep_order_and_hold_the_uplink_when_full() {
+        use std::future::Future;
+        let replies = Replies::default();
+        let big = vec![7u8; REPLIES_MAX];
+        replies.push(&[1, 2]).await;
+        replies.push(&big).await;
+        let mut third = std::pin::pin!(replies.push(&[3]));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(third.as_mut().poll(&mut cx).is_pending(), "full: waits");
+        let mut out = Vec::new();
+        replies.take_into(&mut out);
+        assert_eq!(out.len(), 2 + REPLIES_MAX);
+        assert_eq!(out[..2], [1, 2]);
+        assert!(third.as_mut().poll(&mut cx).is_ready(), "room again");
+        replies.take_into(&mut out);
+        assert_eq!(out.last(), Some(&3));
+        // The downlink's wait ends at once for what was pushed meanwhile.
+        replies.push(&[4]).await;
+        tokio::time::timeout(Duration::from_secs(5), replies.wait())
+            .await
+            .expect("woken");
     }
 
     /// A session's chunks share one topic allocation; another topic gets

@@ -511,8 +511,13 @@ fn scan_byte_array(s: &[u8], mut i: usize) -> Option<(Vec<u8>, usize)> {
         return None;
     }
     i += 1;
-    // Every element takes at least two characters ("7,").
-    let mut out = Vec::with_capacity((n - i) / 2 + 1);
+    // Room for the usual case: an element of random bytes (a JPEG) takes
+    // 3.6 characters on average, and the block decoder appends 72 at a
+    // time. Small values (two characters each at least) make it grow. It
+    // was sized for the worst case, half the text: a 1 KiB allocation for
+    // a 512 B chunk, and 2,048 of them wait in the ingest queue at a
+    // burst's peak.
+    let mut out = Vec::with_capacity((n - i) * 2 / 7 + 80);
     // Compact firmware output (`[255,216,…]`) is taken in blocks (see
     // `scan_compact`); the last element, whitespace or anything unusual is
     // left to the loop below, at the same element, so the result is the same
