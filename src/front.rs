@@ -83,8 +83,8 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 const REPLIES_MAX: usize = 16 * 1024;
 
 /// The uplink's replies to a device (PUBACKs; in a local session also
-/// CONNACK's successors: SUBACK, PINGRESP…), encoded, on their way to the
-/// downlink. Not a channel: a channel allocates its first block of slots
+/// SUBACK, UNSUBACK, PINGRESP, PUBREC and PUBCOMP), encoded, on their way
+/// to the downlink. Not a channel: a channel allocates its first block of slots
 /// up front (≈ 1 KiB for each of a thousand idle sessions) and each batch
 /// was a `Vec` of its own; here two buffers take turns. Both halves of a
 /// session run in its one task, so the lock is never contended.
