@@ -153,7 +153,7 @@ impl Default for IngestConfig {
             quiet_gap_ms: 2000,
             hard_timeout_s: 60,
             retry_limit: 3,
-            max_streaming: 64,
+            max_streaming: 48,
             max_image_size: 8 * 1024 * 1024,
             commit_interval_ms: 200,
         }
