@@ -145,6 +145,10 @@ pub struct IngestConfig {
     pub max_image_size: u32,
     /// Longest time received chunks wait in memory before a commit.
     pub commit_interval_ms: u64,
+    /// Chunk bytes of unfinished images kept in memory until their image
+    /// completes, across all devices; beyond it chunks are written as they
+    /// come. Memory stays bounded by this, not by the bytes in flight.
+    pub held_chunk_bytes: usize,
 }
 
 impl Default for IngestConfig {
@@ -156,6 +160,7 @@ impl Default for IngestConfig {
             max_streaming: 48,
             max_image_size: 8 * 1024 * 1024,
             commit_interval_ms: 200,
+            held_chunk_bytes: 8 * 1024 * 1024,
         }
     }
 }

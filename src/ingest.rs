@@ -65,6 +65,25 @@ struct Active {
     /// The round's last chunk id arrived: what is missing is requested as
     /// soon as the stream settles (reordered chunks may still be in flight).
     round_end_seen: bool,
+    /// Received chunk bytes not yet in the batch, in arrival order. They go
+    /// to the batch when the image completes (so a whole image is written
+    /// once, into IMAGES, not first as partial runs) or when the capture
+    /// leaves memory, gets over `ingest.held_chunk_bytes`, or the engine
+    /// flushes. No chunk is acknowledged by the application before its image
+    /// is stored, so a crash loses only bytes the device is asked for again.
+    held: Vec<(u32, Vec<u8>)>,
+    /// Allocated bytes of `held`.
+    held_bytes: usize,
+}
+
+/// Moves a capture's held chunks into the batch, after any of its chunks
+/// already there (a repeated id: the later wins).
+fn spill(batch: &mut Batch, total: &mut usize, a: &mut Active) {
+    *total -= a.held_bytes;
+    a.held_bytes = 0;
+    for (id, bytes) in a.held.drain(..) {
+        batch.chunk(a.rec.id, id, bytes);
+    }
 }
 
 impl Active {
@@ -108,6 +127,8 @@ pub struct Engine {
     next_alert_id: u64,
     registrations: u64,
     batch: Batch,
+    /// Sum of every active capture's `held_bytes`.
+    held_bytes: usize,
     outbound: Vec<Publish>,
     /// When `crate::alerts` rules last ran (clock time).
     alerts_evaluated_at: Option<DateTime<Utc>>,
@@ -158,6 +179,7 @@ impl Engine {
             next_alert_id,
             registrations,
             batch: Batch::default(),
+            held_bytes: 0,
             outbound: Vec::new(),
             alerts_evaluated_at: None,
         })
@@ -199,6 +221,10 @@ impl Engine {
     /// Like [`Engine::commit`], but always durable: for a shutdown, so that
     /// every chunk received so far survives the restart.
     pub fn flush(&mut self, now: DateTime<Utc>) -> Result<Vec<Publish>, IngestError> {
+        for a in self.active.values_mut() {
+            spill(&mut self.batch, &mut self.held_bytes, a);
+        }
+        self.update_gauges();
         self.commit_inner(now, true)
     }
 
@@ -595,7 +621,7 @@ impl Engine {
         let keys: Vec<Key> = self.active.keys().filter(|k| k.0 == mac).cloned().collect();
         for k in keys {
             self.release_slot(&k, now);
-            if let Some(a) = self.active.remove(&k) {
+            if let Some(a) = self.deactivate(&k) {
                 debug!(device = %mac, image = %a.rec.image_name, state = a.rec.state.as_str(), "capture parked");
             }
         }
@@ -623,6 +649,8 @@ impl Engine {
                 round_ids: None,
                 chunks_this_round: 0,
                 round_end_seen: false,
+                held: Vec::new(),
+                held_bytes: 0,
             },
         );
         Ok(())
@@ -707,7 +735,7 @@ impl Engine {
             .collect();
         for k in others {
             self.release_slot(&k, now);
-            self.active.remove(&k);
+            self.deactivate(&k);
         }
 
         let existing = match self.active.get(&key) {
@@ -738,7 +766,7 @@ impl Engine {
             Some(c) if same(&c) => c,
             Some(c) => {
                 info!(device = %mac, image = %name, version = c.version + 1, "same name, different image: kept as a new version");
-                self.active.remove(&key);
+                self.deactivate(&key);
                 self.release_slot(&key, now);
                 self.new_capture(mac, &name, c.version + 1, now)
             }
@@ -884,6 +912,16 @@ impl Engine {
         }
     }
 
+    /// Takes a capture out of memory; its held chunks go to the batch.
+    fn deactivate(&mut self, key: &Key) -> Option<Active> {
+        let mut a = self.active.remove(key)?;
+        if a.held_bytes > 0 || !a.held.is_empty() {
+            spill(&mut self.batch, &mut self.held_bytes, &mut a);
+            self.update_gauges();
+        }
+        Some(a)
+    }
+
     fn release_slot(&mut self, key: &Key, now: DateTime<Utc>) {
         self.waiting.retain(|k| k != key);
         if self.streaming.remove(key) {
@@ -902,6 +940,9 @@ impl Engine {
     }
 
     fn update_gauges(&self) {
+        self.metrics
+            .held_chunk_bytes
+            .store(self.held_bytes as u64, Ordering::Relaxed);
         self.metrics
             .streaming
             .store(self.streaming.len() as u64, Ordering::Relaxed);
@@ -1000,8 +1041,16 @@ impl Engine {
             info!(device = %mac, image = %key.1, "receiving chunks");
             self.batch.capture(&a.rec);
         }
-        let rec_id = a.rec.id;
-        self.batch.chunk(rec_id, id, c.payload);
+        let size = c.payload.capacity();
+        if self.held_bytes + size <= self.cfg.held_chunk_bytes {
+            a.held.push((id, c.payload));
+            a.held_bytes += size;
+            self.held_bytes += size;
+        } else {
+            // Over the budget: this capture's chunks are written as they come.
+            spill(&mut self.batch, &mut self.held_bytes, a);
+            self.batch.chunk(a.rec.id, id, c.payload);
+        }
         self.check_progress(&key, Some(id), now);
     }
 
@@ -1065,7 +1114,7 @@ impl Engine {
     }
 
     fn fail(&mut self, key: &Key, reason: String, now: DateTime<Utc>) {
-        let Some(mut a) = self.active.remove(key) else {
+        let Some(mut a) = self.deactivate(key) else {
             return;
         };
         self.release_slot(key, now);
@@ -1100,7 +1149,7 @@ impl Engine {
 
     fn finalize(&mut self, key: &Key, now: DateTime<Utc>) {
         let device_base = self.device_base(&key.0);
-        let Some(mut a) = self.active.remove(key) else {
+        let Some(mut a) = self.deactivate(key) else {
             return;
         };
         self.release_slot(key, now);
@@ -1295,7 +1344,7 @@ impl Engine {
         }
         for k in evict {
             debug!(device = %k.0, image = %k.1, "chunks without METADATA parked");
-            self.active.remove(&k);
+            self.deactivate(&k);
         }
         for (k, why) in due {
             let device_base = self.device_base(&k.0);

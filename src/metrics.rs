@@ -27,6 +27,7 @@ pub struct Metrics {
     pub commits: AtomicU64,
     pub streaming: AtomicU64,
     pub waiting: AtomicU64,
+    pub held_chunk_bytes: AtomicU64,
     pub connections: AtomicU64,
     /// Of `connections`: local sessions (no broker connection behind them).
     pub connections_local: AtomicU64,
@@ -173,6 +174,12 @@ impl Metrics {
             "Devices waiting for a streaming slot.",
             "gauge",
             &self.waiting,
+        );
+        c(
+            "held_chunk_bytes",
+            "Chunk bytes of unfinished images held in memory (ingest.held_chunk_bytes).",
+            "gauge",
+            &self.held_chunk_bytes,
         );
         c(
             "connections",

@@ -73,10 +73,14 @@ proptest! {
         seed in any::<u64>(),
         dup_every in 1usize..5,
         meta_at in 0usize..10,
+        // Chunks held in memory: none, some (spilled when over), all.
+        held in prop_oneof![Just(0usize), 0usize..6000, Just(8usize << 20)],
     ) {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 1, 8, 0, 0).unwrap());
-        let mut e = engine(dir.path(), &Config::default());
+        let mut cfg = Config::default();
+        cfg.ingest.held_chunk_bytes = held;
+        let mut e = engine(dir.path(), &cfg);
         let n = img.len().div_ceil(chunk_size);
         // A deterministic shuffle with duplicates.
         let mut order: Vec<usize> = (0..n).collect();
@@ -110,6 +114,79 @@ proptest! {
         prop_assert_eq!(e.store().image_bytes(cap.id).unwrap().unwrap(), img);
         prop_assert!(e.store().chunk_lengths(cap.id).unwrap().is_empty(), "chunks dropped after assembly");
     }
+}
+
+/// Chunks of an unfinished image wait in memory (not in the database) and
+/// the image is written once when it completes; a flush, a budget of 0 or
+/// an exceeded budget puts them in the database as before.
+#[test]
+fn chunks_wait_in_memory_until_the_image_completes() {
+    let img: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let cid = |e: &Engine| {
+        e.store()
+            .latest_capture("AABBCCDDEEFF", "h.jpg")
+            .unwrap()
+            .unwrap()
+            .id
+    };
+    let start = |e: &mut Engine, now| {
+        let (t, p) = hello("AABBCCDDEEFF", 0);
+        e.handle(&t, &p, now);
+        let (t, p) = metadata("AABBCCDDEEFF", "h.jpg", img.len(), 100);
+        e.handle(&t, &p, now);
+        e.commit(now).unwrap();
+    };
+    let send = |e: &mut Engine, range: std::ops::Range<usize>, now| {
+        for pos in range {
+            let (t, p) = chunk("AABBCCDDEEFF", "h.jpg", &img, 100, pos);
+            e.handle(&t, &p, now);
+        }
+        e.commit(now).unwrap()
+    };
+    let now = Utc.with_ymd_and_hms(2026, 1, 1, 8, 0, 0).unwrap();
+    for (budget, stored_early) in [(8usize << 20, 0..=0), (0, 10..=10), (500, 1..=9)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::default();
+        cfg.ingest.held_chunk_bytes = budget;
+        let mut e = engine(dir.path(), &cfg);
+        start(&mut e, now);
+        send(&mut e, 0..10, now);
+        let id = cid(&e);
+        let held = e
+            .metrics()
+            .held_chunk_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let stored = e.store().chunk_lengths(id).unwrap().len();
+        assert!(
+            stored_early.contains(&stored),
+            "budget {budget}: {stored} chunks in the database before the image completes"
+        );
+        assert!(held <= budget as u64, "budget {budget}: {held} held");
+        let out = send(&mut e, 10..30, now);
+        assert!(payloads(&out).iter().any(|v| v.get("ACK_OK").is_some()));
+        assert_eq!(e.store().image_bytes(id).unwrap().unwrap(), img);
+        assert!(e.store().chunk_lengths(id).unwrap().is_empty());
+        assert_eq!(
+            e.metrics()
+                .held_chunk_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    }
+    // A shutdown's flush writes what is held, so a restart resumes from it.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut e = engine(dir.path(), &Config::default());
+        start(&mut e, now);
+        send(&mut e, 0..12, now);
+        e.flush(now).unwrap();
+        assert_eq!(e.store().chunk_lengths(cid(&e)).unwrap().len(), 12);
+    }
+    let mut e = engine(dir.path(), &Config::default());
+    start(&mut e, now);
+    let out = send(&mut e, 12..30, now);
+    assert!(payloads(&out).iter().any(|v| v.get("ACK_OK").is_some()));
+    assert_eq!(e.store().image_bytes(cid(&e)).unwrap().unwrap(), img);
 }
 
 #[test]
