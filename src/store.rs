@@ -648,65 +648,91 @@ impl Store {
                         continue;
                     };
                     let new = runs.remove(&f.capture_id).unwrap_or_default();
-                    let mut bytes = Vec::with_capacity(cap.image_size().unwrap_or(0) as usize);
-                    let mut missing = None;
-                    let levels = {
-                        let mut levels = Vec::new();
-                        let mut guards = Vec::new();
-                        for r in partials
-                            .range((cap.id, 0)..=(cap.id, u32::MAX))
-                            .map_err(db)?
-                        {
-                            let (k, v) = r.map_err(db)?;
-                            levels.push(k.value().1);
-                            guards.push(v);
-                        }
-                        // Oldest (highest level) first, so newer chunks win.
-                        let mut all: BTreeMap<u32, &[u8]> = BTreeMap::new();
+                    let mut levels = Vec::new();
+                    let mut guards = Vec::new();
+                    for r in partials
+                        .range((cap.id, 0)..=(cap.id, u32::MAX))
+                        .map_err(db)?
+                    {
+                        let (k, v) = r.map_err(db)?;
+                        levels.push(k.value().1);
+                        guards.push(v);
+                    }
+                    // Oldest (highest level) first, so newer chunks win. An
+                    // image that streamed through in one go has no partial:
+                    // its chunks are this batch's alone.
+                    let merged;
+                    let all = if guards.is_empty() {
+                        &new
+                    } else {
+                        let mut m: BTreeMap<u32, &[u8]> = BTreeMap::new();
                         for g in guards.iter().rev() {
-                            all.extend(parse_run(g.value())?);
+                            m.extend(parse_run(g.value())?);
                         }
-                        all.extend(new);
-                        for id in &f.chunk_ids {
-                            match all.get(id) {
-                                Some(v) => bytes.extend_from_slice(v),
-                                None => {
-                                    missing = Some(*id);
-                                    break;
-                                }
+                        m.extend(new.iter().map(|(k, v)| (*k, *v)));
+                        merged = m;
+                        &merged
+                    };
+                    let mut size = 0usize;
+                    let mut missing = None;
+                    for id in &f.chunk_ids {
+                        match all.get(id) {
+                            Some(v) => size += v.len(),
+                            None => {
+                                missing = Some(*id);
+                                break;
                             }
                         }
-                        levels
-                    };
-                    for l in levels {
-                        partials.remove((cap.id, l)).map_err(db)?;
                     }
-                    let sha = hex::encode(Sha256::digest(&bytes));
                     let problem = if let Some(id) = missing {
                         Some(format!("chunk {id} missing at assembly"))
-                    } else if Some(bytes.len() as u32) != cap.image_size() {
+                    } else if Some(size as u32) != cap.image_size() {
                         Some(format!(
-                            "assembled {} bytes, METADATA announced {}",
-                            bytes.len(),
+                            "assembled {size} bytes, METADATA announced {}",
                             cap.image_size().unwrap_or(0)
                         ))
                     } else {
+                        None
+                    };
+                    // Hashed as it is assembled, while each chunk is in cache.
+                    let sha = match problem {
+                        Some(_) => None,
+                        None => {
+                            let mut hasher = Sha256::new();
+                            let mut bytes = Vec::with_capacity(size);
+                            for id in &f.chunk_ids {
+                                let v = all[id];
+                                bytes.extend_from_slice(v);
+                                hasher.update(v);
+                            }
+                            images.insert(cap.id, bytes.as_slice()).map_err(db)?;
+                            Some(hex::encode(hasher.finalize()))
+                        }
+                    };
+                    drop(guards);
+                    for l in levels {
+                        partials.remove((cap.id, l)).map_err(db)?;
+                    }
+                    let problem = problem.or_else(|| {
+                        let sha = sha.as_deref().unwrap_or_default();
                         match cap.metadata.as_ref().and_then(|m| m.sha256.as_deref()) {
-                            Some(want) if !want.eq_ignore_ascii_case(&sha) => {
+                            Some(want) if !want.eq_ignore_ascii_case(sha) => {
                                 Some(format!("SHA-256 {sha} does not match the announced {want}"))
                             }
                             _ => None,
                         }
-                    };
+                    });
                     if let Some(reason) = problem {
+                        if sha.is_some() {
+                            images.remove(cap.id).map_err(db)?;
+                        }
                         cap.state = CaptureState::Failed;
                         cap.failed_reason = Some(reason.clone());
                         cap.acked_at = None;
                         report.failed.push((cap.id, reason));
                         continue;
                     }
-                    images.insert(cap.id, bytes.as_slice()).map_err(db)?;
-                    cap.sha256 = Some(sha);
+                    cap.sha256 = Some(sha.unwrap_or_default());
                     cap.assembled_at.get_or_insert(now);
                     queue("image", &cap.mac, cap.id.to_string())?;
                 }
@@ -1283,6 +1309,54 @@ mod tests {
             assembled_at: None,
             acked_at: None,
             failed_reason: None,
+        }
+    }
+
+    /// An image whose chunks are all in one batch (no partial), one that
+    /// matches its announced SHA-256, one that does not, one short of its
+    /// announced size: only the good ones are stored, the others reported.
+    #[test]
+    fn finalize_verifies_size_and_announced_sha_before_storing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.redb")).unwrap();
+        let img = [9u8, 8, 7, 6, 5];
+        let good = hex::encode(Sha256::digest(img));
+        let mut b = Batch::default();
+        for (id, sha, size) in [
+            (1, None, 5),
+            (2, Some(good.clone()), 5),
+            (3, Some("00".repeat(32)), 5),
+            (4, None, 6),
+        ] {
+            let mut c = capture(id, size, 2);
+            c.metadata.as_mut().unwrap().sha256 = sha;
+            b.capture(&c);
+            // Reordered and repeated: the later copy of an id wins.
+            b.chunk(id, 3, vec![0]);
+            b.chunk(id, 2, img[2..4].to_vec());
+            b.chunk(id, 1, img[..2].to_vec());
+            b.chunk(id, 3, img[4..].to_vec());
+            b.finalize.push(Finalize {
+                capture_id: id,
+                chunk_ids: vec![1, 2, 3],
+            });
+        }
+        let r = s.commit(b, t0()).unwrap();
+        let failed: Vec<u64> = r.failed.iter().map(|(id, _)| *id).collect();
+        assert_eq!(failed, vec![3, 4], "{:?}", r.failed);
+        assert!(r.failed[0].1.contains("does not match the announced"));
+        assert!(r.failed[1]
+            .1
+            .contains("assembled 5 bytes, METADATA announced 6"));
+        for id in [1, 2] {
+            assert_eq!(s.image_bytes(id).unwrap().unwrap(), img.to_vec());
+            assert_eq!(s.capture(id).unwrap().unwrap().sha256.unwrap(), good);
+        }
+        for id in [3, 4] {
+            assert!(s.image_bytes(id).unwrap().is_none(), "capture {id} stored");
+            let c = s.capture(id).unwrap().unwrap();
+            assert_eq!(c.state, CaptureState::Failed);
+            assert!(c.sha256.is_none());
         }
     }
 
