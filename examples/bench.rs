@@ -1047,6 +1047,7 @@ async fn run_load(
         }
         None => None,
     };
+    settle().await;
     // For profilers: a pause between connect and wake to attach to the
     // stack's process (`perf record -p PID` on the "waking" line).
     if let Some(ms) = std::env::var("BENCH_WAKE_DELAY_MS")
@@ -1436,6 +1437,42 @@ fn print_table(rows: &[Row]) {
 fn report_errors(r: &LoadResult) {
     for w in r.wakes.iter().filter(|w| w.error.is_some()).take(3) {
         eprintln!("  {}: {}", w.id, w.error.as_deref().unwrap_or(""));
+    }
+}
+
+/// Busy and total jiffies of all CPUs (`/proc/stat`).
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3)? + v.get(4).unwrap_or(&0);
+    Some((total - idle, total))
+}
+
+/// Before a wake: the previous run's dirty pages written back (`sync`) and
+/// the CPUs quiet (under 10 % busy over 200 ms; at most 5 s), so that no
+/// stack pays for the one measured before it (a seed run leaves ~100 MB of
+/// files to write back, a gateway run its database).
+async fn settle() {
+    let _ = tokio::task::spawn_blocking(|| Command::new("sync").status()).await;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        let Some((b0, t0)) = cpu_jiffies() else {
+            return;
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some((b1, t1)) = cpu_jiffies() else {
+            return;
+        };
+        if (b1 - b0) * 10 < (t1 - t0).max(1) {
+            return;
+        }
     }
 }
 

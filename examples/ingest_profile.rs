@@ -150,6 +150,7 @@ fn main() {
     let clock = SystemClock;
     use barngate::clock::Clock;
     let mut out = 0usize;
+    let t_hello = Instant::now();
     for (d, mac) in macs.iter().enumerate() {
         let hello = format!(r#"{{"device_id":"{mac}","status":"alive","pendingImg":0}}"#);
         engine.handle(
@@ -159,7 +160,10 @@ fn main() {
         );
         let _ = d;
     }
+    let hello_handled = t_hello.elapsed();
     out += engine.commit(clock.now()).unwrap().len();
+    let hello_s = t_hello.elapsed();
+    let t_meta = Instant::now();
     for (d, mac) in macs.iter().enumerate() {
         let meta = format!(
             r#"{{"device_id":"{mac}","capture_timestamp":"2025-06-01T08:00:00Z","image_name":"img_{d:05}.jpg","image_size":{},"max_chunk_size":{},"total_chunks_count":{total},"location":"bench","error":0,"temperature":21.5,"humidity":50.0,"pressure":1013.0,"gas_resistance":100.0}}"#,
@@ -171,7 +175,17 @@ fn main() {
             clock.now(),
         );
     }
+    let meta_handled = t_meta.elapsed();
     out += engine.commit(clock.now()).unwrap().len();
+    let meta_s = t_meta.elapsed();
+    println!(
+        "wake start: {} HELLO handled in {:.1} ms + commit {:.1} ms; METADATA handled in {:.1} ms + commit {:.1} ms",
+        macs.len(),
+        hello_handled.as_secs_f64() * 1e3,
+        (hello_s - hello_handled).as_secs_f64() * 1e3,
+        meta_handled.as_secs_f64() * 1e3,
+        (meta_s - meta_handled).as_secs_f64() * 1e3,
+    );
     let t0 = Instant::now();
     let mut commits = 0;
     let mut n = 0;

@@ -120,8 +120,13 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     devices: HashMap<String, Device, ahash::RandomState>,
     active: HashMap<Key, Active, ahash::RandomState>,
+    /// MAC → image names in `active`: a device's captures without a scan
+    /// of every device's.
+    active_names: HashMap<String, Vec<String>, ahash::RandomState>,
     streaming: HashSet<Key, ahash::RandomState>,
     waiting: VecDeque<Key>,
+    /// The keys in `waiting`, for membership without a scan.
+    waiting_set: HashSet<Key, ahash::RandomState>,
     open_alerts: HashMap<(String, &'static str), AlertRecord>,
     next_capture_id: u64,
     next_alert_id: u64,
@@ -172,8 +177,10 @@ impl Engine {
             metrics,
             devices: HashMap::default(),
             active: HashMap::default(),
+            active_names: HashMap::default(),
             streaming: HashSet::default(),
             waiting: VecDeque::new(),
+            waiting_set: HashSet::default(),
             open_alerts,
             next_capture_id,
             next_alert_id,
@@ -618,8 +625,7 @@ impl Engine {
     /// Removes a device's in-flight captures from memory (they stay in the
     /// database, resumable) and frees their streaming slots.
     fn park_device_captures(&mut self, mac: &str, now: DateTime<Utc>) {
-        let keys: Vec<Key> = self.active.keys().filter(|k| k.0 == mac).cloned().collect();
-        for k in keys {
+        for k in self.active_keys(mac) {
             self.release_slot(&k, now);
             if let Some(a) = self.deactivate(&k) {
                 debug!(device = %mac, image = %a.rec.image_name, state = a.rec.state.as_str(), "capture parked");
@@ -639,7 +645,7 @@ impl Engine {
                 chunks.insert(*id, bytes.len() as u32);
             }
         }
-        self.active.insert(
+        self.insert_active(
             key,
             Active {
                 rec,
@@ -659,13 +665,7 @@ impl Engine {
     /// The newest capture with this name that is not in memory: from the
     /// uncommitted batch (just completed or failed) or else the database.
     fn lookup_capture(&self, mac: &str, name: &str) -> Result<Option<CaptureRecord>, StoreError> {
-        let pending = self
-            .batch
-            .captures
-            .values()
-            .filter(|c| c.mac == mac && c.image_name == name)
-            .max_by_key(|c| c.id);
-        match pending {
+        match self.batch.capture_named(mac, name) {
             Some(c) => Ok(Some(c.clone())),
             None => self.store.latest_capture(mac, name),
         }
@@ -727,12 +727,8 @@ impl Engine {
             s.last_activity = now;
         }
         // A device streams one image at a time: a new METADATA parks the others.
-        let others: Vec<Key> = self
-            .active
-            .keys()
-            .filter(|k| k.0 == mac && k.1 != name)
-            .cloned()
-            .collect();
+        let mut others = self.active_keys(mac);
+        others.retain(|k| k.1 != name);
         for k in others {
             self.release_slot(&k, now);
             self.deactivate(&k);
@@ -861,8 +857,9 @@ impl Engine {
         if self.streaming.contains(&key) || self.streaming.len() < self.cfg.max_streaming {
             self.streaming.insert(key.clone());
             self.go(&key, now);
-        } else if !self.waiting.contains(&key) {
+        } else if !self.waiting_set.contains(&key) {
             info!(device = %key.0, image = %key.1, streaming = self.streaming.len(), "streaming slots full: device waits");
+            self.waiting_set.insert(key.clone());
             self.waiting.push_back(key);
         }
         self.update_gauges();
@@ -912,9 +909,31 @@ impl Engine {
         }
     }
 
+    fn insert_active(&mut self, key: Key, a: Active) {
+        let names = self.active_names.entry(key.0.clone()).or_default();
+        if !names.contains(&key.1) {
+            names.push(key.1.clone());
+        }
+        self.active.insert(key, a);
+    }
+
+    /// A device's captures in memory.
+    fn active_keys(&self, mac: &str) -> Vec<Key> {
+        self.active_names
+            .get(mac)
+            .map(|names| names.iter().map(|n| (mac.to_string(), n.clone())).collect())
+            .unwrap_or_default()
+    }
+
     /// Takes a capture out of memory; its held chunks go to the batch.
     fn deactivate(&mut self, key: &Key) -> Option<Active> {
         let mut a = self.active.remove(key)?;
+        if let Some(names) = self.active_names.get_mut(&key.0) {
+            names.retain(|n| *n != key.1);
+            if names.is_empty() {
+                self.active_names.remove(&key.0);
+            }
+        }
         if a.held_bytes > 0 || !a.held.is_empty() {
             spill(&mut self.batch, &mut self.held_bytes, &mut a);
             self.update_gauges();
@@ -923,12 +942,15 @@ impl Engine {
     }
 
     fn release_slot(&mut self, key: &Key, now: DateTime<Utc>) {
-        self.waiting.retain(|k| k != key);
+        if self.waiting_set.remove(key) {
+            self.waiting.retain(|k| k != key);
+        }
         if self.streaming.remove(key) {
             while self.streaming.len() < self.cfg.max_streaming {
                 let Some(next) = self.waiting.pop_front() else {
                     break;
                 };
+                self.waiting_set.remove(&next);
                 if self.active.contains_key(&next) {
                     self.streaming.insert(next.clone());
                     info!(device = %next.0, image = %next.1, "streaming slot granted");
@@ -1164,7 +1186,7 @@ impl Engine {
             // Chunk contents disagree with the announcement: start the image over.
             self.batch.chunks.retain(|(cid, _, _)| *cid != a.rec.id);
             a.chunks.clear();
-            self.active.insert(key.clone(), a);
+            self.insert_active(key.clone(), a);
             return self.fail_and_forget_chunks(key, reason, now);
         }
         a.rec.chunk_base = Some(base);

@@ -303,6 +303,8 @@ pub struct Batch {
     pub devices: HashMap<String, DeviceRecord>,
     pub sessions: HashMap<(String, i64), SessionRecord>,
     pub captures: HashMap<u64, CaptureRecord>,
+    /// (MAC, image name) → the newest capture id of that name in `captures`.
+    names: HashMap<(String, String), u64>,
     pub chunks: Vec<(u64, u32, Vec<u8>)>,
     pub finalize: Vec<Finalize>,
     pub telemetry: Vec<TelemetryRecord>,
@@ -346,7 +348,18 @@ impl Batch {
     }
     pub fn capture(&mut self, c: &CaptureRecord) {
         self.touch();
-        self.captures.insert(c.id, c.clone());
+        if self.captures.insert(c.id, c.clone()).is_none() {
+            let newest = self
+                .names
+                .entry((c.mac.clone(), c.image_name.clone()))
+                .or_insert(c.id);
+            *newest = (*newest).max(c.id);
+        }
+    }
+    /// The newest capture of this name in the batch.
+    pub fn capture_named(&self, mac: &str, name: &str) -> Option<&CaptureRecord> {
+        let id = self.names.get(&(mac.to_string(), name.to_string()))?;
+        self.captures.get(id)
     }
     pub fn chunk(&mut self, capture_id: u64, chunk_id: u32, bytes: Vec<u8>) {
         self.touch();
