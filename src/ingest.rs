@@ -934,7 +934,7 @@ impl Engine {
                 self.active_names.remove(&key.0);
             }
         }
-        if a.held_bytes > 0 || !a.held.is_empty() {
+        if !a.held.is_empty() {
             spill(&mut self.batch, &mut self.held_bytes, &mut a);
             self.update_gauges();
         }

@@ -686,66 +686,52 @@ impl Store {
                         merged = m;
                         &merged
                     };
-                    let mut size = 0usize;
+                    // Hashed as it is assembled, while each chunk is in cache.
+                    let mut bytes = Vec::with_capacity(cap.image_size().unwrap_or(0) as usize);
+                    let mut hasher = Sha256::new();
                     let mut missing = None;
                     for id in &f.chunk_ids {
                         match all.get(id) {
-                            Some(v) => size += v.len(),
+                            Some(v) => {
+                                bytes.extend_from_slice(v);
+                                hasher.update(v);
+                            }
                             None => {
                                 missing = Some(*id);
                                 break;
                             }
                         }
                     }
-                    let problem = if let Some(id) = missing {
-                        Some(format!("chunk {id} missing at assembly"))
-                    } else if Some(size as u32) != cap.image_size() {
-                        Some(format!(
-                            "assembled {size} bytes, METADATA announced {}",
-                            cap.image_size().unwrap_or(0)
-                        ))
-                    } else {
-                        None
-                    };
-                    // Hashed as it is assembled, while each chunk is in cache.
-                    let sha = match problem {
-                        Some(_) => None,
-                        None => {
-                            let mut hasher = Sha256::new();
-                            let mut bytes = Vec::with_capacity(size);
-                            for id in &f.chunk_ids {
-                                let v = all[id];
-                                bytes.extend_from_slice(v);
-                                hasher.update(v);
-                            }
-                            images.insert(cap.id, bytes.as_slice()).map_err(db)?;
-                            Some(hex::encode(hasher.finalize()))
-                        }
-                    };
                     drop(guards);
                     for l in levels {
                         partials.remove((cap.id, l)).map_err(db)?;
                     }
-                    let problem = problem.or_else(|| {
-                        let sha = sha.as_deref().unwrap_or_default();
+                    let sha = hex::encode(hasher.finalize());
+                    let problem = if let Some(id) = missing {
+                        Some(format!("chunk {id} missing at assembly"))
+                    } else if Some(bytes.len() as u32) != cap.image_size() {
+                        Some(format!(
+                            "assembled {} bytes, METADATA announced {}",
+                            bytes.len(),
+                            cap.image_size().unwrap_or(0)
+                        ))
+                    } else {
                         match cap.metadata.as_ref().and_then(|m| m.sha256.as_deref()) {
-                            Some(want) if !want.eq_ignore_ascii_case(sha) => {
+                            Some(want) if !want.eq_ignore_ascii_case(&sha) => {
                                 Some(format!("SHA-256 {sha} does not match the announced {want}"))
                             }
                             _ => None,
                         }
-                    });
+                    };
                     if let Some(reason) = problem {
-                        if sha.is_some() {
-                            images.remove(cap.id).map_err(db)?;
-                        }
                         cap.state = CaptureState::Failed;
                         cap.failed_reason = Some(reason.clone());
                         cap.acked_at = None;
                         report.failed.push((cap.id, reason));
                         continue;
                     }
-                    cap.sha256 = Some(sha.unwrap_or_default());
+                    images.insert(cap.id, bytes.as_slice()).map_err(db)?;
+                    cap.sha256 = Some(sha);
                     cap.assembled_at.get_or_insert(now);
                     queue("image", &cap.mac, cap.id.to_string())?;
                 }
