@@ -73,6 +73,9 @@ pub enum Payload {
     /// A chunk the front has parsed already, on its own threads: byte-array
     /// decoding is most of a chunk's cost, and the ingest is one thread.
     Chunk(Chunk),
+    /// The device's connection ended (the topic is its MAC): the ingest
+    /// parks its stream and frees its slot at once.
+    SessionEnded,
 }
 
 /// Messages queued for the ingest: the front waits (and so stops reading the
@@ -285,6 +288,7 @@ pub fn run_ingest(
         Ok(topic) => match m.payload {
             Payload::Raw(p) => engine.handle(topic, &p, clock.now()),
             Payload::Chunk(c) => engine.handle_chunk(topic, c, clock.now()),
+            Payload::SessionEnded => engine.session_ended(topic, clock.now()),
         },
         Err(_) => engine.reject_topic_bytes(),
     };

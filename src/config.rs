@@ -149,6 +149,21 @@ pub struct IngestConfig {
     /// completes, across all devices; beyond it chunks are written as they
     /// come. Memory stays bounded by this, not by the bytes in flight.
     pub held_chunk_bytes: usize,
+    /// Most chunks one image may have (`ceil(image_size / max_chunk_size)`):
+    /// bounds a capture's chunk map and so sets a minimum chunk size.
+    pub max_chunks_per_image: u32,
+    /// Most chunk ids in one `missing_chunks` message; longer lists are
+    /// requested a page at a time (an ESP32 MQTT client's buffer is a few KiB).
+    pub max_missing_ids: usize,
+    /// Images a device may stream chunks for without their METADATA at once;
+    /// chunks for a further image are refused.
+    pub max_unannounced_per_device: usize,
+    /// Wakes on which a METADATA that cannot be accepted is refused (the
+    /// device keeps the image and sleeps) before it is released with ACK_OK,
+    /// so one bad image cannot stop a device's backlog forever.
+    pub release_after_refusals: u32,
+    /// Commands sent to devices kept in the database (the oldest go first).
+    pub max_stored_commands: u64,
 }
 
 impl Default for IngestConfig {
@@ -161,6 +176,11 @@ impl Default for IngestConfig {
             max_image_size: 8 * 1024 * 1024,
             commit_interval_ms: 200,
             held_chunk_bytes: 8 * 1024 * 1024,
+            max_chunks_per_image: 16_384,
+            max_missing_ids: 256,
+            max_unannounced_per_device: 2,
+            release_after_refusals: 3,
+            max_stored_commands: 100_000,
         }
     }
 }
@@ -416,6 +436,30 @@ impl Config {
         }
         if self.ingest.max_image_size == 0 {
             return Err(invalid("ingest.max_image_size", "must be at least 1"));
+        }
+        if self.ingest.max_chunks_per_image == 0 {
+            return Err(invalid("ingest.max_chunks_per_image", "must be at least 1"));
+        }
+        if !(1..=4096).contains(&self.ingest.max_missing_ids) {
+            return Err(invalid("ingest.max_missing_ids", "must be 1..=4096"));
+        }
+        if self.ingest.max_unannounced_per_device == 0 {
+            return Err(invalid(
+                "ingest.max_unannounced_per_device",
+                "must be at least 1",
+            ));
+        }
+        if self.ingest.release_after_refusals == 0 {
+            return Err(invalid(
+                "ingest.release_after_refusals",
+                "must be at least 1",
+            ));
+        }
+        if self.ingest.max_stored_commands < 100 {
+            return Err(invalid(
+                "ingest.max_stored_commands",
+                "must be at least 100",
+            ));
         }
         if self.mqtt.segment_size < 1024 {
             return Err(invalid("mqtt.segment_size", "must be at least 1024"));

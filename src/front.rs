@@ -796,7 +796,16 @@ impl Front {
                 })
                 .await;
         }
-        self.release(&device, conn_id);
+        if self.release(&device, conn_id) {
+            // A session replaced by a newer one of the same device ends silently.
+            let _ = cfg
+                .ingest
+                .send_async(Inbound {
+                    topic: bytes::Bytes::from(device.clone()),
+                    payload: Payload::SessionEnded,
+                })
+                .await;
+        }
         info!(%peer, device = %device, "device disconnected");
         drop(permit);
     }
@@ -989,7 +998,8 @@ impl Front {
         }
     }
 
-    fn release(&self, device: &str, conn_id: u64) {
+    /// Forgets the session if it is still the device's current one (true).
+    fn release(&self, device: &str, conn_id: u64) -> bool {
         let mut s = self
             .inner
             .sessions
@@ -997,6 +1007,9 @@ impl Front {
             .unwrap_or_else(|p| p.into_inner());
         if s.get(device).is_some_and(|x| x.id == conn_id) {
             s.remove(device);
+            true
+        } else {
+            false
         }
     }
 }

@@ -27,9 +27,9 @@ use tracing::{debug, info, warn};
 
 type Key = (String, String);
 
-/// After a round's last chunk id arrives, how long the stream must be quiet
-/// before the missing ids are requested.
-const SETTLE_MS: u64 = 150;
+/// Bytes a held chunk counts for besides its payload (its entry and
+/// allocation), so that empty chunks cannot be held without limit.
+const HELD_CHUNK_OVERHEAD: usize = 64;
 
 /// A message to publish once the batch it belongs to is committed.
 #[derive(Debug, Clone)]
@@ -59,12 +59,12 @@ struct Active {
     chunks: BTreeMap<u32, u32>,
     last_chunk_at: Option<DateTime<Utc>>,
     round_started_at: DateTime<Utc>,
-    /// Ids requested in the current `missing_chunks` round.
+    /// Ids requested in the current `missing_chunks` round (one page).
     round_ids: Option<Vec<u32>>,
     chunks_this_round: u32,
-    /// The round's last chunk id arrived: what is missing is requested as
-    /// soon as the stream settles (reordered chunks may still be in flight).
-    round_end_seen: bool,
+    /// `rec.retries` when this attempt began: `ingest.retry_limit` counts
+    /// the rounds of one attempt, `rec.retries` those of every attempt.
+    retries_at_start: u32,
     /// Received chunk bytes not yet in the batch, in arrival order. They go
     /// to the batch when the image completes (so a whole image is written
     /// once, into IMAGES, not first as partial runs) or when the capture
@@ -158,7 +158,15 @@ impl Engine {
         store: Arc<Store>,
         metrics: Arc<Metrics>,
     ) -> Result<Engine, IngestError> {
-        let next_capture_id = store.max_capture_id()? + 1;
+        let orphans = store.remove_orphan_partials()?;
+        if orphans > 0 {
+            warn!(
+                orphans,
+                "chunks of images that never got their METADATA removed from the database"
+            );
+        }
+        store.set_command_retention(cfg.max_stored_commands);
+        let next_capture_id = store.next_capture_id()?;
         let next_alert_id = store.max_alert_id()? + 1;
         let registrations = store.device_count()?;
         let mut open_alerts = HashMap::new();
@@ -228,6 +236,15 @@ impl Engine {
     /// Like [`Engine::commit`], but always durable: for a shutdown, so that
     /// every chunk received so far survives the restart.
     pub fn flush(&mut self, now: DateTime<Utc>) -> Result<Vec<Publish>, IngestError> {
+        let unannounced: Vec<Key> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.rec.metadata.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in unannounced {
+            self.discard(&k);
+        }
         for a in self.active.values_mut() {
             spill(&mut self.batch, &mut self.held_bytes, a);
         }
@@ -307,7 +324,21 @@ impl Engine {
             Channel::Data => match DataMessage::parse(payload, self.cfg.max_image_size) {
                 Ok(DataMessage::Metadata(m)) => self.on_metadata(&mac, *m, payload, now),
                 Ok(DataMessage::Chunk(c)) => self.on_chunk(mac, c, now),
-                Err(e) => self.reject(Some(&mac), &e),
+                Err(e) => {
+                    self.reject(Some(&mac), &e);
+                    // A METADATA is answered even when it cannot be accepted.
+                    match crate::protocol::metadata_image_name(payload) {
+                        Some(Some(name)) => {
+                            self.refuse_metadata(&mac, &name, None, payload, e.to_string(), now)
+                        }
+                        Some(None) => {
+                            let next = self.assign_next_wake(&mac, now);
+                            warn!(device = %mac, next_wake = %next, "METADATA without a usable image name: device told its next wake");
+                            self.send(&mac, Outbound::NextWake { at: next }, None, now);
+                        }
+                        None => {}
+                    }
+                }
             },
             Channel::Cmd | Channel::Ack => {}
         }
@@ -547,6 +578,10 @@ impl Engine {
         if let Some(v) = h.firmware_version.clone() {
             dev.rec.firmware_version = Some(v);
         }
+        if let Some(e) = h.error {
+            // The alert rules resolve `device_error` from this field.
+            dev.rec.last_error = Some(e);
+        }
         let rec = SessionRecord {
             mac: mac.to_string(),
             woke_at: now,
@@ -583,12 +618,7 @@ impl Engine {
                         now,
                     );
                 }
-                Dialect::V1 => match self.oldest_incomplete(mac) {
-                    Some(name) => {
-                        self.send(mac, Outbound::SendImage { image_name: name }, None, now)
-                    }
-                    None => self.request_capture(mac, now),
-                },
+                Dialect::V1 => self.send_next_pending(mac, None, now),
             }
         } else {
             let due = self
@@ -614,28 +644,89 @@ impl Engine {
         self.send(mac, Outbound::CaptureImage, None, now);
     }
 
-    fn oldest_incomplete(&self, mac: &str) -> Option<String> {
+    /// v1: asks for the next pending image: the oldest the gateway knows
+    /// unfinished (not `done`), else `send_image` with an empty name, which
+    /// a v1 device answers with the oldest image in its queue. A new capture
+    /// is never requested while a backlog is being drained.
+    fn send_next_pending(&mut self, mac: &str, done: Option<&str>, now: DateTime<Utc>) {
+        let name = self.oldest_incomplete(mac, done).unwrap_or_default();
+        info!(device = %mac, image = %name, "next pending image requested");
+        self.send(mac, Outbound::SendImage { image_name: name }, None, now);
+    }
+
+    fn oldest_incomplete(&self, mac: &str, done: Option<&str>) -> Option<String> {
         let caps = self.store.captures(Some(mac)).ok()?;
         caps.into_iter()
-            .filter(|c| c.state != CaptureState::Complete && c.metadata.is_some())
+            // This thread's newer state of a capture wins.
+            .map(|c| self.batch.captures.get(&c.id).cloned().unwrap_or(c))
+            .filter(|c| {
+                !matches!(c.state, CaptureState::Complete)
+                    && c.metadata.is_some()
+                    && c.refusals == 0
+                    && Some(c.image_name.as_str()) != done
+            })
             .min_by_key(|c| (c.device_time, c.id))
             .map(|c| c.image_name)
+    }
+
+    /// The device's connection ended: its streams are parked (resumable at
+    /// its next wake), its streaming slots freed at once, chunks it sent
+    /// without METADATA discarded, and nothing more is sent to it.
+    pub fn session_ended(&mut self, mac: &str, now: DateTime<Utc>) {
+        Metrics::inc(&self.metrics.sessions_ended);
+        let parked = self.active_keys(mac).len();
+        self.park_device_captures(mac, now);
+        self.outbound.retain(|p| p.mac != mac);
+        if let Some(d) = self.devices.get_mut(mac) {
+            if d.session.take().is_some() || parked > 0 {
+                info!(device = %mac, parked, "wake session ended: streams parked, slots freed");
+            }
+        }
     }
 
     /// Removes a device's in-flight captures from memory (they stay in the
     /// database, resumable) and frees their streaming slots.
     fn park_device_captures(&mut self, mac: &str, now: DateTime<Utc>) {
         for k in self.active_keys(mac) {
-            self.release_slot(&k, now);
-            if let Some(a) = self.deactivate(&k) {
-                debug!(device = %mac, image = %a.rec.image_name, state = a.rec.state.as_str(), "capture parked");
-            }
+            self.park(&k, now);
         }
+    }
+
+    /// Takes a capture out of memory and frees its slot: an announced one
+    /// is kept (its chunks stored as a partial, resumable), chunks without
+    /// METADATA are discarded (they belong to no capture anyone can resume).
+    fn park(&mut self, key: &Key, now: DateTime<Utc>) {
+        self.release_slot(key, now);
+        if self
+            .active
+            .get(key)
+            .is_some_and(|a| a.rec.metadata.is_none())
+        {
+            self.discard(key);
+        } else if let Some(a) = self.deactivate(key) {
+            debug!(device = %key.0, image = %key.1, state = a.rec.state.as_str(), "capture parked");
+        }
+    }
+
+    /// Drops an unannounced capture and every chunk of it, held, batched or
+    /// stored.
+    fn discard(&mut self, key: &Key) {
+        let Some(a) = self.take_active(key) else {
+            return;
+        };
+        self.held_bytes -= a.held_bytes;
+        let id = a.rec.id;
+        self.batch.chunks.retain(|(cid, _, _)| *cid != id);
+        self.batch.drop_chunks.push(id);
+        self.metrics.reject("chunks_without_metadata");
+        info!(device = %key.0, image = %key.1, chunks = a.chunks.len(), "chunks without METADATA discarded");
+        self.update_gauges();
     }
 
     /// Brings a capture into memory from the database, with its chunk map.
     fn activate(&mut self, rec: CaptureRecord, now: DateTime<Utc>) -> Result<(), StoreError> {
         let key = (rec.mac.clone(), rec.image_name.clone());
+        let rec_retries = rec.retries;
         let mut chunks = BTreeMap::new();
         for (id, len) in self.store.chunk_lengths(rec.id)? {
             chunks.insert(id, len);
@@ -654,7 +745,7 @@ impl Engine {
                 round_started_at: now,
                 round_ids: None,
                 chunks_this_round: 0,
-                round_end_seen: false,
+                retries_at_start: rec_retries,
                 held: Vec::new(),
                 held_bytes: 0,
             },
@@ -694,6 +785,8 @@ impl Engine {
             metadata_at: None,
             updated_at: now,
             retries: 0,
+            failures: 0,
+            refusals: 0,
             chunk_base: None,
             chunks_received: 0,
             sha256: None,
@@ -730,8 +823,27 @@ impl Engine {
         let mut others = self.active_keys(mac);
         others.retain(|k| k.1 != name);
         for k in others {
-            self.release_slot(&k, now);
-            self.deactivate(&k);
+            self.park(&k, now);
+        }
+        if meta.image_size == 0 {
+            return self.camera_failure(mac, meta, raw, now);
+        }
+        if meta.total_chunks_count > self.cfg.max_chunks_per_image {
+            self.metrics.reject("too_many_chunks");
+            let reason = format!(
+                "{} chunks (image_size {} / max_chunk_size {}) exceed ingest.max_chunks_per_image {}",
+                meta.total_chunks_count,
+                meta.image_size,
+                meta.max_chunk_size,
+                self.cfg.max_chunks_per_image
+            );
+            return self.refuse_metadata(mac, &name, Some(meta), raw, reason, now);
+        }
+        if let Some(announced) = meta.announced_chunks {
+            self.metrics.reject("total_chunks_mismatch");
+            warn!(device = %mac, image = %name, announced, used = meta.total_chunks_count,
+                  size = meta.image_size, max_chunk_size = meta.max_chunk_size,
+                  "total_chunks_count disagrees with image_size / max_chunk_size: the chunks are counted from the size (verified at assembly)");
         }
 
         let existing = match self.active.get(&key) {
@@ -739,8 +851,9 @@ impl Engine {
             None => match self.lookup_capture(mac, &name) {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!(device = %mac, image = %name, error = %e, "cannot read captures; METADATA dropped");
-                    return;
+                    warn!(device = %mac, image = %name, error = %e, "cannot read captures; device told its next wake");
+                    let next = self.assign_next_wake(mac, now);
+                    return self.send(mac, Outbound::NextWake { at: next }, None, now);
                 }
             },
         };
@@ -756,51 +869,23 @@ impl Engine {
             Some(c) if same(&c) && c.state == CaptureState::Complete => {
                 Metrics::inc(&self.metrics.images_reacked);
                 info!(device = %mac, image = %name, "METADATA for an image already stored: re-acknowledged");
-                self.acknowledge(mac, &c, None, now);
+                self.acknowledge(mac, &c, None, true, now);
                 return;
             }
             Some(c) if same(&c) => c,
             Some(c) => {
                 info!(device = %mac, image = %name, version = c.version + 1, "same name, different image: kept as a new version");
-                self.deactivate(&key);
-                self.release_slot(&key, now);
+                self.park(&key, now);
                 self.new_capture(mac, &name, c.version + 1, now)
             }
             None => self.new_capture(mac, &name, 1, now),
         };
-        let first_metadata = rec.metadata.is_none();
-        if first_metadata {
-            rec.origin = self.origin_for(mac, &meta, now);
-            rec.device_time = meta.captured_at();
-            rec.raw_metadata = Some(String::from_utf8_lossy(raw).into_owned());
-            rec.metadata_at = Some(now);
-            rec.metadata = Some(meta.clone());
-            self.batch.telemetry.push(TelemetryRecord {
-                mac: mac.to_string(),
-                captured_at: meta.captured_at().unwrap_or(now),
-                received_at: now,
-                capture_id: rec.id,
-                temperature: meta.temperature,
-                humidity: meta.humidity,
-                pressure: meta.pressure,
-                gas_resistance: meta.gas_resistance,
-                battery: meta.battery,
-                error: meta.error,
-            });
-            if let Some(dev) = self.devices.get_mut(mac) {
-                if let Some(loc) = &meta.location {
-                    dev.rec.location = Some(loc.clone());
-                }
-                if let Some(b) = meta.battery {
-                    dev.rec.battery = Some(b);
-                }
-                dev.rec.last_error = Some(meta.error);
-                self.batch.device(&dev.rec);
-            }
+        if rec.metadata.is_none() {
+            self.record_metadata(mac, &mut rec, &meta, raw, now);
         }
         if rec.state == CaptureState::Failed {
-            info!(device = %mac, image = %name, "failed capture announced again: resuming");
-            rec.retries = 0;
+            info!(device = %mac, image = %name, rounds_so_far = rec.retries, "failed capture announced again: resuming");
+            rec.state = CaptureState::Announced;
             rec.failed_reason = None;
         }
         rec.updated_at = now;
@@ -813,8 +898,9 @@ impl Engine {
         }
         if !self.active.contains_key(&key) {
             if let Err(e) = self.activate(rec.clone(), now) {
-                warn!(device = %mac, image = %name, error = %e, "cannot load capture chunks; METADATA dropped");
-                return;
+                warn!(device = %mac, image = %name, error = %e, "cannot load capture chunks; device told its next wake");
+                let next = self.assign_next_wake(mac, now);
+                return self.send(mac, Outbound::NextWake { at: next }, None, now);
             }
         }
         let device_base = self.device_base(mac);
@@ -823,6 +909,7 @@ impl Engine {
         };
         // Chunks that came before METADATA are checked against it now.
         let total = meta.total_chunks_count;
+        let max_chunk = meta.max_chunk_size;
         if a.rec.chunk_base.is_none() {
             if a.chunks.contains_key(&0) {
                 a.rec.chunk_base = Some(0);
@@ -833,9 +920,9 @@ impl Engine {
         let base = a.base(device_base);
         let stray: Vec<u32> = a
             .chunks
-            .keys()
-            .filter(|id| **id < base || **id >= base + total)
-            .copied()
+            .iter()
+            .filter(|(id, len)| **id < base || **id >= base + total || **len > max_chunk)
+            .map(|(id, _)| *id)
             .collect();
         for id in stray {
             a.chunks.remove(&id);
@@ -847,9 +934,147 @@ impl Engine {
         a.round_ids = None;
         a.round_started_at = now;
         a.chunks_this_round = 0;
-        a.round_end_seen = false;
         self.batch.capture(&a.rec);
         self.grant_or_queue(key, now);
+    }
+
+    /// A METADATA's readings: kept with the capture, as telemetry and on
+    /// the device record.
+    fn record_metadata(
+        &mut self,
+        mac: &str,
+        rec: &mut CaptureRecord,
+        meta: &Metadata,
+        raw: &[u8],
+        now: DateTime<Utc>,
+    ) {
+        rec.origin = self.origin_for(mac, meta, now);
+        rec.device_time = meta.captured_at();
+        rec.raw_metadata = Some(String::from_utf8_lossy(raw).into_owned());
+        rec.metadata_at = Some(now);
+        rec.metadata = Some(meta.clone());
+        self.batch.telemetry.push(TelemetryRecord {
+            mac: mac.to_string(),
+            captured_at: meta.captured_at().unwrap_or(now),
+            received_at: now,
+            capture_id: rec.id,
+            temperature: meta.temperature,
+            humidity: meta.humidity,
+            pressure: meta.pressure,
+            gas_resistance: meta.gas_resistance,
+            battery: meta.battery,
+            error: meta.error,
+        });
+        if let Some(dev) = self.devices.get_mut(mac) {
+            if let Some(loc) = &meta.location {
+                dev.rec.location = Some(loc.clone());
+            }
+            if let Some(b) = meta.battery {
+                dev.rec.battery = Some(b);
+            }
+            dev.rec.last_error = Some(meta.error);
+            self.batch.device(&dev.rec);
+        }
+    }
+
+    /// The capture a METADATA that is not streamed (a camera failure, a
+    /// refusal) is recorded in: the unfinished one of that name, else a new one.
+    fn capture_for_outcome(&mut self, mac: &str, name: &str, now: DateTime<Utc>) -> CaptureRecord {
+        let key = (mac.to_string(), name.to_string());
+        if self.active.contains_key(&key) {
+            self.park(&key, now);
+        }
+        match self.lookup_capture(mac, name) {
+            Ok(Some(c)) if c.state != CaptureState::Complete => c,
+            Ok(Some(c)) => self.new_capture(mac, name, c.version + 1, now),
+            _ => self.new_capture(mac, name, 1, now),
+        }
+    }
+
+    /// `image_size` 0: the camera produced no image. Its readings and error
+    /// are recorded and alerted, and the entry is released with ACK_OK (there
+    /// is nothing to receive) so the device moves on.
+    fn camera_failure(&mut self, mac: &str, meta: Metadata, raw: &[u8], now: DateTime<Utc>) {
+        Metrics::inc(&self.metrics.camera_failures);
+        self.metrics.reject("no_image");
+        let name = meta.image_name.clone();
+        let mut rec = self.capture_for_outcome(mac, &name, now);
+        if rec.metadata.is_none() {
+            self.record_metadata(mac, &mut rec, &meta, raw, now);
+        }
+        let reason = format!("camera failure: no image (error {})", meta.error);
+        if rec.state != CaptureState::Failed {
+            rec.failures += 1;
+            Metrics::inc(&self.metrics.images_failed);
+        }
+        rec.state = CaptureState::Failed;
+        rec.failed_reason = Some(reason.clone());
+        rec.updated_at = now;
+        self.batch.capture(&rec);
+        warn!(device = %mac, image = %name, code = meta.error, "camera failure reported: readings recorded, entry released");
+        if meta.error > 0 {
+            self.device_error(mac, meta.error, now);
+        } else {
+            self.raise_alert(
+                mac,
+                "image_failed",
+                "error",
+                format!("Device {mac} announced image {name} with no bytes."),
+                Some(rec.id),
+                now,
+            );
+        }
+        Metrics::inc(&self.metrics.images_released);
+        self.acknowledge(mac, &rec, None, false, now);
+    }
+
+    /// A METADATA the gateway cannot accept (`reason`): recorded and alerted;
+    /// the device is told its next wake and keeps the image, until the
+    /// `ingest.release_after_refusals`-th wake, when the image is released
+    /// with ACK_OK so its backlog moves on.
+    fn refuse_metadata(
+        &mut self,
+        mac: &str,
+        name: &str,
+        meta: Option<Metadata>,
+        raw: &[u8],
+        reason: String,
+        now: DateTime<Utc>,
+    ) {
+        let mut rec = self.capture_for_outcome(mac, name, now);
+        if rec.metadata.is_none() {
+            match &meta {
+                Some(m) => self.record_metadata(mac, &mut rec, m, raw, now),
+                None => rec.raw_metadata = Some(String::from_utf8_lossy(raw).into_owned()),
+            }
+        }
+        if rec.state != CaptureState::Failed {
+            rec.failures += 1;
+            Metrics::inc(&self.metrics.images_failed);
+        }
+        rec.state = CaptureState::Failed;
+        rec.refusals += 1;
+        rec.failed_reason = Some(reason.clone());
+        rec.updated_at = now;
+        self.batch.capture(&rec);
+        self.raise_alert(
+            mac,
+            "image_failed",
+            "error",
+            format!("Device {mac} announced image {name} that cannot be accepted: {reason}"),
+            Some(rec.id),
+            now,
+        );
+        if rec.refusals >= self.cfg.release_after_refusals {
+            Metrics::inc(&self.metrics.images_released);
+            warn!(device = %mac, image = %name, refusals = rec.refusals, %reason, "METADATA refused again: image released with ACK_OK so the backlog moves on");
+            self.acknowledge(mac, &rec, None, false, now);
+        } else {
+            let next = self.assign_next_wake(mac, now);
+            warn!(device = %mac, image = %name, refusals = rec.refusals, %reason, next_wake = %next,
+                  "METADATA refused: device told its next wake; the image stays pending on it");
+            self.send(mac, Outbound::NextWake { at: next }, None, now);
+        }
     }
 
     /// Lets the capture stream if a slot is free, else queues it.
@@ -874,8 +1099,8 @@ impl Engine {
         };
         a.round_started_at = now;
         a.chunks_this_round = 0;
-        a.round_end_seen = false;
-        let missing = a.missing(device_base).unwrap_or_default();
+        let mut missing = a.missing(device_base).unwrap_or_default();
+        missing.truncate(self.cfg.max_missing_ids);
         if a.chunks.is_empty() {
             a.round_ids = None;
             self.send(
@@ -925,15 +1150,21 @@ impl Engine {
             .unwrap_or_default()
     }
 
-    /// Takes a capture out of memory; its held chunks go to the batch.
-    fn deactivate(&mut self, key: &Key) -> Option<Active> {
-        let mut a = self.active.remove(key)?;
+    /// Takes a capture out of memory, held chunks and all.
+    fn take_active(&mut self, key: &Key) -> Option<Active> {
+        let a = self.active.remove(key)?;
         if let Some(names) = self.active_names.get_mut(&key.0) {
             names.retain(|n| *n != key.1);
             if names.is_empty() {
                 self.active_names.remove(&key.0);
             }
         }
+        Some(a)
+    }
+
+    /// Takes a capture out of memory; its held chunks go to the batch.
+    fn deactivate(&mut self, key: &Key) -> Option<Active> {
+        let mut a = self.take_active(key)?;
         if !a.held.is_empty() {
             spill(&mut self.batch, &mut self.held_bytes, &mut a);
             self.update_gauges();
@@ -988,6 +1219,21 @@ impl Engine {
                 }
                 Ok(Some(r)) => r,
                 Ok(None) => {
+                    let unannounced = self
+                        .active_keys(mac)
+                        .iter()
+                        .filter(|k| {
+                            self.active
+                                .get(*k)
+                                .is_some_and(|a| a.rec.metadata.is_none())
+                        })
+                        .count();
+                    if unannounced >= self.cfg.max_unannounced_per_device {
+                        let detail = format!(
+                            "{unannounced} images already streaming without METADATA (ingest.max_unannounced_per_device)"
+                        );
+                        return self.reject_reason(mac, &key.1, "too_many_unannounced", detail);
+                    }
                     info!(device = %mac, image = %key.1, "chunk before METADATA: kept");
                     let mut r = self.new_capture(mac, &key.1, 1, now);
                     r.state = CaptureState::Receiving;
@@ -1063,7 +1309,7 @@ impl Engine {
             info!(device = %mac, image = %key.1, "receiving chunks");
             self.batch.capture(&a.rec);
         }
-        let size = c.payload.capacity();
+        let size = c.payload.capacity() + HELD_CHUNK_OVERHEAD;
         if self.held_bytes + size <= self.cfg.held_chunk_bytes {
             a.held.push((id, c.payload));
             a.held_bytes += size;
@@ -1091,34 +1337,48 @@ impl Engine {
         if a.chunks.len() as u64 >= total as u64 {
             self.finalize(key, now);
         } else if last_id.is_some() && last_id == a.round_last_id(device_base) {
-            if let Some(a) = self.active.get_mut(key) {
-                a.round_end_seen = true;
-            }
+            // One MQTT session delivers in order: once the round's last id
+            // is here, what is missing is known, and asked for at once.
+            let missing = a.missing(device_base).unwrap_or_default();
+            self.request_missing(key, missing, "last chunk of the round arrived", now);
         }
     }
 
-    fn request_missing(&mut self, key: &Key, missing: Vec<u32>, why: &str, now: DateTime<Utc>) {
+    /// Asks for what is missing, a page (`ingest.max_missing_ids`) at a time.
+    /// A round counts against `ingest.retry_limit` unless the previous page
+    /// arrived whole (then this is the next page, not a retry).
+    fn request_missing(&mut self, key: &Key, mut missing: Vec<u32>, why: &str, now: DateTime<Utc>) {
         let limit = self.cfg.retry_limit;
+        let page = self.cfg.max_missing_ids;
         let Some(a) = self.active.get_mut(key) else {
             return;
         };
-        if a.rec.retries >= limit {
-            let reason = format!(
-                "{} of {} chunks still missing after {limit} missing_chunks rounds",
-                missing.len(),
-                a.rec.total_chunks().unwrap_or(0)
-            );
-            return self.fail(key, reason, now);
+        let next_page = a
+            .round_ids
+            .as_ref()
+            .is_some_and(|ids| ids.iter().all(|i| a.chunks.contains_key(i)));
+        let rounds = a.rec.retries.saturating_sub(a.retries_at_start);
+        if !next_page {
+            if rounds >= limit {
+                let reason = format!(
+                    "{} of {} chunks still missing after {limit} missing_chunks rounds",
+                    missing.len(),
+                    a.rec.total_chunks().unwrap_or(0)
+                );
+                return self.fail(key, reason, now);
+            }
+            a.rec.retries += 1;
         }
-        a.rec.retries += 1;
+        let rounds = a.rec.retries.saturating_sub(a.retries_at_start);
+        let all_missing = missing.len();
+        missing.truncate(page);
         a.rec.state = CaptureState::MissingRequested;
         a.rec.updated_at = now;
         a.round_ids = Some(missing.clone());
         a.round_started_at = now;
         a.chunks_this_round = 0;
-        a.round_end_seen = false;
-        info!(device = %key.0, image = %key.1, missing = missing.len(), round = a.rec.retries,
-              retries_left = limit - a.rec.retries, why, ids = ?&missing[..missing.len().min(20)], "missing chunks requested");
+        info!(device = %key.0, image = %key.1, missing = all_missing, requested = missing.len(), round = rounds,
+              retries_left = limit.saturating_sub(rounds), why, ids = ?&missing[..missing.len().min(20)], "missing chunks requested");
         self.batch.capture(&a.rec);
         Metrics::inc(&self.metrics.missing_rounds);
         self.metrics
@@ -1141,6 +1401,7 @@ impl Engine {
         };
         self.release_slot(key, now);
         a.rec.state = CaptureState::Failed;
+        a.rec.failures += 1;
         a.rec.failed_reason = Some(reason.clone());
         a.rec.updated_at = now;
         self.batch.capture(&a.rec);
@@ -1206,10 +1467,13 @@ impl Engine {
         self.resolve_alert_for_capture(&key.0, a.rec.id, now);
         if let Some(dev) = self.devices.get_mut(&key.0) {
             if a.rec.origin == Origin::Current {
+                // Stored with the image: a later wake in this slot is not
+                // asked to capture again, cached or not.
                 dev.rec.last_current_capture_at = Some(now);
+                self.batch.device(&dev.rec);
             }
         }
-        self.acknowledge(&key.0, &a.rec, Some(a.rec.id), now);
+        self.acknowledge(&key.0, &a.rec, Some(a.rec.id), true, now);
     }
 
     fn fail_and_forget_chunks(&mut self, key: &Key, reason: String, now: DateTime<Utc>) {
@@ -1219,12 +1483,14 @@ impl Engine {
         self.fail(key, reason, now);
     }
 
-    /// ACK_OK with the next wake, then the session's next step.
+    /// ACK_OK with the next wake, then the session's next step. `stored`:
+    /// the image is (being) stored; false when it is released without one.
     fn acknowledge(
         &mut self,
         mac: &str,
         rec: &CaptureRecord,
         requires: Option<u64>,
+        stored: bool,
         now: DateTime<Utc>,
     ) {
         let mut drained = false;
@@ -1235,7 +1501,11 @@ impl Engine {
                 s.pending_remaining -= 1;
                 drained = s.pending_remaining == 0;
             }
-            s.rec.images_completed += 1;
+            if stored {
+                s.rec.images_completed += 1;
+            } else {
+                s.rec.images_failed += 1;
+            }
             s.last_activity = now;
             self.batch.session(&s.rec);
         }
@@ -1256,7 +1526,13 @@ impl Engine {
             return;
         };
         if s.pending_remaining > 0 {
-            return; // the device sends its next pending image
+            // A firmware device sends its next pending image on ACK_OK; a
+            // v1 device waits to be asked for it.
+            if dev.rec.dialect == Dialect::V1 {
+                let done = rec.image_name.clone();
+                self.send_next_pending(mac, Some(&done), now);
+            }
+            return;
         }
         if !s.rec.capture_requested
             && (drained || rec.origin == Origin::Recovery)
@@ -1334,7 +1610,6 @@ impl Engine {
     /// Timers: quiet gaps, hard timeouts, idle sessions.
     pub fn tick(&mut self, now: DateTime<Utc>) {
         let gap = Duration::milliseconds(self.cfg.quiet_gap_ms as i64);
-        let settle = Duration::milliseconds(SETTLE_MS.min(self.cfg.quiet_gap_ms) as i64);
         let hard = Duration::seconds(self.cfg.hard_timeout_s as i64);
         let mut due: Vec<(Key, &'static str)> = Vec::new();
         let mut evict: Vec<Key> = Vec::new();
@@ -1349,24 +1624,15 @@ impl Engine {
             if !in_play {
                 continue;
             }
-            let wait = if a.round_end_seen { settle } else { gap };
-            let quiet = a.chunks_this_round > 0 && a.last_chunk_at.is_some_and(|t| now - t >= wait);
+            let quiet = a.chunks_this_round > 0 && a.last_chunk_at.is_some_and(|t| now - t >= gap);
             if quiet {
-                due.push((
-                    k.clone(),
-                    if a.round_end_seen {
-                        "last chunk of the round arrived"
-                    } else {
-                        "stream quiet"
-                    },
-                ));
+                due.push((k.clone(), "stream quiet"));
             } else if now - a.round_started_at >= hard {
                 due.push((k.clone(), "hard timeout"));
             }
         }
         for k in evict {
-            debug!(device = %k.0, image = %k.1, "chunks without METADATA parked");
-            self.deactivate(&k);
+            self.discard(&k);
         }
         for (k, why) in due {
             let device_base = self.device_base(&k.0);

@@ -19,6 +19,13 @@ pub struct Metrics {
     pub images_complete: AtomicU64,
     pub images_failed: AtomicU64,
     pub images_reacked: AtomicU64,
+    /// Images released with ACK_OK without being stored (camera failure, or
+    /// refused on `ingest.release_after_refusals` wakes).
+    pub images_released: AtomicU64,
+    /// METADATA reporting no image (`image_size` 0): a failed camera.
+    pub camera_failures: AtomicU64,
+    /// Device connections that ended (their streams parked, slots freed).
+    pub sessions_ended: AtomicU64,
     pub commands_sent: AtomicU64,
     /// Of `commands_sent`: written straight into the device's front session.
     pub commands_direct: AtomicU64,
@@ -138,6 +145,24 @@ impl Metrics {
             "Repeated METADATA for a complete image, re-acknowledged.",
             "counter",
             &self.images_reacked,
+        );
+        c(
+            "images_released_total",
+            "Images released with ACK_OK without an image stored (camera failure, refused METADATA).",
+            "counter",
+            &self.images_released,
+        );
+        c(
+            "camera_failures_total",
+            "METADATA that reported no image (image_size 0).",
+            "counter",
+            &self.camera_failures,
+        );
+        c(
+            "device_sessions_ended_total",
+            "Device connections that ended; their streams were parked and slots freed.",
+            "counter",
+            &self.sessions_ended,
         );
         c(
             "commands_sent_total",

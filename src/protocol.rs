@@ -1061,7 +1061,11 @@ pub struct Metadata {
     pub capture_timestamp: String,
     pub image_size: u32,
     pub max_chunk_size: u32,
+    /// Chunks in the image: `ceil(image_size / max_chunk_size)`.
     pub total_chunks_count: u32,
+    /// The device's `total_chunks_count` when it disagreed with the above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announced_chunks: Option<u32>,
     pub error: i64,
     pub location: Option<String>,
     pub temperature: Option<f64>,
@@ -1175,6 +1179,34 @@ fn check_image_name(name: &str) -> Result<(), ProtocolError> {
     Ok(())
 }
 
+/// For a data payload that did not parse: `Some(..)` when it is recognisably
+/// a METADATA (a JSON object with METADATA fields and no chunk fields), with
+/// its image name when that is usable; `None` for anything else (a chunk, or
+/// bytes no device would send as METADATA), which is not answered.
+pub fn metadata_image_name(payload: &[u8]) -> Option<Option<String>> {
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(payload).ok()?;
+    if v.contains_key("chunk_id") || v.contains_key("payload") {
+        return None;
+    }
+    let metadata_like = [
+        "image_size",
+        "total_chunks_count",
+        "max_chunk_size",
+        "capture_timestamp",
+    ]
+    .iter()
+    .any(|k| v.contains_key(*k));
+    if !metadata_like {
+        return None;
+    }
+    Some(
+        v.get("image_name")
+            .and_then(|n| n.as_str())
+            .filter(|n| check_image_name(n).is_ok())
+            .map(str::to_string),
+    )
+}
+
 impl DataMessage {
     /// Parses and validates a data-topic payload. `max_image_size` bounds
     /// `image_size`.
@@ -1228,9 +1260,6 @@ impl DataMessage {
             "total_chunks_count",
         )?;
         let error = req(raw.error, "error")?;
-        if image_size == 0 {
-            return Err(invalid("image_size", "zero"));
-        }
         if image_size > max_image_size {
             return Err(invalid(
                 "image_size",
@@ -1243,22 +1272,20 @@ impl DataMessage {
                 format!("{max_chunk_size} is outside 1..={MAX_CHUNK_SIZE}"),
             ));
         }
+        // The chunk count is the one under which both the announced size and
+        // the announced chunk size hold; a `total_chunks_count` that says
+        // otherwise is kept as `announced_chunks` and the engine reports it.
+        // `image_size` 0 (a camera failure) means no chunks.
         let expected = image_size.div_ceil(max_chunk_size);
-        if total != expected {
-            return Err(invalid(
-                "total_chunks_count",
-                format!(
-                    "{total} contradicts image_size {image_size} / max_chunk_size {max_chunk_size} (expected {expected})"
-                ),
-            ));
-        }
+        let announced_chunks = (total != expected).then_some(total);
         Ok(DataMessage::Metadata(Box::new(Metadata {
             device_id,
             image_name,
             capture_timestamp,
             image_size,
             max_chunk_size,
-            total_chunks_count: total,
+            total_chunks_count: expected,
+            announced_chunks,
             error,
             location: raw.location,
             temperature: raw.temperature,
@@ -1501,15 +1528,21 @@ mod tests {
             m.captured_at(),
             Some(Utc.with_ymd_and_hms(2025, 8, 29, 14, 30, 0).unwrap())
         );
-        // total contradicts size / chunk size
-        let bad = META.replace("\"total_chunks_count\":33", "\"total_chunks_count\":15");
-        assert!(matches!(
-            DataMessage::parse(bad.as_bytes(), 1 << 20),
-            Err(ProtocolError::InvalidField {
-                field: "total_chunks_count",
-                ..
-            })
-        ));
+        // total contradicts size / chunk size (firmware-protocol.md's own
+        // example): the count that fits both is used, the announced one kept.
+        let odd = META.replace("\"total_chunks_count\":33", "\"total_chunks_count\":15");
+        match DataMessage::parse(odd.as_bytes(), 1 << 20).unwrap() {
+            DataMessage::Metadata(m) => {
+                assert_eq!((m.total_chunks_count, m.announced_chunks), (33, Some(15)))
+            }
+            other => panic!("{other:?}"),
+        }
+        // A camera failure: no image, no chunks.
+        let failed = META.replace("\"image_size\":4153", "\"image_size\":0");
+        match DataMessage::parse(failed.as_bytes(), 1 << 20).unwrap() {
+            DataMessage::Metadata(m) => assert_eq!((m.image_size, m.total_chunks_count), (0, 0)),
+            other => panic!("{other:?}"),
+        }
         let bad = META.replace("\"image_size\":4153", "\"image_size\":-5");
         assert!(DataMessage::parse(bad.as_bytes(), 1 << 20).is_err());
         let bad = META.replace("\"error\":0,", "");

@@ -1051,6 +1051,11 @@ impl SimDevice {
             self.stats.delivered_names.push(name.to_string());
             info!(device = %self.params.id, image = %name, "ACK_OK: removed from pendingImage.txt");
         }
+        if self.params.dialect == Dialect::V1 {
+            // A v1 device waits to be asked for its next image (`send_image`).
+            self.state = State::AwaitCommand;
+            return Ok(vec![self.timer(t + self.params.response_timeout)]);
+        }
         self.next_pending(t)
     }
 

@@ -21,6 +21,8 @@ use std::path::Path;
 pub const SCHEMA_VERSION: u64 = 2;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// META key: the next capture id to hand out (ids are never reused).
+const NEXT_CAPTURE_ID: &str = "next_capture_id";
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const SESSIONS: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("wake_sessions");
 const CAPTURES: TableDefinition<u64, &[u8]> = TableDefinition::new("captures");
@@ -164,8 +166,16 @@ pub struct CaptureRecord {
     #[serde(default)]
     pub metadata_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
-    /// `missing_chunks` rounds so far.
+    /// `missing_chunks` rounds so far (over every attempt: a resumed
+    /// capture keeps its count).
     pub retries: u32,
+    /// Times this capture ended `failed` (it may complete later).
+    #[serde(default)]
+    pub failures: u32,
+    /// Wakes on which its METADATA was refused (see
+    /// `ingest.release_after_refusals`).
+    #[serde(default)]
+    pub refusals: u32,
     #[serde(default)]
     pub chunk_base: Option<u32>,
     #[serde(default)]
@@ -399,6 +409,8 @@ const CACHE_BYTES: usize = 4 * 1024 * 1024;
 
 pub struct Store {
     db: Database,
+    /// Commands kept in COMMANDS; older ones are dropped at commit.
+    max_commands: std::sync::atomic::AtomicU64,
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -543,7 +555,10 @@ impl Store {
                 message: other.to_string(),
             },
         })?;
-        let store = Store { db };
+        let store = Store {
+            db,
+            max_commands: std::sync::atomic::AtomicU64::new(u64::MAX),
+        };
         store.init_schema()?;
         Ok(store)
     }
@@ -559,7 +574,10 @@ impl Store {
                 path: "(memory)".into(),
                 message: e.to_string(),
             })?;
-        let store = Store { db };
+        let store = Store {
+            db,
+            max_commands: std::sync::atomic::AtomicU64::new(u64::MAX),
+        };
         store.init_schema()?;
         Ok(store)
     }
@@ -618,7 +636,21 @@ impl Store {
     pub fn commit(&self, batch: Batch, now: DateTime<Utc>) -> Result<CommitReport, StoreError> {
         let mut report = CommitReport::default();
         let mut captures = batch.captures;
+        // Every capture id the batch used, stored or not, is never handed out again.
+        let max_id = captures
+            .keys()
+            .copied()
+            .chain(batch.chunks.iter().map(|c| c.0))
+            .chain(batch.drop_chunks.iter().copied())
+            .max();
         let mut tx = self.db.begin_write().map_err(db)?;
+        if let Some(id) = max_id {
+            let mut meta = tx.open_table(META).map_err(db)?;
+            let next = meta.get(NEXT_CAPTURE_ID).map_err(db)?.map(|v| v.value());
+            if next.is_none_or(|n| n <= id) {
+                meta.insert(NEXT_CAPTURE_ID, id + 1).map_err(db)?;
+            }
+        }
         if batch.relaxed {
             tx.set_durability(redb::Durability::None);
         }
@@ -784,6 +816,16 @@ impl Store {
             for (seq, c) in (first..).zip(&batch.commands) {
                 t.insert(seq, enc(c).as_slice()).map_err(db)?;
             }
+            let keep = self.max_commands.load(std::sync::atomic::Ordering::Relaxed);
+            let over = t.len().map_err(db)?.saturating_sub(keep);
+            if over > 0 {
+                let mut n = 0;
+                t.retain(|_, _| {
+                    n += 1;
+                    n > over
+                })
+                .map_err(db)?;
+            }
             let mut t = tx.open_table(ALERTS).map_err(db)?;
             for a in batch.alerts.values() {
                 t.insert(a.id, enc(a).as_slice()).map_err(db)?;
@@ -854,6 +896,61 @@ impl Store {
         let t = tx.open_table(CAPTURES).map_err(db)?;
         let v = t.get(id).map_err(db)?;
         v.map(|g| dec("captures", g.value())).transpose()
+    }
+
+    /// Keeps at most `n` commands in the command log (the oldest go first).
+    pub fn set_command_retention(&self, n: u64) {
+        self.max_commands
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The next capture id to hand out: past every id ever committed, a
+    /// capture's or only its chunks'.
+    pub fn next_capture_id(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let meta = tx.open_table(META).map_err(db)?;
+        let counted = meta.get(NEXT_CAPTURE_ID).map_err(db)?.map(|v| v.value());
+        let partials = tx.open_table(PARTIALS).map_err(db)?;
+        let partial = partials.last().map_err(db)?.map(|(k, _)| k.value().0);
+        let stored = self.max_capture_id()?;
+        Ok(counted
+            .unwrap_or(1)
+            .max(stored + 1)
+            .max(partial.map_or(1, |p| p + 1)))
+    }
+
+    /// Deletes partials whose capture was never stored (chunks of an image
+    /// that never got its METADATA): they belong to no capture, and no
+    /// capture may ever assemble from them. Returns how many were removed.
+    pub fn remove_orphan_partials(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let mut removed = 0;
+        {
+            let captures = tx.open_table(CAPTURES).map_err(db)?;
+            let mut partials = tx.open_table(PARTIALS).map_err(db)?;
+            let mut ids: Vec<u64> = Vec::new();
+            for r in partials.iter().map_err(db)? {
+                let (k, _) = r.map_err(db)?;
+                let cid = k.value().0;
+                if ids.last() != Some(&cid) {
+                    ids.push(cid);
+                }
+            }
+            for cid in ids {
+                let orphan = match captures.get(cid).map_err(db)? {
+                    None => true,
+                    Some(v) => dec::<CaptureRecord>("captures", v.value())?
+                        .metadata
+                        .is_none(),
+                };
+                if orphan {
+                    remove_partial(&mut partials, cid)?;
+                    removed += 1;
+                }
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(removed)
     }
 
     pub fn max_capture_id(&self) -> Result<u64, StoreError> {
@@ -1287,6 +1384,7 @@ mod tests {
                 image_size: size,
                 max_chunk_size: chunk,
                 total_chunks_count: size.div_ceil(chunk),
+                announced_chunks: None,
                 error: 0,
                 location: None,
                 temperature: None,
@@ -1302,6 +1400,8 @@ mod tests {
             metadata_at: None,
             updated_at: t0(),
             retries: 0,
+            failures: 0,
+            refusals: 0,
             chunk_base: Some(1),
             chunks_received: 0,
             sha256: None,

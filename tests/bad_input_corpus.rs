@@ -81,8 +81,10 @@ fn corpus() -> Vec<Class> {
         class("chunk: 1 MB byte array", D, one_mb_array, "invalid_field"),
         class("data: 1 MB of garbage", D, one_mb_garbage, "malformed_json"),
         class("metadata: negative image_size", D, meta(-5, 100, 1), "invalid_field"),
-        class("metadata: zero image_size", D, meta(0, 100, 0), "invalid_field"),
-        class("metadata: size/total mismatch", D, meta(1000, 100, 3), "invalid_field"),
+        // Answered, not dropped: recorded as a camera failure and released.
+        class("metadata: zero image_size", D, meta(0, 100, 0), "no_image"),
+        // Accepted with the chunk count the size and chunk size give.
+        class("metadata: size/total mismatch", D, meta(1000, 100, 3), "total_chunks_mismatch"),
         class("metadata: image_size over the limit", D, meta(2_000_000_000, 1000, 2_000_000), "invalid_field"),
         class("metadata: zero max_chunk_size", D, meta(1000, 0, 1), "invalid_field"),
         class("metadata: image_size wrong type", D, r#"{"device_id":"x","image_name":"m.jpg","capture_timestamp":"t","image_size":"big","max_chunk_size":100,"total_chunks_count":1,"error":0}"#, "malformed_json"),
