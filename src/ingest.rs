@@ -127,7 +127,9 @@ pub struct Engine {
     waiting: VecDeque<Key>,
     /// The keys in `waiting`, for membership without a scan.
     waiting_set: HashSet<Key, ahash::RandomState>,
-    open_alerts: HashMap<(String, &'static str), AlertRecord>,
+    /// Open alerts by device, kind and capture (`image_failed` is per
+    /// capture; the other kinds have none).
+    open_alerts: HashMap<(String, &'static str, Option<u64>), AlertRecord>,
     next_capture_id: u64,
     next_alert_id: u64,
     registrations: u64,
@@ -173,7 +175,7 @@ impl Engine {
         for a in store.alerts()? {
             if a.resolved_at.is_none() {
                 if let Some(kind) = alert_kind(&a.kind) {
-                    open_alerts.insert((a.mac.clone(), kind), a);
+                    open_alerts.insert((a.mac.clone(), kind, a.capture_id), a);
                 }
             }
         }
@@ -1314,6 +1316,9 @@ impl Engine {
             a.held.push((id, c.payload));
             a.held_bytes += size;
             self.held_bytes += size;
+            self.metrics
+                .held_chunk_bytes
+                .store(self.held_bytes as u64, Ordering::Relaxed);
         } else {
             // Over the budget: this capture's chunks are written as they come.
             spill(&mut self.batch, &mut self.held_bytes, a);
@@ -1566,11 +1571,9 @@ impl Engine {
         capture_id: Option<u64>,
         now: DateTime<Utc>,
     ) {
-        let k = (mac.to_string(), kind);
-        if let Some(open) = self.open_alerts.get(&k) {
-            if open.capture_id == capture_id {
-                return;
-            }
+        let k = (mac.to_string(), kind, capture_id);
+        if self.open_alerts.contains_key(&k) {
+            return;
         }
         let a = AlertRecord {
             id: self.next_alert_id,
@@ -1589,7 +1592,12 @@ impl Engine {
     }
 
     fn resolve_alert(&mut self, mac: &str, kind: &'static str, now: DateTime<Utc>) {
-        if let Some(mut a) = self.open_alerts.remove(&(mac.to_string(), kind)) {
+        self.resolve_alert_key((mac.to_string(), kind, None), now);
+    }
+
+    fn resolve_alert_key(&mut self, k: (String, &'static str, Option<u64>), now: DateTime<Utc>) {
+        let (mac, kind) = (k.0.clone(), k.1);
+        if let Some(mut a) = self.open_alerts.remove(&k) {
             a.resolved_at = Some(now);
             info!(device = %mac, alert = kind, "alert resolved");
             self.batch.alert(&a);
@@ -1597,14 +1605,7 @@ impl Engine {
     }
 
     fn resolve_alert_for_capture(&mut self, mac: &str, capture_id: u64, now: DateTime<Utc>) {
-        let k = (mac.to_string(), "image_failed");
-        if self
-            .open_alerts
-            .get(&k)
-            .is_some_and(|a| a.capture_id == Some(capture_id))
-        {
-            self.resolve_alert(mac, "image_failed", now);
-        }
+        self.resolve_alert_key((mac.to_string(), "image_failed", Some(capture_id)), now);
     }
 
     /// Timers: quiet gaps, hard timeouts, idle sessions.
@@ -1666,6 +1667,16 @@ impl Engine {
         self.evaluate_alerts(now);
     }
 
+    /// The devices holding a streaming slot.
+    pub fn streaming_devices(&self) -> Vec<String> {
+        self.streaming.iter().map(|k| k.0.clone()).collect()
+    }
+
+    /// The devices whose announced image waits for a streaming slot.
+    pub fn waiting_devices(&self) -> Vec<String> {
+        self.waiting.iter().map(|k| k.0.clone()).collect()
+    }
+
     /// Number of captures in memory (bounded by devices streaming, not bytes).
     pub fn active_captures(&self) -> usize {
         self.active.len()
@@ -1713,7 +1724,8 @@ impl Engine {
         let open: HashMap<(String, &'static str), String> = self
             .open_alerts
             .iter()
-            .map(|(k, a)| (k.clone(), a.severity.clone()))
+            .filter(|(k, _)| k.2.is_none())
+            .map(|(k, a)| ((k.0.clone(), k.1), a.severity.clone()))
             .collect();
         // One stored record at a time, this thread's newer in-memory record
         // in its place.

@@ -513,6 +513,7 @@ fn handed(m: barngate::broker::Inbound) -> (String, Vec<u8>) {
     let payload = match m.payload {
         barngate::broker::Payload::Raw(b) => b.to_vec(),
         barngate::broker::Payload::Chunk(_) => b"<chunk>".to_vec(),
+        barngate::broker::Payload::SessionEnded => b"<session ended>".to_vec(),
     };
     (String::from_utf8_lossy(&m.topic).into_owned(), payload)
 }
