@@ -62,6 +62,11 @@ struct Active {
     /// Ids requested in the current `missing_chunks` round (one page).
     round_ids: Option<Vec<u32>>,
     chunks_this_round: u32,
+    /// The id of the round's latest chunk, and whether the round's chunks
+    /// have come in ascending order (as firmware sends them): then the
+    /// round's last id means whatever is missing was lost.
+    prev_id: Option<u32>,
+    ascending: bool,
     /// `rec.retries` when this attempt began: `ingest.retry_limit` counts
     /// the rounds of one attempt, `rec.retries` those of every attempt.
     retries_at_start: u32,
@@ -99,6 +104,14 @@ impl Active {
                 .filter(|i| !self.chunks.contains_key(i))
                 .collect(),
         )
+    }
+
+    /// Ids requested in this round (all of them in the first).
+    fn round_len(&self) -> Option<usize> {
+        match &self.round_ids {
+            Some(ids) => Some(ids.len()),
+            None => self.rec.total_chunks().map(|t| t as usize),
+        }
     }
 
     fn round_last_id(&self, device_base: u32) -> Option<u32> {
@@ -747,6 +760,8 @@ impl Engine {
                 round_started_at: now,
                 round_ids: None,
                 chunks_this_round: 0,
+                prev_id: None,
+                ascending: true,
                 retries_at_start: rec_retries,
                 held: Vec::new(),
                 held_bytes: 0,
@@ -936,6 +951,8 @@ impl Engine {
         a.round_ids = None;
         a.round_started_at = now;
         a.chunks_this_round = 0;
+        a.prev_id = None;
+        a.ascending = true;
         self.batch.capture(&a.rec);
         self.grant_or_queue(key, now);
     }
@@ -1101,6 +1118,8 @@ impl Engine {
         };
         a.round_started_at = now;
         a.chunks_this_round = 0;
+        a.prev_id = None;
+        a.ascending = true;
         let mut missing = a.missing(device_base).unwrap_or_default();
         missing.truncate(self.cfg.max_missing_ids);
         if a.chunks.is_empty() {
@@ -1304,6 +1323,8 @@ impl Engine {
             .fetch_add(len as u64, Ordering::Relaxed);
         a.last_chunk_at = Some(now);
         a.chunks_this_round += 1;
+        a.ascending &= a.prev_id.is_none_or(|p| p <= id);
+        a.prev_id = Some(id);
         a.rec.chunks_received = a.chunks.len() as u32;
         if a.rec.state == CaptureState::Announced {
             a.rec.state = CaptureState::Receiving;
@@ -1341,9 +1362,15 @@ impl Engine {
         // METADATA), so a full map means a complete image: O(1) per chunk.
         if a.chunks.len() as u64 >= total as u64 {
             self.finalize(key, now);
-        } else if last_id.is_some() && last_id == a.round_last_id(device_base) {
+        } else if last_id.is_some()
+            && last_id == a.round_last_id(device_base)
+            && a.ascending
+            && (a.chunks_this_round > 1 || a.round_len() == Some(1))
+        {
             // One MQTT session delivers in order: once the round's last id
-            // is here, what is missing is known, and asked for at once.
+            // is here after the others in order, what is missing is known,
+            // and asked for at once. A device that sends out of order (or
+            // whose only chunk this round is the last) waits for the quiet gap.
             let missing = a.missing(device_base).unwrap_or_default();
             self.request_missing(key, missing, "last chunk of the round arrived", now);
         }
@@ -1382,6 +1409,8 @@ impl Engine {
         a.round_ids = Some(missing.clone());
         a.round_started_at = now;
         a.chunks_this_round = 0;
+        a.prev_id = None;
+        a.ascending = true;
         info!(device = %key.0, image = %key.1, missing = all_missing, requested = missing.len(), round = rounds,
               retries_left = limit.saturating_sub(rounds), why, ids = ?&missing[..missing.len().min(20)], "missing chunks requested");
         self.batch.capture(&a.rec);

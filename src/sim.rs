@@ -1185,6 +1185,8 @@ pub struct Summary {
     pub chunks_sent: u64,
     pub chunks_lost: u64,
     pub chunks_duplicated: u64,
+    /// Chunks sent out of order (swapped with a later one).
+    pub chunks_reordered: u64,
     pub disconnects: u64,
     pub timeouts: u64,
     pub gateway_restarts: u64,
@@ -1207,6 +1209,7 @@ impl Summary {
         self.chunks_sent += s.chunks_sent;
         self.chunks_lost += s.chunks_lost;
         self.chunks_duplicated += s.chunks_duplicated;
+        self.chunks_reordered += s.chunks_reordered;
         self.disconnects += s.disconnects;
         self.timeouts += s.timeouts;
     }

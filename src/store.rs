@@ -16,9 +16,13 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
+mod totals;
+pub use totals::CaptureTotals;
+
 /// Bump when a table or record changes incompatibly; `open` migrates or refuses.
 /// 2: chunks in PARTIALS runs instead of CHUNKS rows (1 migrates on open).
-pub const SCHEMA_VERSION: u64 = 2;
+/// 3: per-device capture totals and their indexes (built on open from 2).
+pub const SCHEMA_VERSION: u64 = 3;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// META key: the next capture id to hand out (ids are never reused).
@@ -598,11 +602,17 @@ impl Store {
                     })
                 }
                 // Older versions migrate here, one step at a time.
-                Some(1) => {
-                    migrate_chunks_to_partials(&tx)?;
-                    meta.insert("schema_version", 2).map_err(db)?;
+                Some(mut v) => {
+                    if v == 1 {
+                        migrate_chunks_to_partials(&tx)?;
+                        v = 2;
+                    }
+                    if v == 2 {
+                        totals::rebuild(&tx)?;
+                        v = 3;
+                    }
+                    meta.insert("schema_version", v).map_err(db)?;
                 }
-                Some(_) => {}
             }
             tx.open_table(DEVICES).map_err(db)?;
             tx.open_table(SESSIONS).map_err(db)?;
@@ -617,6 +627,9 @@ impl Store {
             tx.open_table(OUTBOX).map_err(db)?;
             tx.open_table(SYNC).map_err(db)?;
             tx.open_table(UPLOADS).map_err(db)?;
+            tx.open_table(totals::DEVICE_TOTALS).map_err(db)?;
+            tx.open_table(totals::OPEN_CAPTURES).map_err(db)?;
+            tx.open_table(totals::COMPLETED_BY_HOUR).map_err(db)?;
         }
         tx.commit().map_err(db)?;
         Ok(())
@@ -757,6 +770,7 @@ impl Store {
                     };
                     if let Some(reason) = problem {
                         cap.state = CaptureState::Failed;
+                        cap.failures += 1;
                         cap.failed_reason = Some(reason.clone());
                         cap.acked_at = None;
                         report.failed.push((cap.id, reason));
@@ -776,6 +790,11 @@ impl Store {
             let mut names = tx.open_table(CAPTURE_NAMES).map_err(db)?;
             let mut by_dev = tx.open_table(DEVICE_CAPTURES).map_err(db)?;
             for c in captures.values() {
+                let old = match t.get(c.id).map_err(db)? {
+                    Some(v) => Some(dec::<CaptureRecord>("captures", v.value())?),
+                    None => None,
+                };
+                totals::capture_changed(&tx, old.as_ref(), c)?;
                 t.insert(c.id, enc(c).as_slice()).map_err(db)?;
                 let latest = names
                     .get((c.mac.as_str(), c.image_name.as_str()))
@@ -815,6 +834,7 @@ impl Store {
                 .unwrap_or(1);
             for (seq, c) in (first..).zip(&batch.commands) {
                 t.insert(seq, enc(c).as_slice()).map_err(db)?;
+                totals::command_sent(&tx, &c.mac, &c.kind, &c.payload)?;
             }
             let keep = self.max_commands.load(std::sync::atomic::Ordering::Relaxed);
             let over = t.len().map_err(db)?.saturating_sub(keep);
@@ -1043,6 +1063,28 @@ impl Store {
             out.push(dec("wake_sessions", v.value())?);
         }
         Ok(out)
+    }
+
+    /// When the device's current backlog began: the first of its latest run
+    /// of wakes that reported pending images (newest first, stopping at the
+    /// first wake without any), or `None`.
+    pub fn backlog_started(&self, mac: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(SESSIONS).map_err(db)?;
+        let mut start = None;
+        for r in t
+            .range((mac, i64::MIN)..=(mac, i64::MAX))
+            .map_err(db)?
+            .rev()
+        {
+            let (_, v) = r.map_err(db)?;
+            let s: SessionRecord = dec("wake_sessions", v.value())?;
+            if s.pending_reported == 0 {
+                break;
+            }
+            start = Some(s.woke_at);
+        }
+        Ok(start)
     }
 
     pub fn telemetry(&self, mac: &str) -> Result<Vec<TelemetryRecord>, StoreError> {
@@ -1369,7 +1411,7 @@ mod tests {
         Utc.with_ymd_and_hms(2026, 1, 1, 8, 0, 0).unwrap()
     }
 
-    fn capture(id: u64, size: u32, chunk: u32) -> CaptureRecord {
+    pub(super) fn capture(id: u64, size: u32, chunk: u32) -> CaptureRecord {
         CaptureRecord {
             id,
             mac: "AABBCCDDEEFF".into(),
@@ -1607,7 +1649,7 @@ mod tests {
             tx.commit().unwrap();
         }
         let s = Store::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), 2);
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(s.chunk_lengths(1).unwrap(), vec![(1, 2), (2, 2)]);
         assert_eq!(s.chunk_lengths(9).unwrap(), vec![(0, 1)]);
         {
@@ -1626,7 +1668,7 @@ mod tests {
         drop(s);
         // Reopening a migrated file is a no-op.
         let s = Store::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), 2);
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(s.chunk_lengths(9).unwrap(), vec![(0, 1)]);
     }
 

@@ -409,8 +409,8 @@ fn missing_chunks_are_paged_and_a_delivered_page_is_no_retry() {
     let img = image(9, 1000 * 4);
     g.hello(A, 0);
     g.meta(A, "p.jpg", &img, 4);
-    // Only the last chunk arrives: 999 are missing.
-    let sent = g.chunks(A, "p.jpg", &img, 4, [999]);
+    // Only the first and the last chunk arrive: 998 are missing.
+    let sent = g.chunks(A, "p.jpg", &img, 4, [0, 999]);
     let mut pages = 0;
     let mut sent = sent;
     loop {
@@ -564,4 +564,8 @@ fn resumed_failed_capture_keeps_its_failure_and_rounds() {
     assert_eq!((c.state, c.failures), (CaptureState::Complete, 1));
     assert!(c.retries >= 3, "rounds kept: {}", c.retries);
     assert_eq!(g.stored_image(A, "f.jpg").unwrap(), img);
+    // The per-device totals (dashboard, /metrics) keep the failure too.
+    let t = &g.store.capture_totals().unwrap()[A];
+    assert_eq!((t.images_complete, t.failures, t.in_progress), (1, 1, 0));
+    assert!(t.retries >= 3);
 }

@@ -403,7 +403,8 @@ async fn bad_input_is_counted_and_harms_no_one() {
         let m = &gw.metrics;
         let ok = m.rejected("malformed_json") >= 3
             && m.rejected("missing_field") >= 1
-            && m.rejected("invalid_field") >= 4
+            && m.rejected("invalid_field") >= 3
+            && m.rejected("total_chunks_mismatch") >= 1
             && m.rejected("unknown_message") >= 1
             && m.rejected("chunk_out_of_range") >= 1
             && m.rejected("chunk_oversize") >= 1

@@ -1,9 +1,9 @@
 //! Per-device figures for `/metrics` and the dashboard — success rate,
-//! average retries, chunk loss %, pending queue age — computed from the
-//! store and cached briefly, so a scrape every few seconds costs a Pi little.
-//! The append-only command log is folded incrementally.
+//! average retries, chunk loss %, pending queue age — read from the store's
+//! per-device totals (kept current by every commit, not recomputed from
+//! history) and cached briefly, so a scrape every few seconds costs a Pi little.
 
-use crate::store::{CaptureState, DeviceRecord, Store, StoreError};
+use crate::store::{DeviceRecord, Store, StoreError};
 use chrono::{DateTime, Duration, NaiveTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use std::collections::HashMap;
@@ -16,6 +16,7 @@ pub const CACHE_FOR: Duration = Duration::seconds(5);
 pub struct DeviceStats {
     pub mac: String,
     pub images_complete: u64,
+    /// Times a capture ended failed.
     pub images_failed: u64,
     /// Announced captures neither complete nor failed.
     pub in_progress: u64,
@@ -30,7 +31,8 @@ pub struct DeviceStats {
 }
 
 impl DeviceStats {
-    /// Complete ÷ (complete + failed); `None` before any outcome.
+    /// Complete ÷ (complete + failures): a capture that failed before it
+    /// completed counts both; `None` before any outcome.
     pub fn success_rate(&self) -> Option<f64> {
         let n = self.images_complete + self.images_failed;
         (n > 0).then(|| self.images_complete as f64 / n as f64)
@@ -74,18 +76,10 @@ impl Snapshot {
     }
 }
 
-#[derive(Default)]
-struct Folded {
-    /// Highest command sequence number folded in.
-    seq: u64,
-    rerequested: HashMap<String, u64>,
-}
-
 /// The cache shared by the HTTP handlers.
 #[derive(Default)]
 pub struct StatsCache {
     snapshot: Mutex<Option<Arc<Snapshot>>>,
-    folded: Mutex<Folded>,
 }
 
 impl StatsCache {
@@ -119,25 +113,6 @@ impl StatsCache {
     }
 
     fn compute(&self, store: &Store, now: DateTime<Utc>, tz: Tz) -> Result<Snapshot, StoreError> {
-        let rerequested = {
-            let mut f = self.folded.lock().unwrap_or_else(|p| p.into_inner());
-            for (seq, c) in store.commands_after(f.seq)? {
-                f.seq = seq;
-                if c.kind != "missing_chunks" {
-                    continue;
-                }
-                let n = serde_json::from_str::<serde_json::Value>(&c.payload)
-                    .ok()
-                    .and_then(|v| {
-                        v.get("missing_chunks")
-                            .and_then(|a| a.as_array())
-                            .map(|a| a.len())
-                    })
-                    .unwrap_or(0);
-                *f.rerequested.entry(c.mac).or_default() += n as u64;
-            }
-            f.rerequested.clone()
-        };
         let midnight = now.with_timezone(&tz).date_naive().and_time(NaiveTime::MIN);
         let today_start = tz
             .from_local_datetime(&midnight)
@@ -145,70 +120,36 @@ impl StatsCache {
             .map(|t| t.with_timezone(&Utc))
             .unwrap_or(now - Duration::hours(24));
         let devices = store.devices()?;
-        let mut stats: HashMap<String, DeviceStats> = devices
-            .iter()
-            .map(|d| {
-                (
-                    d.mac.clone(),
-                    DeviceStats {
-                        mac: d.mac.clone(),
-                        pending: d.pending_reported,
-                        chunks_rerequested: rerequested.get(&d.mac).copied().unwrap_or(0),
-                        ..Default::default()
-                    },
-                )
-            })
-            .collect();
-        let mut images_today = 0;
-        // Oldest known capture time of an unfinished image, per device.
-        let mut oldest_open: HashMap<String, DateTime<Utc>> = HashMap::new();
-        for c in store.captures(None)? {
-            let Some(s) = stats.get_mut(&c.mac) else {
-                continue;
-            };
-            s.chunks_announced += c.total_chunks().unwrap_or(0) as u64;
-            match c.state {
-                CaptureState::Complete => {
-                    s.images_complete += 1;
-                    s.retries += c.retries as u64;
-                    if c.assembled_at.is_some_and(|t| t >= today_start) {
-                        images_today += 1;
-                    }
-                }
-                CaptureState::Failed => {
-                    s.images_failed += 1;
-                    s.retries += c.retries as u64;
-                }
-                _ => {
-                    s.in_progress += 1;
-                    let t = c.device_time.unwrap_or(c.first_seen_at);
-                    let e = oldest_open.entry(c.mac.clone()).or_insert(t);
-                    *e = (*e).min(t);
-                }
-            }
-        }
+        let totals = store.capture_totals()?;
+        let mut stats: HashMap<String, DeviceStats> = HashMap::new();
         for d in &devices {
-            let Some(s) = stats.get_mut(&d.mac) else {
-                continue;
+            let t = totals.get(&d.mac).cloned().unwrap_or_default();
+            let mut s = DeviceStats {
+                mac: d.mac.clone(),
+                images_complete: t.images_complete,
+                images_failed: t.failures,
+                in_progress: t.in_progress,
+                retries: t.retries,
+                chunks_announced: t.chunks_announced,
+                chunks_rerequested: t.chunks_rerequested,
+                pending: d.pending_reported,
+                pending_age_s: 0,
             };
-            if d.pending_reported == 0 {
-                continue;
+            if d.pending_reported > 0 {
+                // The backlog started at the first of the latest run of wakes
+                // that reported pending images (or earlier, by capture time).
+                let start = match (
+                    store.backlog_started(&d.mac)?,
+                    store.oldest_open_capture(&d.mac)?,
+                ) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                s.pending_age_s = start.map(|t| (now - t).num_seconds().max(0)).unwrap_or(0);
             }
-            // The backlog started at the first of the latest run of wakes
-            // that reported pending images (or earlier, by capture time).
-            let mut start = None;
-            for sess in store.sessions(&d.mac)?.iter().rev() {
-                if sess.pending_reported == 0 {
-                    break;
-                }
-                start = Some(sess.woke_at);
-            }
-            let start = match (start, oldest_open.get(&d.mac)) {
-                (Some(a), Some(b)) => Some(a.min(*b)),
-                (a, b) => a.or(b.copied()),
-            };
-            s.pending_age_s = start.map(|t| (now - t).num_seconds().max(0)).unwrap_or(0);
+            stats.insert(d.mac.clone(), s);
         }
+        let images_today = store.completed_since(today_start)?;
         let sync = crate::upstream::status(store, now)?;
         let upstream_oldest_age_s = sync.oldest_age_seconds.unwrap_or(0);
         let mut active_alerts = HashMap::new();
