@@ -470,3 +470,58 @@ async fn device_reconnecting_mid_image_resumes_without_full_reupload() {
     );
     gw.shutdown().await.unwrap();
 }
+
+/// A device whose connection drops mid-image frees its streaming slot at
+/// once: the device waiting for the slot is told to stream right away, not
+/// after the dropped one's retry rounds time out, and the dropped image
+/// raises no `image_failed` (it is parked, resumed at the next wake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connection_frees_the_streaming_slot_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config();
+    cfg.ingest.max_streaming = 1;
+    let gw = start_gateway(dir.path(), cfg).await;
+    let addr = gw.plain_addr.unwrap();
+    let mut a = Device::connect(addr, "AABBCCDDEE21", false).await;
+    a.hello(0).await;
+    a.expect("capture_image").await;
+    let img_a = image_bytes(21, 3000);
+    a.send_metadata("a.jpg", &img_a, 100, "2025-01-03T10:00:00Z")
+        .await;
+    a.expect("send_image").await;
+    a.send_chunks("a.jpg", &img_a, 100, &[0, 1, 2]).await;
+    let mut b = Device::connect(addr, "AABBCCDDEE22", false).await;
+    b.hello(0).await;
+    b.expect("capture_image").await;
+    let img_b = image_bytes(22, 2000);
+    b.send_metadata("b.jpg", &img_b, 100, "2025-01-03T10:00:00Z")
+        .await;
+    b.expect_silence(Duration::from_millis(400)).await;
+    a.client.disconnect().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(2), b.expect("send_image"))
+        .await
+        .expect("the slot is handed on at once");
+    let all: Vec<usize> = (0..20).collect();
+    b.send_chunks("b.jpg", &img_b, 100, &all).await;
+    b.expect("ACK_OK").await;
+    assert!(
+        gw.metrics
+            .sessions_ended
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    let alerts = gw.store.alerts().unwrap();
+    assert!(
+        alerts
+            .iter()
+            .all(|x| !(x.mac == "AABBCCDDEE21" && x.kind == "image_failed")),
+        "{alerts:?}"
+    );
+    let cap = gw
+        .store
+        .latest_capture("AABBCCDDEE21", "a.jpg")
+        .unwrap()
+        .unwrap();
+    assert_ne!(cap.state, CaptureState::Failed);
+    gw.shutdown().await.unwrap();
+}
