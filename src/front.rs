@@ -533,6 +533,14 @@ impl Front {
                         return;
                     }
                 };
+                // The verifier checked the serial during a full handshake;
+                // this check holds for any handshake, a resumed one included
+                // (rustls does not verify a resumed session's certificate).
+                if front.is_revoked(&id.serial_hex) {
+                    front.refuse("tls_revoked");
+                    warn!(%peer, device = %id.mac, serial = %id.serial_hex, "TLS connection refused: certificate revoked");
+                    return;
+                }
                 debug!(%peer, device = %id.mac, serial = %id.serial_hex, "TLS handshake complete");
                 let id = Identity {
                     mac: id.mac,

@@ -751,8 +751,10 @@ impl Pki {
     /// site CA. Handshakes from certificates whose serial is in `revoked` are
     /// refused as well (checked at handshake time, so updating the set takes
     /// effect without rebuilding); callers should still check the device
-    /// registry with [`peer_identity`] afterwards. Reads the files on every
-    /// call, so call it again to pick up a new server certificate.
+    /// registry with [`peer_identity`] afterwards. Every handshake is a full
+    /// one (no session resumption), so every connection's certificate is
+    /// verified. Reads the files on every call, so call it again to pick up
+    /// a new server certificate.
     pub fn server_tls_config(
         &self,
         revoked: SharedRevoked,
@@ -788,6 +790,14 @@ impl Pki {
             .with_single_cert(chain, key)
             .map_err(|e| PkiError::Tls(e.to_string()))?;
         config.ignore_client_order = true;
+        // No session resumption: rustls does not verify the client
+        // certificate of a resumed session again, so a kept TLS 1.2 session
+        // id or TLS 1.3 ticket would outlive a revocation or rotation. No
+        // session cache (TLS 1.2 ids, TLS 1.3 stateful tickets), no TLS 1.3
+        // tickets sent, and rustls' default ticketer, which never issues
+        // stateless tickets (a test checks it).
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok(config)
     }
 
@@ -1881,6 +1891,22 @@ mod tests {
         let cert = fs::read_to_string(&new.paths.cert).unwrap();
         let key = fs::read_to_string(&new.paths.key).unwrap();
         handshake(client_config(&ca_pem, Some((&cert, &key)), false), server).unwrap();
+    }
+
+    /// Resumption would skip the client certificate check: the device
+    /// listener's config keeps no sessions and issues no tickets.
+    #[test]
+    fn the_device_listener_offers_no_session_resumption() {
+        let (_tmp, pki, ..) = site_with_device();
+        let config = pki
+            .server_tls_config(pki.shared_revoked().unwrap())
+            .unwrap();
+        assert!(!config.ticketer.enabled(), "stateless tickets");
+        assert_eq!(config.send_tls13_tickets, 0);
+        assert!(!config.session_storage.can_cache(), "session cache");
+        let id = vec![1u8; 32];
+        assert!(!config.session_storage.put(id.clone(), vec![2u8; 8]));
+        assert!(config.session_storage.get(&id).is_none());
     }
 
     #[test]

@@ -537,3 +537,147 @@ async fn a_reused_broker_slot_never_gets_another_devices_commands() {
     }
     gw.shutdown().await.unwrap();
 }
+
+/// A TLS client (Python's `ssl`, OpenSSL) that keeps its session: three
+/// connections with the same client certificate, each sending a CONNECT
+/// and reading the CONNACK; the second and third offer the session of the
+/// one before (TLS 1.2 session id, TLS 1.3 ticket). Between the second and
+/// the third it prints `ready` and waits for a line on stdin.
+const RESUMING_CLIENT: &str = r#"
+import socket, ssl, sys
+host, port, ca, cert, key, mac, ver = sys.argv[1:8]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.load_verify_locations(ca)
+ctx.load_cert_chain(cert, key)
+v = ssl.TLSVersion.TLSv1_3 if ver == "1.3" else ssl.TLSVersion.TLSv1_2
+ctx.minimum_version = v
+ctx.maximum_version = v
+cid = mac.encode()
+connect = bytes([0x10, 12 + len(cid)]) + b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+
+def attempt(label, session):
+    data, reused, sess, err = b"", False, None, ""
+    try:
+        raw = socket.create_connection((host, int(port)), timeout=10)
+        s = ctx.wrap_socket(raw, server_hostname=host, session=session)
+        reused = s.session_reused
+        s.sendall(connect)
+        while len(data) < 4:
+            part = s.recv(4 - len(data))
+            if not part:
+                break
+            data += part
+        sess = s.session
+        s.close()
+    except (OSError, ssl.SSLError, ValueError) as e:
+        err = repr(e)
+    print(f"{label} connack={data.hex()} reused={reused} error={err}", flush=True)
+    return sess
+
+first = attempt("first", None)
+second = attempt("second", first)
+print("ready", flush=True)
+sys.stdin.readline()
+attempt("third", second or first)
+"#;
+
+/// Runs [`RESUMING_CLIENT`] for `mac` with TLS `version`, calling `between`
+/// after the second connection; returns the three result lines.
+fn resuming_client(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    certs: &Path,
+    mac: &str,
+    version: &str,
+    between: impl FnOnce(),
+) -> Vec<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(RESUMING_CLIENT)
+        .args(["127.0.0.1", &addr.port().to_string()])
+        .arg(ca)
+        .arg(certs.join(format!("{mac}.crt.pem")))
+        .arg(certs.join(format!("{mac}.key.pem")))
+        .args([mac, version])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "client ended early: {lines:?}"
+        );
+        if line.trim() == "ready" {
+            break;
+        }
+        lines.push(line.trim().to_string());
+    }
+    between();
+    child.stdin.take().unwrap().write_all(b"\n").unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    lines.push(line.trim().to_string());
+    assert!(child.wait().unwrap().success());
+    lines
+}
+
+/// Finding: a client that kept a TLS session (1.2 session id or 1.3 ticket)
+/// resumed it after its certificate was revoked or rotated, and the resumed
+/// handshake did not verify the certificate again. The gateway now offers
+/// no resumption at all, and the front checks the peer certificate's serial
+/// against the live revocation set after every handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_certificate_cannot_resume_a_tls_session() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let ca = gw.pki.ca_cert_path();
+    let cases = [
+        ("AABBCCDD0201", "1.3", "revoke"),
+        ("AABBCCDD0202", "1.2", "revoke"),
+        ("AABBCCDD0203", "1.3", "reissue"),
+        ("AABBCCDD0204", "1.2", "reissue"),
+    ];
+    let mut refused = 0;
+    for (mac, version, action) in cases {
+        issue(data.path(), mac, out.path());
+        let certs = out.path().to_path_buf();
+        let dir = data.path().to_path_buf();
+        let (addr, ca, m) = (gw.mqtt_addr, ca.clone(), mac.to_string());
+        let lines = tokio::task::spawn_blocking(move || {
+            resuming_client(addr, &ca, &certs, &m, version, || {
+                if action == "revoke" {
+                    cli(&dir, &["device", "revoke", &m]);
+                } else {
+                    let fresh = dir.join("fresh");
+                    cli(
+                        &dir,
+                        &["device", "issue", &m, "--out", fresh.to_str().unwrap()],
+                    );
+                }
+            })
+        })
+        .await
+        .unwrap();
+        eprintln!("TLS {version} {action}: {lines:?}");
+        let what = format!("TLS {version}, {action}: {lines:?}");
+        assert!(lines[0].starts_with("first connack=20020000 "), "{what}");
+        // No resumption, even for a certificate that is still valid.
+        assert!(
+            lines[1].starts_with("second connack=20020000 reused=False"),
+            "{what}"
+        );
+        // After the revocation the old certificate gets no session at all.
+        assert!(lines[2].starts_with("third "), "{what}");
+        assert!(!lines[2].contains("connack=2002"), "{what}");
+        assert!(lines[2].contains("reused=False"), "{what}");
+        refused += 1;
+        rejected(&gw, "tls_revoked", refused).await;
+    }
+    gw.shutdown().await.unwrap();
+}
