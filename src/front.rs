@@ -393,8 +393,10 @@ impl Front {
         v
     }
 
-    /// Adds serials to the live revocation set (new handshakes fail) and
-    /// closes the open sessions made with them. Returns the devices closed.
+    /// Adds serials to the live revocation set (new handshakes fail), then
+    /// closes the open sessions made with them under the sessions lock (a
+    /// session registering checks the set under that lock: `take_over`).
+    /// Returns the devices closed.
     pub fn revoke(&self, serials: &[String]) -> Vec<String> {
         {
             let mut set = self
@@ -713,8 +715,25 @@ impl Front {
         // A persistent session keeps the broker path: rumqttd resends its
         // unacknowledged QoS 1 messages when the device comes back.
         let direct = clean.then(|| Arc::new(direct::Direct::new(local)));
-        self.take_over(&device, conn_id, ident.as_ref(), kill_tx, direct.clone())
-            .await;
+        if !self
+            .take_over(&device, conn_id, ident.as_ref(), kill_tx, direct.clone())
+            .await
+        {
+            // Revoked after the credentials were checked, before the session
+            // was registered: `Front::revoke` could not see it.
+            let reason = if password {
+                "password_revoked"
+            } else {
+                "tls_revoked"
+            };
+            self.refuse(reason);
+            warn!(%peer, device = %device, reason, "connection refused: credentials revoked before the session started");
+            let _ = dev_w
+                .write_all(&[CONNACK << 4, 0x02, 0x00, CONNACK_NOT_AUTHORIZED])
+                .await;
+            let _ = dev_w.shutdown().await;
+            return;
+        }
 
         let disconnected = AtomicBool::new(false);
         let replies = Replies::default();
@@ -965,6 +984,11 @@ impl Front {
     }
 
     /// Registers the session of `device`, closing an older one first.
+    /// Returns `false`, registering nothing, when the identity's serial is
+    /// revoked. The check runs under the sessions lock, which
+    /// [`Front::revoke`] takes after adding to the revocation set: a
+    /// revocation either finds the session registered (and closes it) or is
+    /// in the set this check reads.
     async fn take_over(
         &self,
         device: &str,
@@ -972,13 +996,16 @@ impl Front {
         ident: Option<&Identity>,
         kill: watch::Sender<bool>,
         direct: Option<Arc<direct::Direct>>,
-    ) {
+    ) -> bool {
         let old = {
             let mut s = self
                 .inner
                 .sessions
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
+            if ident.is_some_and(|i| self.is_revoked(&i.serial)) {
+                return false;
+            }
             s.insert(
                 device.to_string(),
                 Session {
@@ -995,6 +1022,7 @@ impl Front {
             // Resolves once the old session task has dropped its receiver.
             let _ = tokio::time::timeout(TAKEOVER_WAIT, old.kill.closed()).await;
         }
+        true
     }
 
     fn release(&self, device: &str, conn_id: u64) {
@@ -1732,6 +1760,61 @@ fn check_packet(frame: &BytesMut, device: &str, max: usize) -> Result<Control, V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn front() -> (tempfile::TempDir, Front) {
+        let dir = tempfile::tempdir().unwrap();
+        let (ingest, _) = flume::bounded(1);
+        let cfg = FrontConfig {
+            upstream: "127.0.0.1:9".parse().unwrap(),
+            ingest,
+            secret: "secret".into(),
+            max_connections: 4,
+            max_handshakes: 4,
+            handshake_timeout: Duration::from_millis(300),
+            max_packet_size: 1 << 16,
+            passwords: PasswordStore::new(dir.path()),
+            local_sessions: true,
+        };
+        (
+            dir,
+            Front::new(cfg, Arc::default(), SharedRevoked::default()),
+        )
+    }
+
+    /// Finding: a connection past its TLS handshake but not yet registered
+    /// was not closed by a revocation. Registering checks the revocation
+    /// set under the lock `Front::revoke` closes sessions under.
+    #[tokio::test]
+    async fn a_revocation_before_the_session_registers_is_not_missed() {
+        let (_dir, front) = front();
+        let mac = "AABBCCDDEEFF";
+        let ident = |serial: &str| Identity {
+            mac: mac.into(),
+            serial: serial.into(),
+            via: "certificate",
+        };
+        // The handshake is done; the revocation comes before the CONNECT.
+        assert!(front.revoke(&["0a".into()]).is_empty(), "nothing open yet");
+        let (kill, killed) = watch::channel(false);
+        assert!(
+            !front
+                .take_over(mac, 1, Some(&ident("0a")), kill, None)
+                .await
+        );
+        assert!(front.connected().is_empty());
+        assert!(!*killed.borrow());
+        // A certificate that is not revoked registers; a revocation after
+        // that closes it.
+        let (kill, mut killed) = watch::channel(false);
+        assert!(
+            front
+                .take_over(mac, 2, Some(&ident("0b")), kill, None)
+                .await
+        );
+        assert_eq!(front.connected(), [mac]);
+        assert_eq!(front.revoke(&["0b".into()]), [mac]);
+        assert!(*killed.borrow_and_update());
+    }
 
     /// rustls' 4 KiB reads through the read-ahead get every byte in order,
     /// and the buffer is gone once the socket has nothing more.

@@ -681,3 +681,86 @@ async fn revoked_certificate_cannot_resume_a_tls_session() {
     }
     gw.shutdown().await.unwrap();
 }
+
+/// A TLS client that completes the handshake, prints `ready`, waits for a
+/// line on stdin, then sends its CONNECT and prints the CONNACK it gets and
+/// whether the connection is still open a moment later.
+const PAUSING_CLIENT: &str = r#"
+import socket, ssl, sys
+host, port, ca, cert, key, mac = sys.argv[1:7]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.load_verify_locations(ca)
+ctx.load_cert_chain(cert, key)
+cid = mac.encode()
+connect = bytes([0x10, 12 + len(cid)]) + b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+s = ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=5), server_hostname=host)
+print("ready", flush=True)
+sys.stdin.readline()
+data, state = b"", "open"
+try:
+    s.sendall(connect)
+    while len(data) < 4:
+        part = s.recv(4 - len(data))
+        if not part:
+            break
+        data += part
+    s.settimeout(1.0)
+    try:
+        if s.recv(1) == b"":
+            state = "closed"
+    except socket.timeout:
+        pass
+except (OSError, ssl.SSLError) as e:
+    state = "closed"
+print(f"connack={data.hex()} {state}", flush=True)
+"#;
+
+/// Finding: a connection that had finished its TLS handshake but not yet
+/// sent CONNECT (so had no session in the front) was missed by a
+/// revocation, and then ran as a session of the revoked certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_between_handshake_and_connect_is_not_missed() {
+    use std::io::{BufRead, BufReader, Write};
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let mac = "AABBCCDD0301";
+    issue(data.path(), mac, out.path());
+    let (addr, ca, dir) = (
+        gw.mqtt_addr,
+        gw.pki.ca_cert_path(),
+        data.path().to_path_buf(),
+    );
+    let certs = out.path().to_path_buf();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(PAUSING_CLIENT)
+            .args(["127.0.0.1", &addr.port().to_string()])
+            .arg(&ca)
+            .arg(certs.join(format!("{mac}.crt.pem")))
+            .arg(certs.join(format!("{mac}.key.pem")))
+            .arg(mac)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        cli(&dir, &["device", "revoke", mac]);
+        child.stdin.take().unwrap().write_all(b"\n").unwrap();
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        assert!(child.wait().unwrap().success());
+        line.trim().to_string()
+    })
+    .await
+    .unwrap();
+    // CONNACK 0x05 (not authorised), then the connection is closed.
+    assert_eq!(line, "connack=20020005 closed");
+    rejected(&gw, "tls_revoked", 1).await;
+    assert!(gw.front.connected().is_empty());
+    gw.shutdown().await.unwrap();
+}
