@@ -131,39 +131,13 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 // ---------------------------------------------------------------------------
 // identities
 
-/// Normalises a MAC address to the device id form: 12 upper-case hex digits
-/// (`B8F862F9CFB8`). Accepts that form in any case, and six pairs separated by
-/// `:` or `-` (`b8:f8:62:f9:cf:b8`, `B8-F8-62-F9-CF-B8`); surrounding
-/// whitespace is ignored. Everything else is rejected.
+/// Normalises a MAC address to the device id form (12 upper-case hex
+/// digits): [`crate::ident::normalize`], with its error as a [`PkiError`].
 pub fn normalize_mac(s: &str) -> Result<String, PkiError> {
-    let t = s.trim();
-    let err = |reason| PkiError::InvalidMac {
-        input: s.to_string(),
-        reason,
-    };
-    let hex = match t.len() {
-        12 => t.to_string(),
-        17 => {
-            let sep = t.as_bytes()[2];
-            if sep != b':' && sep != b'-' {
-                return Err(err("pairs must be separated by ':' or '-'"));
-            }
-            let parts: Vec<&str> = t.split(sep as char).collect();
-            if parts.len() != 6 || parts.iter().any(|p| p.len() != 2) {
-                return Err(err("expected six 2-digit pairs with one kind of separator"));
-            }
-            parts.concat()
-        }
-        _ => {
-            return Err(err(
-                "expected 12 hex digits, optionally as six pairs separated by ':' or '-'",
-            ))
-        }
-    };
-    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(err("contains a character that is not a hex digit"));
-    }
-    Ok(hex.to_ascii_uppercase())
+    crate::ident::normalize(s).map_err(|e| PkiError::InvalidMac {
+        input: e.input,
+        reason: e.reason,
+    })
 }
 
 /// Normalises a certificate serial number to lower-case hex without leading
@@ -1330,7 +1304,6 @@ mod tests {
             "b8f862f9cfb8",
             "b8:f8:62:f9:cf:b8",
             "B8-F8-62-F9-CF-B8",
-            " B8:F8:62:F9:CF:B8\n",
         ] {
             assert_eq!(normalize_mac(s).unwrap(), "B8F862F9CFB8", "{s:?}");
         }
@@ -1350,6 +1323,7 @@ mod tests {
             "B8 F8 62 F9 CF B8",
             "ESP32CAM/B8F862F9CFB8",
             "B8F862F9CFé",
+            " B8:F8:62:F9:CF:B8\n",
         ] {
             let err = normalize_mac(s).unwrap_err();
             assert!(matches!(err, PkiError::InvalidMac { .. }), "{s:?}");
