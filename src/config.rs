@@ -96,6 +96,11 @@ pub struct MqttConfig {
     /// A device's clean session stays in the front (no connection into the
     /// embedded broker); `false` sends every session through the broker.
     pub local_sessions: bool,
+    /// Most topic filters in one SUBSCRIBE; more close the connection.
+    pub max_filters_per_subscribe: usize,
+    /// Most distinct topic filters one connection subscribes to (an
+    /// UNSUBSCRIBE gives none back); more close the connection.
+    pub max_filters_per_session: usize,
 }
 
 impl Default for MqttConfig {
@@ -111,6 +116,8 @@ impl Default for MqttConfig {
             segment_size: 4 * 1024 * 1024,
             segment_count: 4,
             local_sessions: true,
+            max_filters_per_subscribe: 8,
+            max_filters_per_session: 16,
         }
     }
 }
@@ -448,6 +455,18 @@ impl Config {
                 ));
             }
         }
+        if self.mqtt.max_filters_per_subscribe == 0 {
+            return Err(invalid(
+                "mqtt.max_filters_per_subscribe",
+                "must be at least 1",
+            ));
+        }
+        if self.mqtt.max_filters_per_session < 2 {
+            return Err(invalid(
+                "mqtt.max_filters_per_session",
+                "must be at least 2 (a device subscribes to its cmd and ack topics)",
+            ));
+        }
         if self.mqtt.max_payload_size < 1024 {
             return Err(invalid("mqtt.max_payload_size", "must be at least 1024"));
         }
@@ -506,6 +525,16 @@ mod tests {
         assert!(e.to_string().contains("mqtt.plain_listen"), "{e}");
         let c = Config::from_toml("[mqtt]\nplain_listen = \"127.0.0.1:1883\"\n", "x").unwrap();
         assert_eq!(c.mqtt.plain_listen, Some("127.0.0.1:1883".parse().unwrap()));
+        let e = Config::from_toml("[mqtt]\nmax_filters_per_session = 1\n", "x").unwrap_err();
+        assert!(
+            e.to_string().contains("mqtt.max_filters_per_session"),
+            "{e}"
+        );
+        let e = Config::from_toml("[mqtt]\nmax_filters_per_subscribe = 0\n", "x").unwrap_err();
+        assert!(
+            e.to_string().contains("mqtt.max_filters_per_subscribe"),
+            "{e}"
+        );
         let e = Config::from_toml("[ingest]\nbogus = 1\n", "x").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = Config::from_toml("[ingest]\nretry_limit = \"three\"\n", "x").unwrap_err();

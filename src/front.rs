@@ -168,6 +168,11 @@ pub struct FrontConfig {
     /// PINGREQ and QoS 2 itself and hands a will to the ingest, with no
     /// broker connection behind the device (`mqtt.local_sessions`).
     pub local_sessions: bool,
+    /// Most topic filters in one SUBSCRIBE (`mqtt.max_filters_per_subscribe`).
+    pub max_filters_per_subscribe: usize,
+    /// Most distinct topic filters one connection subscribes to
+    /// (`mqtt.max_filters_per_session`).
+    pub max_filters_per_session: usize,
 }
 
 /// A device's CONNECT, checked.
@@ -245,6 +250,13 @@ enum Violation {
     KeepAlive {
         secs: u16,
     },
+    /// A SUBSCRIBE with more filters than one may carry, or one that takes
+    /// the session past its distinct filters.
+    TooManyFilters {
+        count: usize,
+        max: usize,
+        per: &'static str,
+    },
     /// The broker did not acknowledge the CONNECT or a SUBSCRIBE in time.
     BrokerTimeout,
     /// Not a violation: the connection broke.
@@ -263,6 +275,7 @@ impl Violation {
             Violation::Subscribe { .. } => "subscribe_not_allowed",
             Violation::Malformed(_) => "malformed_mqtt",
             Violation::KeepAlive { .. } => "keepalive_timeout",
+            Violation::TooManyFilters { .. } => "too_many_filters",
             Violation::BrokerTimeout => "broker_timeout",
             Violation::Io(_) => "connection_error",
         }
@@ -289,6 +302,12 @@ impl std::fmt::Display for Violation {
             Violation::Malformed(e) => write!(f, "malformed MQTT: {e}"),
             Violation::KeepAlive { secs } => {
                 write!(f, "no packet within 1.5 × the keep-alive of {secs} s")
+            }
+            Violation::TooManyFilters { count, max, per } => {
+                write!(
+                    f,
+                    "{count} topic filters in one {per}, at most {max} allowed"
+                )
             }
             Violation::BrokerTimeout => {
                 write!(
@@ -762,6 +781,8 @@ impl Front {
                 max_packet: cfg.max_packet_size,
                 keep_alive,
                 ack_wait: cfg.handshake_timeout,
+                max_filters_per_subscribe: cfg.max_filters_per_subscribe,
+                max_filters_per_session: cfg.max_filters_per_session,
                 ingest: &cfg.ingest,
                 direct: direct.as_deref(),
                 disconnected: &disconnected,
@@ -1378,6 +1399,8 @@ struct Uplink<'a> {
     keep_alive: u16,
     /// Longest wait for the broker's CONNACK/SUBACK.
     ack_wait: Duration,
+    max_filters_per_subscribe: usize,
+    max_filters_per_session: usize,
     ingest: &'a flume::Sender<Inbound>,
     /// The session's direct downlink, whose subscriptions it keeps.
     direct: Option<&'a direct::Direct>,
@@ -1400,6 +1423,37 @@ enum Upstream<'a, W> {
 }
 
 impl Uplink<'_> {
+    /// Counts a SUBSCRIBE's filters against the limits. `seen` is every
+    /// distinct filter the connection has subscribed to: an UNSUBSCRIBE
+    /// gives none back (the broker never frees a filter's memory, and a
+    /// device needs two).
+    fn count_filters(
+        &self,
+        seen: &mut HashSet<String>,
+        filters: &[(String, QoS)],
+    ) -> Result<(), Violation> {
+        if filters.len() > self.max_filters_per_subscribe {
+            return Err(Violation::TooManyFilters {
+                count: filters.len(),
+                max: self.max_filters_per_subscribe,
+                per: "SUBSCRIBE",
+            });
+        }
+        for (f, _) in filters {
+            if !seen.contains(f) {
+                if seen.len() == self.max_filters_per_session {
+                    return Err(Violation::TooManyFilters {
+                        count: seen.len() + 1,
+                        max: self.max_filters_per_session,
+                        per: "session",
+                    });
+                }
+                seen.insert(f.clone());
+            }
+        }
+        Ok(())
+    }
+
     /// Reads the device's packets until it closes: checks each, hands
     /// publishes to the ingest and forwards the rest to the broker (or, in
     /// a local session, answers them).
@@ -1434,6 +1488,8 @@ impl Uplink<'_> {
         // A set, not a list: a device that never releases could otherwise
         // make every publish scan up to 65,535 ids.
         let mut unreleased: HashSet<u16> = HashSet::new();
+        // Every distinct topic filter subscribed to (`count_filters`).
+        let mut filters_seen: HashSet<String> = HashSet::new();
         // The topic of the session's chunks, shared by all of them.
         let mut topic = Bytes::new();
         // A pass's replies, encoded, go to the downlink together once the
@@ -1482,7 +1538,15 @@ impl Uplink<'_> {
                         }
                     },
                 };
-                match route(frame, self.device, self.max_packet, local, &mut topic) {
+                let routed = route(frame, self.device, self.max_packet, local, &mut topic)
+                    .and_then(|r| match &r {
+                        Route::Control {
+                            control: Control::Subscribe { filters, .. },
+                            ..
+                        } => self.count_filters(&mut filters_seen, filters).map(|()| r),
+                        _ => Ok(r),
+                    });
+                match routed {
                     Ok(Route::Control { frame, control }) if !local => {
                         awaited += u64::from(matches!(control, Control::Subscribe { .. }));
                         match (self.direct, control) {
@@ -1774,6 +1838,8 @@ mod tests {
             max_packet_size: 1 << 16,
             passwords: PasswordStore::new(dir.path()),
             local_sessions: true,
+            max_filters_per_subscribe: 8,
+            max_filters_per_session: 16,
         };
         (
             dir,
@@ -1878,6 +1944,8 @@ mod tests {
             max_packet: 1 << 20,
             keep_alive: 0,
             ack_wait: Duration::from_secs(5),
+            max_filters_per_subscribe: 8,
+            max_filters_per_session: 16,
             ingest: &ingest,
             direct: None,
             disconnected: &AtomicBool::new(false),

@@ -200,6 +200,8 @@ impl Gateway {
                 max_packet_size: cfg.mqtt.max_payload_size,
                 passwords: PasswordStore::new(pki.dir()),
                 local_sessions: cfg.mqtt.local_sessions,
+                max_filters_per_subscribe: cfg.mqtt.max_filters_per_subscribe,
+                max_filters_per_session: cfg.mqtt.max_filters_per_session,
             },
             metrics.clone(),
             revoked,

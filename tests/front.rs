@@ -453,6 +453,8 @@ async fn bare_front(local: bool) -> Bare {
             max_packet_size: 1 << 16,
             passwords: barngate::devpass::PasswordStore::new(dir.path()),
             local_sessions: local,
+            max_filters_per_subscribe: 8,
+            max_filters_per_session: 16,
         },
         metrics.clone(),
         Default::default(),
