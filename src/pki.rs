@@ -670,7 +670,7 @@ impl Pki {
     }
 
     /// Adds a serial to `revoked.json`. Returns `false` when it was already
-    /// revoked. The file is replaced atomically.
+    /// revoked. See [`Pki::revoke_serials_at`].
     pub fn revoke_serial(&self, mac: &str, serial_hex: &str) -> Result<bool, PkiError> {
         self.revoke_serial_at(mac, serial_hex, Utc::now())
     }
@@ -682,26 +682,55 @@ impl Pki {
         serial_hex: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, PkiError> {
+        let added = self.revoke_serials_at(mac, &[serial_hex.to_string()], now)?;
+        Ok(!added.is_empty())
+    }
+
+    /// Adds serials of `mac`'s certificates to `revoked.json` and returns
+    /// those that were not there yet (normalised). The file is read,
+    /// changed and replaced (a new file, synced, renamed over the old one,
+    /// the directory synced) under an exclusive lock on the certificate
+    /// directory, so concurrent revocations, in this process or another,
+    /// all persist. Returns only once the change is on disk.
+    pub fn revoke_serials_at(
+        &self,
+        mac: &str,
+        serials: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>, PkiError> {
         let mac = normalize_mac(mac)?;
-        let serial = normalize_serial(serial_hex)?;
+        let serials = serials
+            .iter()
+            .map(|s| normalize_serial(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        create_private_dir(&self.dir)?;
+        let _lock = DirLock::exclusive(&self.dir)?;
         let mut list = self.revocation_list()?;
-        for entry in &list.revoked {
-            if normalize_serial(&entry.serial).ok().as_deref() == Some(serial.as_str()) {
-                return Ok(false);
+        let mut have: HashSet<String> = list
+            .revoked
+            .iter()
+            .filter_map(|e| normalize_serial(&e.serial).ok())
+            .collect();
+        let mut added = Vec::new();
+        for serial in serials {
+            if have.insert(serial.clone()) {
+                list.revoked.push(RevokedCert {
+                    serial: serial.clone(),
+                    mac: mac.clone(),
+                    revoked_at: now,
+                });
+                added.push(serial);
             }
         }
-        list.revoked.push(RevokedCert {
-            serial,
-            mac,
-            revoked_at: now,
-        });
+        if added.is_empty() {
+            return Ok(added);
+        }
         let json = serde_json::to_vec_pretty(&list).map_err(|source| PkiError::RevocationList {
             path: self.revoked_path(),
             source,
         })?;
-        create_private_dir(&self.dir)?;
         write_atomic(&self.revoked_path(), &json, PUBLIC_MODE)?;
-        Ok(true)
+        Ok(added)
     }
 
     /// The revoked serials, normalised ([`normalize_serial`]).
@@ -1081,6 +1110,34 @@ fn detect_server_names() -> (Vec<String>, Vec<IpAddr>) {
         }
     }
     (hostnames, ips)
+}
+
+/// An exclusive `flock` on a directory, released when dropped (the file
+/// closes). Serialises the read-change-write of a file in it between
+/// threads (each takes its own open file) and processes.
+struct DirLock {
+    _file: fs::File,
+}
+
+impl DirLock {
+    fn exclusive(dir: &Path) -> Result<DirLock, PkiError> {
+        let file = fs::File::open(dir).map_err(io_err(dir))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::io::AsRawFd;
+            loop {
+                // SAFETY: flock on a descriptor this function owns.
+                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                    break;
+                }
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(io_err(dir)(e));
+                }
+            }
+        }
+        Ok(DirLock { _file: file })
+    }
 }
 
 pub(crate) fn create_private_dir(dir: &Path) -> Result<(), PkiError> {
@@ -1865,6 +1922,37 @@ mod tests {
         let cert = fs::read_to_string(&new.paths.cert).unwrap();
         let key = fs::read_to_string(&new.paths.key).unwrap();
         handshake(client_config(&ca_pem, Some((&cert, &key)), false), server).unwrap();
+    }
+
+    /// Finding: `revoked.json` was read, changed and replaced with no lock,
+    /// so of two revocations at once one could be lost.
+    #[test]
+    fn concurrent_revocations_all_persist() {
+        let (_tmp, pki) = new_pki();
+        let threads: Vec<_> = (0..16u8)
+            .map(|i| {
+                let pki = pki.clone();
+                std::thread::spawn(move || {
+                    let mac = format!("B8F862F9CF{i:02X}");
+                    assert!(pki.revoke_serial(&mac, &format!("{:02x}", i + 1)).unwrap());
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let set = pki.load_revoked().unwrap();
+        assert_eq!(set.len(), 16, "{set:?}");
+        // One write for several serials; those already listed are skipped.
+        let added = pki
+            .revoke_serials_at(
+                "B8F862F9CF00",
+                &["01".into(), "0x11".into(), "12".into()],
+                t0(),
+            )
+            .unwrap();
+        assert_eq!(added, ["11", "12"]);
+        assert_eq!(pki.load_revoked().unwrap().len(), 18);
     }
 
     /// Resumption would skip the client certificate check: the device

@@ -55,6 +55,8 @@ pub enum ServeError {
     Admin(#[from] admin::AdminError),
     #[error(transparent)]
     Pki(#[from] PkiError),
+    #[error(transparent)]
+    Provision(#[from] provision::ProvisionError),
     #[error("upstream: {0}")]
     Upstream(#[from] crate::upstream::UpstreamError),
     #[error("{what} {path}: {source}")]
@@ -167,6 +169,9 @@ impl Gateway {
         if pki.ensure_ca()? {
             info!(dir = %pki.dir().display(), "site CA and gateway certificate created");
         }
+        for serial in provision::reconcile_revocations(&store, &pki)? {
+            info!(serial = %serial, "revoked.json completed from the registry");
+        }
         let revoked = pki.shared_revoked()?;
         let tls = Arc::new(pki.server_tls_config(revoked.clone())?);
         info!(
@@ -267,6 +272,8 @@ impl Gateway {
             registry: registry_tx,
             pki: pki.clone(),
             front: front.clone(),
+            store: store.clone(),
+            changes: Default::default(),
         };
         tokio::spawn(admin::serve(
             admin_listener,

@@ -920,3 +920,105 @@ async fn only_well_formed_device_ids_and_a_bounded_number_of_filters() {
     rejected(&gw, "too_many_filters", 2).await;
     gw.shutdown().await.unwrap();
 }
+
+/// Makes a directory refuse new files while it lives: `chattr +i` (root
+/// included), or where that is not possible, `revoked.json` in it replaced
+/// by a directory, so it can be neither read nor replaced.
+struct Unwritable {
+    dir: std::path::PathBuf,
+    immutable: bool,
+}
+
+impl Unwritable {
+    fn new(dir: &Path) -> Unwritable {
+        let immutable = Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !immutable {
+            let list = dir.join("revoked.json");
+            let _ = std::fs::rename(&list, dir.join("revoked.json.kept"));
+            std::fs::create_dir(&list).unwrap();
+        }
+        Unwritable {
+            dir: dir.to_path_buf(),
+            immutable,
+        }
+    }
+}
+
+impl Drop for Unwritable {
+    fn drop(&mut self) {
+        if self.immutable {
+            let _ = Command::new("chattr").arg("-i").arg(&self.dir).status();
+        } else {
+            let list = self.dir.join("revoked.json");
+            let _ = std::fs::remove_dir(&list);
+            let _ = std::fs::rename(self.dir.join("revoked.json.kept"), &list);
+        }
+    }
+}
+
+/// Finding: a revocation changed the registry and the live set before
+/// `revoked.json` was written, with no lock around the file: a failed write
+/// left a revocation that a restart forgot, and of two revocations at once
+/// one could be lost from the file. `revoked.json` is now written first,
+/// durably and under a lock; a failure there changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_is_on_disk_before_it_takes_effect() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let (a, b, c) = ("AABBCCDD0501", "AABBCCDD0502", "AABBCCDD0503");
+    let serials: Vec<String> = [a, b, c]
+        .iter()
+        .map(|m| issue(data.path(), m, out.path()))
+        .collect();
+
+    // Two revocations at once: both persist, in the file and the registry.
+    let runs: Vec<_> = [a, b]
+        .iter()
+        .map(|m| {
+            let (dir, m) = (data.path().to_path_buf(), m.to_string());
+            std::thread::spawn(move || cli(&dir, &["device", "revoke", &m]))
+        })
+        .collect();
+    for r in runs {
+        r.join().unwrap();
+    }
+    let listed = gw.pki.load_revoked().unwrap();
+    for (m, s) in [a, b].iter().zip(&serials) {
+        assert!(listed.contains(s), "{m} {s} not in {listed:?}");
+        assert_eq!(gw.store.device(m).unwrap().unwrap().status, "revoked");
+        assert!(gw.front.is_revoked(s));
+    }
+
+    // revoked.json cannot be written: the revocation fails with an error
+    // naming the file and changes nothing; the device stays connected.
+    let certs = DeviceCerts::load(out.path(), c);
+    let mut d = Device::connect_tls(gw.mqtt_addr, c, false, &certs).await;
+    {
+        let _stuck = Unwritable::new(gw.pki.dir());
+        let o = Command::new(env!("CARGO_BIN_EXE_barngate"))
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["device", "revoke", c])
+            .env("BARNGATE_LOG", "warn")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "revocation reported done");
+        assert!(err.contains("revoked.json"), "{err}");
+        assert_eq!(gw.store.device(c).unwrap().unwrap().status, "active");
+        assert!(!gw.front.is_revoked(&serials[2]));
+        d.hello(0).await;
+        d.expect("capture_image").await;
+    }
+    // Once it can be written, the revocation goes through.
+    cli(data.path(), &["device", "revoke", c]);
+    d.expect_disconnect(WAIT).await;
+    assert!(gw.pki.load_revoked().unwrap().contains(&serials[2]));
+    assert_eq!(gw.store.device(c).unwrap().unwrap().status, "revoked");
+    gw.shutdown().await.unwrap();
+}
