@@ -75,8 +75,11 @@ pub struct MqttConfig {
     pub listen: SocketAddr,
     /// Longest time a device may take to complete the TLS handshake.
     pub handshake_timeout_ms: u64,
-    /// Most TLS handshakes in progress at once (slowloris guard).
+    /// Most TLS handshakes in progress at once on each TLS listener
+    /// (slowloris guard).
     pub max_handshakes: usize,
+    /// Of those, most from one source address.
+    pub max_handshakes_per_ip: usize,
     /// Plaintext MQTT listener (no certificate; the client id is trusted as
     /// the identity). Off unless set; loopback addresses only.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -109,6 +112,7 @@ impl Default for MqttConfig {
             listen: "0.0.0.0:8883".parse().expect("valid default"),
             handshake_timeout_ms: 10_000,
             max_handshakes: 64,
+            max_handshakes_per_ip: 8,
             plain_listen: None,
             password_listen: None,
             max_payload_size: 256 * 1024,
@@ -439,6 +443,9 @@ impl Config {
         if self.mqtt.max_handshakes == 0 {
             return Err(invalid("mqtt.max_handshakes", "must be at least 1"));
         }
+        if self.mqtt.max_handshakes_per_ip == 0 {
+            return Err(invalid("mqtt.max_handshakes_per_ip", "must be at least 1"));
+        }
         if let Some(a) = self.mqtt.plain_listen {
             if !a.ip().is_loopback() {
                 return Err(invalid(
@@ -525,6 +532,8 @@ mod tests {
         assert!(e.to_string().contains("mqtt.plain_listen"), "{e}");
         let c = Config::from_toml("[mqtt]\nplain_listen = \"127.0.0.1:1883\"\n", "x").unwrap();
         assert_eq!(c.mqtt.plain_listen, Some("127.0.0.1:1883".parse().unwrap()));
+        let e = Config::from_toml("[mqtt]\nmax_handshakes_per_ip = 0\n", "x").unwrap_err();
+        assert!(e.to_string().contains("mqtt.max_handshakes_per_ip"), "{e}");
         let e = Config::from_toml("[mqtt]\nmax_filters_per_session = 1\n", "x").unwrap_err();
         assert!(
             e.to_string().contains("mqtt.max_filters_per_session"),

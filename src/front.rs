@@ -60,7 +60,7 @@ use rumqttd::protocol::{
     Error as MqttError, LastWill, Login, Packet, Protocol, QoS, SubAck, SubscribeReasonCode,
 };
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -157,7 +157,11 @@ pub struct FrontConfig {
     /// The broker's per-process secret (CONNECT password).
     pub secret: Arc<str>,
     pub max_connections: usize,
+    /// TLS handshakes in progress at once, per listener (the certificate
+    /// and the password listener each have this many).
     pub max_handshakes: usize,
+    /// Of those, at most this many from one source address.
+    pub max_handshakes_per_ip: usize,
     /// TLS handshake timeout; also the longest wait for the CONNECT packet.
     pub handshake_timeout: Duration,
     /// Largest MQTT packet accepted from a device.
@@ -209,7 +213,7 @@ enum Auth {
 }
 
 /// Which TLS listener accepted a connection.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum TlsMode {
     ClientCertificate,
     Password,
@@ -334,8 +338,14 @@ struct Inner {
     revoked: SharedRevoked,
     sessions: direct::Sessions,
     connections: Arc<Semaphore>,
+    /// Handshake budgets: the certificate listener's and the password
+    /// listener's (which also covers the password check).
     handshakes: Arc<Semaphore>,
-    /// Concurrent argon2 verifications (each takes ~19 MiB and a core).
+    password_handshakes: Arc<Semaphore>,
+    /// Handshakes in progress per listener and source address.
+    handshakes_by_ip: Arc<Mutex<HashMap<(TlsMode, IpAddr), usize>>>,
+    /// Concurrent argon2 verifications (each takes ~19 MiB and a core):
+    /// one core is always left for the devices already connected.
     verifications: Arc<Semaphore>,
     next_id: AtomicU64,
     /// Devices that had a persistent session in the broker since it
@@ -376,12 +386,11 @@ impl Front {
             inner: Arc::new(Inner {
                 connections: Arc::new(Semaphore::new(cfg.max_connections)),
                 handshakes: Arc::new(Semaphore::new(cfg.max_handshakes)),
-                verifications: Arc::new(Semaphore::new(
-                    std::thread::available_parallelism()
-                        .map(|n| n.get())
-                        .unwrap_or(1)
-                        .min(4),
-                )),
+                password_handshakes: Arc::new(Semaphore::new(cfg.max_handshakes)),
+                handshakes_by_ip: Arc::default(),
+                verifications: Arc::new(Semaphore::new(password_checks(
+                    std::thread::available_parallelism().map_or(1, |n| n.get()),
+                ))),
                 cfg,
                 metrics,
                 revoked,
@@ -494,9 +503,7 @@ impl Front {
             let Some((sock, peer, permit)) = self.accept(&listener, &mut shutdown).await else {
                 return;
             };
-            let Ok(hs) = self.inner.handshakes.clone().try_acquire_owned() else {
-                self.refuse("too_many_handshakes");
-                warn!(%peer, max_handshakes = self.inner.cfg.max_handshakes, "connection refused: too many TLS handshakes in progress");
+            let Some(hs) = self.handshake_slot(mode, peer) else {
                 continue;
             };
             let front = self.clone();
@@ -617,6 +624,45 @@ impl Front {
         }
     }
 
+    /// A place among the handshakes in progress on `mode`'s listener, if
+    /// both its budget and the source address's share of it allow.
+    fn handshake_slot(&self, mode: TlsMode, peer: SocketAddr) -> Option<HandshakeSlot> {
+        let cfg = &self.inner.cfg;
+        let budget = match mode {
+            TlsMode::ClientCertificate => &self.inner.handshakes,
+            TlsMode::Password => &self.inner.password_handshakes,
+        };
+        let key = (mode, peer.ip().to_canonical());
+        {
+            let mut by_ip = self
+                .inner
+                .handshakes_by_ip
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let n = by_ip.entry(key).or_insert(0);
+            if *n >= cfg.max_handshakes_per_ip {
+                drop(by_ip);
+                self.refuse("too_many_handshakes_per_ip");
+                warn!(%peer, max_handshakes_per_ip = cfg.max_handshakes_per_ip, "connection refused: too many TLS handshakes in progress from this address");
+                return None;
+            }
+            *n += 1;
+        }
+        let ip = IpSlot {
+            map: self.inner.handshakes_by_ip.clone(),
+            key,
+        };
+        let Ok(permit) = budget.clone().try_acquire_owned() else {
+            self.refuse("too_many_handshakes");
+            warn!(%peer, max_handshakes = cfg.max_handshakes, "connection refused: too many TLS handshakes in progress");
+            return None;
+        };
+        Some(HandshakeSlot {
+            _permit: permit,
+            _ip: ip,
+        })
+    }
+
     fn connection_permit(&self, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
         match self.inner.connections.clone().try_acquire_owned() {
             Ok(p) => Some(p),
@@ -640,7 +686,7 @@ impl Front {
         peer: SocketAddr,
         auth: Auth,
         permit: OwnedSemaphorePermit,
-        handshake: Option<OwnedSemaphorePermit>,
+        handshake: Option<HandshakeSlot>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
@@ -1054,6 +1100,37 @@ impl Front {
             .unwrap_or_else(|p| p.into_inner());
         if s.get(device).is_some_and(|x| x.id == conn_id) {
             s.remove(device);
+        }
+    }
+}
+
+/// Concurrent argon2 password checks on a machine with `cores` cores: all
+/// but one, at least one, at most four (each takes ~19 MiB).
+fn password_checks(cores: usize) -> usize {
+    cores.saturating_sub(1).clamp(1, 4)
+}
+
+/// A handshake in progress: its place in the listener's budget and in its
+/// source address's share, both given back when dropped.
+struct HandshakeSlot {
+    _permit: OwnedSemaphorePermit,
+    _ip: IpSlot,
+}
+
+/// One handshake counted against a source address.
+struct IpSlot {
+    map: Arc<Mutex<HashMap<(TlsMode, IpAddr), usize>>>,
+    key: (TlsMode, IpAddr),
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
         }
     }
 }
@@ -1834,6 +1911,7 @@ mod tests {
             secret: "secret".into(),
             max_connections: 4,
             max_handshakes: 4,
+            max_handshakes_per_ip: 2,
             handshake_timeout: Duration::from_millis(300),
             max_packet_size: 1 << 16,
             passwords: PasswordStore::new(dir.path()),
@@ -1845,6 +1923,39 @@ mod tests {
             dir,
             Front::new(cfg, Arc::default(), SharedRevoked::default()),
         )
+    }
+
+    /// Finding: one source address could take every handshake slot, and
+    /// the password listener shared the certificate listener's budget.
+    #[test]
+    fn handshakes_are_shared_fairly() {
+        let (_dir, front) = front();
+        let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let b: SocketAddr = "[::ffff:127.0.0.2]:1000".parse().unwrap();
+        let cert = TlsMode::ClientCertificate;
+        let a1 = front.handshake_slot(cert, a).unwrap();
+        let _a2 = front.handshake_slot(cert, a).unwrap();
+        assert!(front.handshake_slot(cert, a).is_none(), "a's share is 2");
+        let _b1 = front.handshake_slot(cert, b).unwrap();
+        // The password listener's budget and shares are its own.
+        let _p: Vec<_> = (0..2)
+            .map(|_| front.handshake_slot(TlsMode::Password, a).unwrap())
+            .collect();
+        drop(a1);
+        let _a3 = front.handshake_slot(cert, a).unwrap();
+        // Budget of 4: a (2) and b (2) fill it.
+        let _b2 = front.handshake_slot(cert, b).unwrap();
+        let c: SocketAddr = "127.0.0.3:1".parse().unwrap();
+        assert!(front.handshake_slot(cert, c).is_none(), "budget of 4");
+        assert_eq!(
+            front.inner.metrics.rejected("too_many_handshakes_per_ip"),
+            1
+        );
+        assert_eq!(front.inner.metrics.rejected("too_many_handshakes"), 1);
+        assert_eq!(password_checks(1), 1);
+        assert_eq!(password_checks(2), 1);
+        assert_eq!(password_checks(4), 3);
+        assert_eq!(password_checks(64), 4);
     }
 
     /// Finding: a connection past its TLS handshake but not yet registered

@@ -201,6 +201,7 @@ impl Gateway {
                 secret: secret.into(),
                 max_connections: cfg.mqtt.max_connections,
                 max_handshakes: cfg.mqtt.max_handshakes,
+                max_handshakes_per_ip: cfg.mqtt.max_handshakes_per_ip,
                 handshake_timeout: std::time::Duration::from_millis(cfg.mqtt.handshake_timeout_ms),
                 max_packet_size: cfg.mqtt.max_payload_size,
                 passwords: PasswordStore::new(pki.dir()),

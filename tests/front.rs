@@ -449,6 +449,7 @@ async fn bare_front(local: bool) -> Bare {
             secret: "secret".into(),
             max_connections: 4,
             max_handshakes: 4,
+            max_handshakes_per_ip: 4,
             handshake_timeout: Duration::from_millis(300),
             max_packet_size: 1 << 16,
             passwords: barngate::devpass::PasswordStore::new(dir.path()),

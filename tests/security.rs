@@ -1022,3 +1022,41 @@ async fn a_revocation_is_on_disk_before_it_takes_effect() {
     assert_eq!(gw.store.device(c).unwrap().unwrap().status, "revoked");
     gw.shutdown().await.unwrap();
 }
+
+/// Finding: one host could hold every TLS handshake slot with idle
+/// sockets and lock every device out. Each source address now gets a share
+/// of the handshakes (`mqtt.max_handshakes_per_ip`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_from_one_address_do_not_lock_out_the_others() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let mac = "AABBCCDD0601";
+    issue(data.path(), mac, out.path());
+    // 200 sockets from 127.0.0.1 that never start a handshake.
+    let idle = futures_idle(gw.mqtt_addr, 200).await;
+    let m = gw.metrics.clone();
+    eventually(WAIT, "the idle sockets accepted", || {
+        m.rejected("too_many_handshakes_per_ip") + m.rejected("too_many_handshakes") >= 136
+    })
+    .await;
+    // A device from another address is still served at once.
+    let r = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &gw.mqtt_addr.port().to_string()])
+        .args(["-A", "127.0.0.2"])
+        .args(["-i", mac, "-t", &format!("ESP32CAM/{mac}/status")])
+        .args(["-m", &hello(mac), "-q", "1"])
+        .arg("--cafile")
+        .arg(gw.pki.ca_cert_path())
+        .arg("--cert")
+        .arg(out.path().join(format!("{mac}.crt.pem")))
+        .arg("--key")
+        .arg(out.path().join(format!("{mac}.key.pem")))
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(gw.metrics.rejected("too_many_handshakes"), 0);
+    rejected(&gw, "too_many_handshakes_per_ip", 192).await;
+    drop(idle);
+    gw.shutdown().await.unwrap();
+}
