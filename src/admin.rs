@@ -204,17 +204,33 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 
 /// Binds the admin socket with 0600 permissions, replacing a stale one.
 pub fn bind(data_dir: &Path) -> Result<UnixListener, AdminError> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let path = socket_path(data_dir);
     let err = |source| AdminError::Socket {
         path: path.display().to_string(),
         source,
     };
-    let _ = std::fs::remove_file(&path);
-    // Restrictive umask window: the socket is never world-accessible.
-    let listener = UnixListener::bind(&path).map_err(err)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(listener)
+    // Bound inside a new directory only the owner can enter, made 0600
+    // there, then moved into place: the socket is never reachable by
+    // anyone else, whatever the process umask (which is process-wide, so
+    // not changed here).
+    let private = data_dir.join(format!(".admin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(err)?;
+    let staged = private.join(SOCKET_NAME);
+    let placed = UnixListener::bind(&staged)
+        .and_then(|l| {
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+            let _ = std::fs::remove_file(&path);
+            std::fs::rename(&staged, &path)?;
+            Ok(l)
+        })
+        .map_err(err);
+    let _ = std::fs::remove_dir_all(&private);
+    placed
 }
 
 /// Serves requests, one JSON line in, one JSON line out, until shutdown.
@@ -306,5 +322,34 @@ pub async fn remote(
         Err(AdminError::Remote(
             v["error"].as_str().unwrap_or("unknown error").to_string(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Finding: the socket was bound with the process umask and made 0600
+    /// only afterwards, so for a moment anyone could connect. It is now
+    /// bound in a directory only the owner can enter and moved into place
+    /// at 0600; what is checked here is where it ends up and that the
+    /// staging directory is gone.
+    #[tokio::test]
+    async fn the_admin_socket_is_only_the_owners() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..2 {
+            let listener = bind(dir.path()).unwrap();
+            let path = socket_path(dir.path());
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+            let names: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, [SOCKET_NAME]);
+            let (_c, accepted) = tokio::join!(UnixStream::connect(&path), listener.accept());
+            accepted.unwrap();
+        }
     }
 }

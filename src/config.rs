@@ -75,8 +75,11 @@ pub struct MqttConfig {
     pub listen: SocketAddr,
     /// Longest time a device may take to complete the TLS handshake.
     pub handshake_timeout_ms: u64,
-    /// Most TLS handshakes in progress at once (slowloris guard).
+    /// Most TLS handshakes in progress at once on each TLS listener
+    /// (slowloris guard).
     pub max_handshakes: usize,
+    /// Of those, most from one source address.
+    pub max_handshakes_per_ip: usize,
     /// Plaintext MQTT listener (no certificate; the client id is trusted as
     /// the identity). Off unless set; loopback addresses only.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -96,6 +99,11 @@ pub struct MqttConfig {
     /// A device's clean session stays in the front (no connection into the
     /// embedded broker); `false` sends every session through the broker.
     pub local_sessions: bool,
+    /// Most topic filters in one SUBSCRIBE; more close the connection.
+    pub max_filters_per_subscribe: usize,
+    /// Most distinct topic filters one connection subscribes to (an
+    /// UNSUBSCRIBE gives none back); more close the connection.
+    pub max_filters_per_session: usize,
 }
 
 impl Default for MqttConfig {
@@ -104,6 +112,7 @@ impl Default for MqttConfig {
             listen: "0.0.0.0:8883".parse().expect("valid default"),
             handshake_timeout_ms: 10_000,
             max_handshakes: 64,
+            max_handshakes_per_ip: 8,
             plain_listen: None,
             password_listen: None,
             max_payload_size: 256 * 1024,
@@ -111,6 +120,8 @@ impl Default for MqttConfig {
             segment_size: 4 * 1024 * 1024,
             segment_count: 4,
             local_sessions: true,
+            max_filters_per_subscribe: 8,
+            max_filters_per_session: 16,
         }
     }
 }
@@ -476,6 +487,9 @@ impl Config {
         if self.mqtt.max_handshakes == 0 {
             return Err(invalid("mqtt.max_handshakes", "must be at least 1"));
         }
+        if self.mqtt.max_handshakes_per_ip == 0 {
+            return Err(invalid("mqtt.max_handshakes_per_ip", "must be at least 1"));
+        }
         if let Some(a) = self.mqtt.plain_listen {
             if !a.ip().is_loopback() {
                 return Err(invalid(
@@ -491,6 +505,18 @@ impl Config {
                     format!("{a} uses the port of mqtt.listen"),
                 ));
             }
+        }
+        if self.mqtt.max_filters_per_subscribe == 0 {
+            return Err(invalid(
+                "mqtt.max_filters_per_subscribe",
+                "must be at least 1",
+            ));
+        }
+        if self.mqtt.max_filters_per_session < 2 {
+            return Err(invalid(
+                "mqtt.max_filters_per_session",
+                "must be at least 2 (a device subscribes to its cmd and ack topics)",
+            ));
         }
         if self.mqtt.max_payload_size < 1024 {
             return Err(invalid("mqtt.max_payload_size", "must be at least 1024"));
@@ -550,6 +576,18 @@ mod tests {
         assert!(e.to_string().contains("mqtt.plain_listen"), "{e}");
         let c = Config::from_toml("[mqtt]\nplain_listen = \"127.0.0.1:1883\"\n", "x").unwrap();
         assert_eq!(c.mqtt.plain_listen, Some("127.0.0.1:1883".parse().unwrap()));
+        let e = Config::from_toml("[mqtt]\nmax_handshakes_per_ip = 0\n", "x").unwrap_err();
+        assert!(e.to_string().contains("mqtt.max_handshakes_per_ip"), "{e}");
+        let e = Config::from_toml("[mqtt]\nmax_filters_per_session = 1\n", "x").unwrap_err();
+        assert!(
+            e.to_string().contains("mqtt.max_filters_per_session"),
+            "{e}"
+        );
+        let e = Config::from_toml("[mqtt]\nmax_filters_per_subscribe = 0\n", "x").unwrap_err();
+        assert!(
+            e.to_string().contains("mqtt.max_filters_per_subscribe"),
+            "{e}"
+        );
         let e = Config::from_toml("[ingest]\nbogus = 1\n", "x").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = Config::from_toml("[ingest]\nretry_limit = \"three\"\n", "x").unwrap_err();

@@ -60,7 +60,7 @@ use rumqttd::protocol::{
     Error as MqttError, LastWill, Login, Packet, Protocol, QoS, SubAck, SubscribeReasonCode,
 };
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -157,7 +157,11 @@ pub struct FrontConfig {
     /// The broker's per-process secret (CONNECT password).
     pub secret: Arc<str>,
     pub max_connections: usize,
+    /// TLS handshakes in progress at once, per listener (the certificate
+    /// and the password listener each have this many).
     pub max_handshakes: usize,
+    /// Of those, at most this many from one source address.
+    pub max_handshakes_per_ip: usize,
     /// TLS handshake timeout; also the longest wait for the CONNECT packet.
     pub handshake_timeout: Duration,
     /// Largest MQTT packet accepted from a device.
@@ -168,6 +172,11 @@ pub struct FrontConfig {
     /// PINGREQ and QoS 2 itself and hands a will to the ingest, with no
     /// broker connection behind the device (`mqtt.local_sessions`).
     pub local_sessions: bool,
+    /// Most topic filters in one SUBSCRIBE (`mqtt.max_filters_per_subscribe`).
+    pub max_filters_per_subscribe: usize,
+    /// Most distinct topic filters one connection subscribes to
+    /// (`mqtt.max_filters_per_session`).
+    pub max_filters_per_session: usize,
 }
 
 /// A device's CONNECT, checked.
@@ -204,7 +213,7 @@ enum Auth {
 }
 
 /// Which TLS listener accepted a connection.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum TlsMode {
     ClientCertificate,
     Password,
@@ -245,6 +254,13 @@ enum Violation {
     KeepAlive {
         secs: u16,
     },
+    /// A SUBSCRIBE with more filters than one may carry, or one that takes
+    /// the session past its distinct filters.
+    TooManyFilters {
+        count: usize,
+        max: usize,
+        per: &'static str,
+    },
     /// The broker did not acknowledge the CONNECT or a SUBSCRIBE in time.
     BrokerTimeout,
     /// Not a violation: the connection broke.
@@ -263,6 +279,7 @@ impl Violation {
             Violation::Subscribe { .. } => "subscribe_not_allowed",
             Violation::Malformed(_) => "malformed_mqtt",
             Violation::KeepAlive { .. } => "keepalive_timeout",
+            Violation::TooManyFilters { .. } => "too_many_filters",
             Violation::BrokerTimeout => "broker_timeout",
             Violation::Io(_) => "connection_error",
         }
@@ -290,6 +307,12 @@ impl std::fmt::Display for Violation {
             Violation::KeepAlive { secs } => {
                 write!(f, "no packet within 1.5 × the keep-alive of {secs} s")
             }
+            Violation::TooManyFilters { count, max, per } => {
+                write!(
+                    f,
+                    "{count} topic filters in one {per}, at most {max} allowed"
+                )
+            }
             Violation::BrokerTimeout => {
                 write!(
                     f,
@@ -315,8 +338,14 @@ struct Inner {
     revoked: SharedRevoked,
     sessions: direct::Sessions,
     connections: Arc<Semaphore>,
+    /// Handshake budgets: the certificate listener's and the password
+    /// listener's (which also covers the password check).
     handshakes: Arc<Semaphore>,
-    /// Concurrent argon2 verifications (each takes ~19 MiB and a core).
+    password_handshakes: Arc<Semaphore>,
+    /// Handshakes in progress per listener and source address.
+    handshakes_by_ip: Arc<Mutex<HashMap<(TlsMode, IpAddr), usize>>>,
+    /// Concurrent argon2 verifications (each takes ~19 MiB and a core):
+    /// one core is always left for the devices already connected.
     verifications: Arc<Semaphore>,
     next_id: AtomicU64,
     /// Devices that had a persistent session in the broker since it
@@ -357,12 +386,11 @@ impl Front {
             inner: Arc::new(Inner {
                 connections: Arc::new(Semaphore::new(cfg.max_connections)),
                 handshakes: Arc::new(Semaphore::new(cfg.max_handshakes)),
-                verifications: Arc::new(Semaphore::new(
-                    std::thread::available_parallelism()
-                        .map(|n| n.get())
-                        .unwrap_or(1)
-                        .min(4),
-                )),
+                password_handshakes: Arc::new(Semaphore::new(cfg.max_handshakes)),
+                handshakes_by_ip: Arc::default(),
+                verifications: Arc::new(Semaphore::new(password_checks(
+                    std::thread::available_parallelism().map_or(1, |n| n.get()),
+                ))),
                 cfg,
                 metrics,
                 revoked,
@@ -393,8 +421,10 @@ impl Front {
         v
     }
 
-    /// Adds serials to the live revocation set (new handshakes fail) and
-    /// closes the open sessions made with them. Returns the devices closed.
+    /// Adds serials to the live revocation set (new handshakes fail), then
+    /// closes the open sessions made with them under the sessions lock (a
+    /// session registering checks the set under that lock: `take_over`).
+    /// Returns the devices closed.
     pub fn revoke(&self, serials: &[String]) -> Vec<String> {
         {
             let mut set = self
@@ -473,9 +503,7 @@ impl Front {
             let Some((sock, peer, permit)) = self.accept(&listener, &mut shutdown).await else {
                 return;
             };
-            let Ok(hs) = self.inner.handshakes.clone().try_acquire_owned() else {
-                self.refuse("too_many_handshakes");
-                warn!(%peer, max_handshakes = self.inner.cfg.max_handshakes, "connection refused: too many TLS handshakes in progress");
+            let Some(hs) = self.handshake_slot(mode, peer) else {
                 continue;
             };
             let front = self.clone();
@@ -533,6 +561,14 @@ impl Front {
                         return;
                     }
                 };
+                // The verifier checked the serial during a full handshake;
+                // this check holds for any handshake, a resumed one included
+                // (rustls does not verify a resumed session's certificate).
+                if front.is_revoked(&id.serial_hex) {
+                    front.refuse("tls_revoked");
+                    warn!(%peer, device = %id.mac, serial = %id.serial_hex, "TLS connection refused: certificate revoked");
+                    return;
+                }
                 debug!(%peer, device = %id.mac, serial = %id.serial_hex, "TLS handshake complete");
                 let id = Identity {
                     mac: id.mac,
@@ -588,6 +624,45 @@ impl Front {
         }
     }
 
+    /// A place among the handshakes in progress on `mode`'s listener, if
+    /// both its budget and the source address's share of it allow.
+    fn handshake_slot(&self, mode: TlsMode, peer: SocketAddr) -> Option<HandshakeSlot> {
+        let cfg = &self.inner.cfg;
+        let budget = match mode {
+            TlsMode::ClientCertificate => &self.inner.handshakes,
+            TlsMode::Password => &self.inner.password_handshakes,
+        };
+        let key = (mode, peer.ip().to_canonical());
+        {
+            let mut by_ip = self
+                .inner
+                .handshakes_by_ip
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let n = by_ip.entry(key).or_insert(0);
+            if *n >= cfg.max_handshakes_per_ip {
+                drop(by_ip);
+                self.refuse("too_many_handshakes_per_ip");
+                warn!(%peer, max_handshakes_per_ip = cfg.max_handshakes_per_ip, "connection refused: too many TLS handshakes in progress from this address");
+                return None;
+            }
+            *n += 1;
+        }
+        let ip = IpSlot {
+            map: self.inner.handshakes_by_ip.clone(),
+            key,
+        };
+        let Ok(permit) = budget.clone().try_acquire_owned() else {
+            self.refuse("too_many_handshakes");
+            warn!(%peer, max_handshakes = cfg.max_handshakes, "connection refused: too many TLS handshakes in progress");
+            return None;
+        };
+        Some(HandshakeSlot {
+            _permit: permit,
+            _ip: ip,
+        })
+    }
+
     fn connection_permit(&self, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
         match self.inner.connections.clone().try_acquire_owned() {
             Ok(p) => Some(p),
@@ -611,7 +686,7 @@ impl Front {
         peer: SocketAddr,
         auth: Auth,
         permit: OwnedSemaphorePermit,
-        handshake: Option<OwnedSemaphorePermit>,
+        handshake: Option<HandshakeSlot>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
@@ -705,8 +780,25 @@ impl Front {
         // A persistent session keeps the broker path: rumqttd resends its
         // unacknowledged QoS 1 messages when the device comes back.
         let direct = clean.then(|| Arc::new(direct::Direct::new(local)));
-        self.take_over(&device, conn_id, ident.as_ref(), kill_tx, direct.clone())
-            .await;
+        if !self
+            .take_over(&device, conn_id, ident.as_ref(), kill_tx, direct.clone())
+            .await
+        {
+            // Revoked after the credentials were checked, before the session
+            // was registered: `Front::revoke` could not see it.
+            let reason = if password {
+                "password_revoked"
+            } else {
+                "tls_revoked"
+            };
+            self.refuse(reason);
+            warn!(%peer, device = %device, reason, "connection refused: credentials revoked before the session started");
+            let _ = dev_w
+                .write_all(&[CONNACK << 4, 0x02, 0x00, CONNACK_NOT_AUTHORIZED])
+                .await;
+            let _ = dev_w.shutdown().await;
+            return;
+        }
 
         let disconnected = AtomicBool::new(false);
         let replies = Replies::default();
@@ -735,6 +827,8 @@ impl Front {
                 max_packet: cfg.max_packet_size,
                 keep_alive,
                 ack_wait: cfg.handshake_timeout,
+                max_filters_per_subscribe: cfg.max_filters_per_subscribe,
+                max_filters_per_session: cfg.max_filters_per_session,
                 ingest: &cfg.ingest,
                 direct: direct.as_deref(),
                 disconnected: &disconnected,
@@ -966,6 +1060,11 @@ impl Front {
     }
 
     /// Registers the session of `device`, closing an older one first.
+    /// Returns `false`, registering nothing, when the identity's serial is
+    /// revoked. The check runs under the sessions lock, which
+    /// [`Front::revoke`] takes after adding to the revocation set: a
+    /// revocation either finds the session registered (and closes it) or is
+    /// in the set this check reads.
     async fn take_over(
         &self,
         device: &str,
@@ -973,13 +1072,16 @@ impl Front {
         ident: Option<&Identity>,
         kill: watch::Sender<bool>,
         direct: Option<Arc<direct::Direct>>,
-    ) {
+    ) -> bool {
         let old = {
             let mut s = self
                 .inner
                 .sessions
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
+            if ident.is_some_and(|i| self.is_revoked(&i.serial)) {
+                return false;
+            }
             s.insert(
                 device.to_string(),
                 Session {
@@ -996,6 +1098,7 @@ impl Front {
             // Resolves once the old session task has dropped its receiver.
             let _ = tokio::time::timeout(TAKEOVER_WAIT, old.kill.closed()).await;
         }
+        true
     }
 
     /// Forgets the session if it is still the device's current one (true).
@@ -1010,6 +1113,37 @@ impl Front {
             true
         } else {
             false
+        }
+    }
+}
+
+/// Concurrent argon2 password checks on a machine with `cores` cores: all
+/// but one, at least one, at most four (each takes ~19 MiB).
+fn password_checks(cores: usize) -> usize {
+    cores.saturating_sub(1).clamp(1, 4)
+}
+
+/// A handshake in progress: its place in the listener's budget and in its
+/// source address's share, both given back when dropped.
+struct HandshakeSlot {
+    _permit: OwnedSemaphorePermit,
+    _ip: IpSlot,
+}
+
+/// One handshake counted against a source address.
+struct IpSlot {
+    map: Arc<Mutex<HashMap<(TlsMode, IpAddr), usize>>>,
+    key: (TlsMode, IpAddr),
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
         }
     }
 }
@@ -1355,6 +1489,8 @@ struct Uplink<'a> {
     keep_alive: u16,
     /// Longest wait for the broker's CONNACK/SUBACK.
     ack_wait: Duration,
+    max_filters_per_subscribe: usize,
+    max_filters_per_session: usize,
     ingest: &'a flume::Sender<Inbound>,
     /// The session's direct downlink, whose subscriptions it keeps.
     direct: Option<&'a direct::Direct>,
@@ -1377,6 +1513,37 @@ enum Upstream<'a, W> {
 }
 
 impl Uplink<'_> {
+    /// Counts a SUBSCRIBE's filters against the limits. `seen` is every
+    /// distinct filter the connection has subscribed to: an UNSUBSCRIBE
+    /// gives none back (the broker never frees a filter's memory, and a
+    /// device needs two).
+    fn count_filters(
+        &self,
+        seen: &mut HashSet<String>,
+        filters: &[(String, QoS)],
+    ) -> Result<(), Violation> {
+        if filters.len() > self.max_filters_per_subscribe {
+            return Err(Violation::TooManyFilters {
+                count: filters.len(),
+                max: self.max_filters_per_subscribe,
+                per: "SUBSCRIBE",
+            });
+        }
+        for (f, _) in filters {
+            if !seen.contains(f) {
+                if seen.len() == self.max_filters_per_session {
+                    return Err(Violation::TooManyFilters {
+                        count: seen.len() + 1,
+                        max: self.max_filters_per_session,
+                        per: "session",
+                    });
+                }
+                seen.insert(f.clone());
+            }
+        }
+        Ok(())
+    }
+
     /// Reads the device's packets until it closes: checks each, hands
     /// publishes to the ingest and forwards the rest to the broker (or, in
     /// a local session, answers them).
@@ -1411,6 +1578,8 @@ impl Uplink<'_> {
         // A set, not a list: a device that never releases could otherwise
         // make every publish scan up to 65,535 ids.
         let mut unreleased: HashSet<u16> = HashSet::new();
+        // Every distinct topic filter subscribed to (`count_filters`).
+        let mut filters_seen: HashSet<String> = HashSet::new();
         // The topic of the session's chunks, shared by all of them.
         let mut topic = Bytes::new();
         // A pass's replies, encoded, go to the downlink together once the
@@ -1459,7 +1628,15 @@ impl Uplink<'_> {
                         }
                     },
                 };
-                match route(frame, self.device, self.max_packet, local, &mut topic) {
+                let routed = route(frame, self.device, self.max_packet, local, &mut topic)
+                    .and_then(|r| match &r {
+                        Route::Control {
+                            control: Control::Subscribe { filters, .. },
+                            ..
+                        } => self.count_filters(&mut filters_seen, filters).map(|()| r),
+                        _ => Ok(r),
+                    });
+                match routed {
                     Ok(Route::Control { frame, control }) if !local => {
                         awaited += u64::from(matches!(control, Control::Subscribe { .. }));
                         match (self.direct, control) {
@@ -1738,6 +1915,97 @@ fn check_packet(frame: &BytesMut, device: &str, max: usize) -> Result<Control, V
 mod tests {
     use super::*;
 
+    fn front() -> (tempfile::TempDir, Front) {
+        let dir = tempfile::tempdir().unwrap();
+        let (ingest, _) = flume::bounded(1);
+        let cfg = FrontConfig {
+            upstream: "127.0.0.1:9".parse().unwrap(),
+            ingest,
+            secret: "secret".into(),
+            max_connections: 4,
+            max_handshakes: 4,
+            max_handshakes_per_ip: 2,
+            handshake_timeout: Duration::from_millis(300),
+            max_packet_size: 1 << 16,
+            passwords: PasswordStore::new(dir.path()),
+            local_sessions: true,
+            max_filters_per_subscribe: 8,
+            max_filters_per_session: 16,
+        };
+        (
+            dir,
+            Front::new(cfg, Arc::default(), SharedRevoked::default()),
+        )
+    }
+
+    /// Finding: one source address could take every handshake slot, and
+    /// the password listener shared the certificate listener's budget.
+    #[test]
+    fn handshakes_are_shared_fairly() {
+        let (_dir, front) = front();
+        let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let b: SocketAddr = "[::ffff:127.0.0.2]:1000".parse().unwrap();
+        let cert = TlsMode::ClientCertificate;
+        let a1 = front.handshake_slot(cert, a).unwrap();
+        let _a2 = front.handshake_slot(cert, a).unwrap();
+        assert!(front.handshake_slot(cert, a).is_none(), "a's share is 2");
+        let _b1 = front.handshake_slot(cert, b).unwrap();
+        // The password listener's budget and shares are its own.
+        let _p: Vec<_> = (0..2)
+            .map(|_| front.handshake_slot(TlsMode::Password, a).unwrap())
+            .collect();
+        drop(a1);
+        let _a3 = front.handshake_slot(cert, a).unwrap();
+        // Budget of 4: a (2) and b (2) fill it.
+        let _b2 = front.handshake_slot(cert, b).unwrap();
+        let c: SocketAddr = "127.0.0.3:1".parse().unwrap();
+        assert!(front.handshake_slot(cert, c).is_none(), "budget of 4");
+        assert_eq!(
+            front.inner.metrics.rejected("too_many_handshakes_per_ip"),
+            1
+        );
+        assert_eq!(front.inner.metrics.rejected("too_many_handshakes"), 1);
+        assert_eq!(password_checks(1), 1);
+        assert_eq!(password_checks(2), 1);
+        assert_eq!(password_checks(4), 3);
+        assert_eq!(password_checks(64), 4);
+    }
+
+    /// Finding: a connection past its TLS handshake but not yet registered
+    /// was not closed by a revocation. Registering checks the revocation
+    /// set under the lock `Front::revoke` closes sessions under.
+    #[tokio::test]
+    async fn a_revocation_before_the_session_registers_is_not_missed() {
+        let (_dir, front) = front();
+        let mac = "AABBCCDDEEFF";
+        let ident = |serial: &str| Identity {
+            mac: mac.into(),
+            serial: serial.into(),
+            via: "certificate",
+        };
+        // The handshake is done; the revocation comes before the CONNECT.
+        assert!(front.revoke(&["0a".into()]).is_empty(), "nothing open yet");
+        let (kill, killed) = watch::channel(false);
+        assert!(
+            !front
+                .take_over(mac, 1, Some(&ident("0a")), kill, None)
+                .await
+        );
+        assert!(front.connected().is_empty());
+        assert!(!*killed.borrow());
+        // A certificate that is not revoked registers; a revocation after
+        // that closes it.
+        let (kill, mut killed) = watch::channel(false);
+        assert!(
+            front
+                .take_over(mac, 2, Some(&ident("0b")), kill, None)
+                .await
+        );
+        assert_eq!(front.connected(), [mac]);
+        assert_eq!(front.revoke(&["0b".into()]), [mac]);
+        assert!(*killed.borrow_and_update());
+    }
+
     /// rustls' 4 KiB reads through the read-ahead get every byte in order,
     /// and the buffer is gone once the socket has nothing more.
     #[tokio::test]
@@ -1800,6 +2068,8 @@ mod tests {
             max_packet: 1 << 20,
             keep_alive: 0,
             ack_wait: Duration::from_secs(5),
+            max_filters_per_subscribe: 8,
+            max_filters_per_session: 16,
             ingest: &ingest,
             direct: None,
             disconnected: &AtomicBool::new(false),

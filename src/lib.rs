@@ -9,6 +9,7 @@ pub mod config;
 pub mod devpass;
 pub mod front;
 pub mod http;
+pub mod ident;
 pub mod ingest;
 pub mod metrics;
 pub mod pki;

@@ -131,39 +131,13 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 // ---------------------------------------------------------------------------
 // identities
 
-/// Normalises a MAC address to the device id form: 12 upper-case hex digits
-/// (`B8F862F9CFB8`). Accepts that form in any case, and six pairs separated by
-/// `:` or `-` (`b8:f8:62:f9:cf:b8`, `B8-F8-62-F9-CF-B8`); surrounding
-/// whitespace is ignored. Everything else is rejected.
+/// Normalises a MAC address to the device id form (12 upper-case hex
+/// digits): [`crate::ident::normalize`], with its error as a [`PkiError`].
 pub fn normalize_mac(s: &str) -> Result<String, PkiError> {
-    let t = s.trim();
-    let err = |reason| PkiError::InvalidMac {
-        input: s.to_string(),
-        reason,
-    };
-    let hex = match t.len() {
-        12 => t.to_string(),
-        17 => {
-            let sep = t.as_bytes()[2];
-            if sep != b':' && sep != b'-' {
-                return Err(err("pairs must be separated by ':' or '-'"));
-            }
-            let parts: Vec<&str> = t.split(sep as char).collect();
-            if parts.len() != 6 || parts.iter().any(|p| p.len() != 2) {
-                return Err(err("expected six 2-digit pairs with one kind of separator"));
-            }
-            parts.concat()
-        }
-        _ => {
-            return Err(err(
-                "expected 12 hex digits, optionally as six pairs separated by ':' or '-'",
-            ))
-        }
-    };
-    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(err("contains a character that is not a hex digit"));
-    }
-    Ok(hex.to_ascii_uppercase())
+    crate::ident::normalize(s).map_err(|e| PkiError::InvalidMac {
+        input: e.input,
+        reason: e.reason,
+    })
 }
 
 /// Normalises a certificate serial number to lower-case hex without leading
@@ -696,7 +670,7 @@ impl Pki {
     }
 
     /// Adds a serial to `revoked.json`. Returns `false` when it was already
-    /// revoked. The file is replaced atomically.
+    /// revoked. See [`Pki::revoke_serials_at`].
     pub fn revoke_serial(&self, mac: &str, serial_hex: &str) -> Result<bool, PkiError> {
         self.revoke_serial_at(mac, serial_hex, Utc::now())
     }
@@ -708,26 +682,55 @@ impl Pki {
         serial_hex: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, PkiError> {
+        let added = self.revoke_serials_at(mac, &[serial_hex.to_string()], now)?;
+        Ok(!added.is_empty())
+    }
+
+    /// Adds serials of `mac`'s certificates to `revoked.json` and returns
+    /// those that were not there yet (normalised). The file is read,
+    /// changed and replaced (a new file, synced, renamed over the old one,
+    /// the directory synced) under an exclusive lock on the certificate
+    /// directory, so concurrent revocations, in this process or another,
+    /// all persist. Returns only once the change is on disk.
+    pub fn revoke_serials_at(
+        &self,
+        mac: &str,
+        serials: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>, PkiError> {
         let mac = normalize_mac(mac)?;
-        let serial = normalize_serial(serial_hex)?;
+        let serials = serials
+            .iter()
+            .map(|s| normalize_serial(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        create_private_dir(&self.dir)?;
+        let _lock = DirLock::exclusive(&self.dir)?;
         let mut list = self.revocation_list()?;
-        for entry in &list.revoked {
-            if normalize_serial(&entry.serial).ok().as_deref() == Some(serial.as_str()) {
-                return Ok(false);
+        let mut have: HashSet<String> = list
+            .revoked
+            .iter()
+            .filter_map(|e| normalize_serial(&e.serial).ok())
+            .collect();
+        let mut added = Vec::new();
+        for serial in serials {
+            if have.insert(serial.clone()) {
+                list.revoked.push(RevokedCert {
+                    serial: serial.clone(),
+                    mac: mac.clone(),
+                    revoked_at: now,
+                });
+                added.push(serial);
             }
         }
-        list.revoked.push(RevokedCert {
-            serial,
-            mac,
-            revoked_at: now,
-        });
+        if added.is_empty() {
+            return Ok(added);
+        }
         let json = serde_json::to_vec_pretty(&list).map_err(|source| PkiError::RevocationList {
             path: self.revoked_path(),
             source,
         })?;
-        create_private_dir(&self.dir)?;
         write_atomic(&self.revoked_path(), &json, PUBLIC_MODE)?;
-        Ok(true)
+        Ok(added)
     }
 
     /// The revoked serials, normalised ([`normalize_serial`]).
@@ -751,8 +754,10 @@ impl Pki {
     /// site CA. Handshakes from certificates whose serial is in `revoked` are
     /// refused as well (checked at handshake time, so updating the set takes
     /// effect without rebuilding); callers should still check the device
-    /// registry with [`peer_identity`] afterwards. Reads the files on every
-    /// call, so call it again to pick up a new server certificate.
+    /// registry with [`peer_identity`] afterwards. Every handshake is a full
+    /// one (no session resumption), so every connection's certificate is
+    /// verified. Reads the files on every call, so call it again to pick up
+    /// a new server certificate.
     pub fn server_tls_config(
         &self,
         revoked: SharedRevoked,
@@ -788,6 +793,14 @@ impl Pki {
             .with_single_cert(chain, key)
             .map_err(|e| PkiError::Tls(e.to_string()))?;
         config.ignore_client_order = true;
+        // No session resumption: rustls does not verify the client
+        // certificate of a resumed session again, so a kept TLS 1.2 session
+        // id or TLS 1.3 ticket would outlive a revocation or rotation. No
+        // session cache (TLS 1.2 ids, TLS 1.3 stateful tickets), no TLS 1.3
+        // tickets sent, and rustls' default ticketer, which never issues
+        // stateless tickets (a test checks it).
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok(config)
     }
 
@@ -1099,6 +1112,34 @@ fn detect_server_names() -> (Vec<String>, Vec<IpAddr>) {
     (hostnames, ips)
 }
 
+/// An exclusive `flock` on a directory, released when dropped (the file
+/// closes). Serialises the read-change-write of a file in it between
+/// threads (each takes its own open file) and processes.
+struct DirLock {
+    _file: fs::File,
+}
+
+impl DirLock {
+    fn exclusive(dir: &Path) -> Result<DirLock, PkiError> {
+        let file = fs::File::open(dir).map_err(io_err(dir))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::io::AsRawFd;
+            loop {
+                // SAFETY: flock on a descriptor this function owns.
+                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                    break;
+                }
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(io_err(dir)(e));
+                }
+            }
+        }
+        Ok(DirLock { _file: file })
+    }
+}
+
 pub(crate) fn create_private_dir(dir: &Path) -> Result<(), PkiError> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
@@ -1320,7 +1361,6 @@ mod tests {
             "b8f862f9cfb8",
             "b8:f8:62:f9:cf:b8",
             "B8-F8-62-F9-CF-B8",
-            " B8:F8:62:F9:CF:B8\n",
         ] {
             assert_eq!(normalize_mac(s).unwrap(), "B8F862F9CFB8", "{s:?}");
         }
@@ -1340,6 +1380,7 @@ mod tests {
             "B8 F8 62 F9 CF B8",
             "ESP32CAM/B8F862F9CFB8",
             "B8F862F9CFé",
+            " B8:F8:62:F9:CF:B8\n",
         ] {
             let err = normalize_mac(s).unwrap_err();
             assert!(matches!(err, PkiError::InvalidMac { .. }), "{s:?}");
@@ -1881,6 +1922,53 @@ mod tests {
         let cert = fs::read_to_string(&new.paths.cert).unwrap();
         let key = fs::read_to_string(&new.paths.key).unwrap();
         handshake(client_config(&ca_pem, Some((&cert, &key)), false), server).unwrap();
+    }
+
+    /// Finding: `revoked.json` was read, changed and replaced with no lock,
+    /// so of two revocations at once one could be lost.
+    #[test]
+    fn concurrent_revocations_all_persist() {
+        let (_tmp, pki) = new_pki();
+        let threads: Vec<_> = (0..16u8)
+            .map(|i| {
+                let pki = pki.clone();
+                std::thread::spawn(move || {
+                    let mac = format!("B8F862F9CF{i:02X}");
+                    assert!(pki.revoke_serial(&mac, &format!("{:02x}", i + 1)).unwrap());
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let set = pki.load_revoked().unwrap();
+        assert_eq!(set.len(), 16, "{set:?}");
+        // One write for several serials; those already listed are skipped.
+        let added = pki
+            .revoke_serials_at(
+                "B8F862F9CF00",
+                &["01".into(), "0x11".into(), "12".into()],
+                t0(),
+            )
+            .unwrap();
+        assert_eq!(added, ["11", "12"]);
+        assert_eq!(pki.load_revoked().unwrap().len(), 18);
+    }
+
+    /// Resumption would skip the client certificate check: the device
+    /// listener's config keeps no sessions and issues no tickets.
+    #[test]
+    fn the_device_listener_offers_no_session_resumption() {
+        let (_tmp, pki, ..) = site_with_device();
+        let config = pki
+            .server_tls_config(pki.shared_revoked().unwrap())
+            .unwrap();
+        assert!(!config.ticketer.enabled(), "stateless tickets");
+        assert_eq!(config.send_tls13_tickets, 0);
+        assert!(!config.session_storage.can_cache(), "session cache");
+        let id = vec![1u8; 32];
+        assert!(!config.session_storage.put(id.clone(), vec![2u8; 8]));
+        assert!(config.session_storage.get(&id).is_none());
     }
 
     #[test]

@@ -166,51 +166,10 @@ pub fn topic(dialect: Dialect, wire_id: &str, channel: Channel) -> String {
     format!("{}/{}/{}", dialect.prefix(), wire_id, channel.as_str())
 }
 
-/// Normalises a MAC-style device id: `B8F862F9CFB8`, lower case, and `:`/`-`
-/// separated forms all become `B8F862F9CFB8`.
-pub fn normalize_mac(s: &str) -> Result<String, ProtocolError> {
-    // Collected on the stack: every message's topic is normalised, twice.
-    let mut hex = [0u8; 12];
-    let mut n = 0;
-    for b in s.trim().bytes().filter(|b| *b != b':' && *b != b'-') {
-        if n == hex.len() || !b.is_ascii_hexdigit() {
-            n = usize::MAX;
-            break;
-        }
-        hex[n] = b.to_ascii_uppercase();
-        n += 1;
-    }
-    match std::str::from_utf8(&hex) {
-        Ok(mac) if n == hex.len() => Ok(mac.to_string()),
-        _ => Err(invalid(
-            "device_id",
-            format!(
-                "{:?} is not a MAC address (12 hex digits, optionally ':'-separated)",
-                truncate(s, 40)
-            ),
-        )),
-    }
-}
-
-/// Like [`normalize_mac`] for device ids that are not MACs (bench-rig names,
-/// `esp32-cam-01`): a MAC is normalised, anything else that is a safe topic
-/// level is kept as is.
+/// The device id in a topic or client id: [`crate::ident::normalize`]
+/// (a MAC, normalised), with its error as a [`ProtocolError`].
 pub fn normalize_device_id(s: &str) -> Result<String, ProtocolError> {
-    if let Ok(mac) = normalize_mac(s) {
-        return Ok(mac);
-    }
-    if s.is_empty()
-        || s.len() > 64
-        || !s
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
-        return Err(invalid(
-            "device_id",
-            format!("{:?} is not a valid device id", truncate(s, 40)),
-        ));
-    }
-    Ok(s.to_string())
+    crate::ident::normalize(s).map_err(|e| invalid("device_id", e.to_string()))
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -1473,31 +1432,14 @@ mod tests {
     }
 
     #[test]
-    fn macs_normalise() {
-        for s in [
-            "B8F862F9CFB8",
-            "b8f862f9cfb8",
-            "B8:F8:62:F9:CF:B8",
-            "b8-f8-62-f9-cf-b8",
-        ] {
-            assert_eq!(normalize_mac(s).unwrap(), "B8F862F9CFB8");
+    fn device_ids_are_macs_only() {
+        for s in ["B8F862F9CFB8", "b8:f8:62:f9:cf:b8", "b8-F8-62-f9-CF-b8"] {
+            assert_eq!(normalize_device_id(s).unwrap(), "B8F862F9CFB8");
         }
-        assert_eq!(normalize_mac(" b8:f8-62f9cfb8\n").unwrap(), "B8F862F9CFB8");
-        for bad in [
-            "B8F862F9CF",
-            "ZZF862F9CFB8",
-            "B8F862F9CFB8A",
-            "B8F862F9CFB",
-            "",
-            "::",
-            "B8F862F9CFBé",
-            "B8 F862F9CFB8",
-        ] {
-            assert!(normalize_mac(bad).is_err(), "{bad:?}");
+        for bad in [" b8:f8-62f9cfb8\n", "esp32-cam-01", "a/b", "+", ""] {
+            let e = normalize_device_id(bad).unwrap_err();
+            assert_eq!(e.kind(), "invalid_field", "{bad:?}");
         }
-        assert_eq!(normalize_device_id("esp32-cam-01").unwrap(), "esp32-cam-01");
-        assert!(normalize_device_id("a/b").is_err());
-        assert!(normalize_device_id("+").is_err());
     }
 
     #[test]

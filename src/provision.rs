@@ -5,10 +5,13 @@
 //! result in the device registry and revokes the serials that stop being
 //! valid (a rotated or revoked certificate). While `serve` runs, the ingest
 //! thread is the database's only writer: the change travels over the admin
-//! socket to the gateway, which hands it to the ingest loop through a bounded
-//! channel ([`RegistryOp`]), then updates `revoked.json`, the live revocation
-//! set and closes open sessions ([`apply_live`]). When no gateway runs, the
-//! CLI opens the store itself ([`apply_offline`]).
+//! socket to the gateway, which writes the serials it revokes to
+//! `revoked.json`, hands the change to the ingest loop through a bounded
+//! channel ([`RegistryOp`]), then updates the live revocation set and closes
+//! open sessions ([`apply_live`]), one change at a time. When no gateway
+//! runs, the CLI opens the store itself ([`apply_offline`]), also writing
+//! `revoked.json` first. At start the gateway adds to `revoked.json` any
+//! revoked device's serial it lacks ([`reconcile_revocations`]).
 
 use crate::admin::{self, AdminError, DeviceView, Request};
 use crate::config::Config;
@@ -165,13 +168,39 @@ pub fn new_record(
     }
 }
 
+/// Adds `serials` to `revoked.json`, durably, in one write.
 fn revoke_files(pki: &Pki, mac: &str, serials: &[String]) -> Result<(), ProvisionError> {
-    for s in serials {
-        if pki.revoke_serial(mac, s)? {
-            info!(device = %mac, serial = %s, "certificate revoked");
-        }
+    if serials.is_empty() {
+        return Ok(());
+    }
+    for s in pki.revoke_serials_at(mac, serials, Utc::now())? {
+        info!(device = %mac, serial = %s, "certificate revoked");
     }
     Ok(())
+}
+
+/// Makes `revoked.json` hold the serial of every device the registry marks
+/// revoked, adding the missing ones; returns the serials added. (A registry
+/// change is written after `revoked.json`, so this finds only what an
+/// older gateway or a hand edit left behind.) The other way round — a
+/// serial in `revoked.json` whose device the registry still calls active —
+/// is left as it is: the certificate stays refused, and `device issue` or
+/// `device revoke` again brings the registry in line.
+pub fn reconcile_revocations(store: &Store, pki: &Pki) -> Result<Vec<String>, ProvisionError> {
+    let listed = pki.load_revoked()?;
+    let mut added = Vec::new();
+    for d in store.devices()? {
+        let Some(serial) = d.cert_serial.as_deref().filter(|_| d.status == "revoked") else {
+            continue;
+        };
+        let serial = crate::pki::normalize_serial(serial)?;
+        if listed.contains(&serial) {
+            continue;
+        }
+        warn!(device = %d.mac, serial = %serial, "device revoked in the registry but not in revoked.json: added");
+        added.extend(pki.revoke_serials_at(&d.mac, &[serial], Utc::now())?);
+    }
+    Ok(added)
 }
 
 /// Applies a change with no gateway running: the CLI owns the database.
@@ -215,30 +244,69 @@ pub struct Live {
     pub registry: flume::Sender<RegistryOp>,
     pub pki: Pki,
     pub front: Front,
+    /// Read-only here: the serials a change revokes are known before the
+    /// ingest applies it.
+    pub store: std::sync::Arc<Store>,
+    /// One registry change at a time, from its first read to its last
+    /// effect.
+    pub changes: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
-/// Applies a change on the running gateway: the ingest thread writes the
-/// registry; then `revoked.json`, the live set and open sessions follow.
+/// Applies a change on the running gateway, one at a time: the serials it
+/// revokes go to `revoked.json` first (on disk before anything else
+/// changes; a failure there changes nothing); then the ingest thread
+/// commits the registry; then the live revocation set and open sessions
+/// follow.
 pub async fn apply_live(
     live: &Live,
     change: RegistryChange,
 ) -> Result<RegistryOutcome, ProvisionError> {
     let mac = normalize_mac(change.mac())?;
+    let _one = live.changes.lock().await;
+    let blocking_failed = |e: tokio::task::JoinError| ProvisionError::Invalid(e.to_string());
+    // The serials this change revokes, from the stored record: only
+    // registry changes set a certificate serial or the revoked status,
+    // and they run one at a time, under `changes`.
+    let (store, c) = (live.store.clone(), change.clone());
+    let planned = tokio::task::spawn_blocking(move || {
+        let existing = store.device(&normalize_mac(c.mac())?)?;
+        let fresh = |m: &str| new_record(m, Dialect::default(), "", 0, 0, Utc::now());
+        apply_change(existing, &c, fresh).map(|(_, revoke)| revoke)
+    })
+    .await
+    .map_err(blocking_failed)??;
+    let (pki, m, serials) = (live.pki.clone(), mac.clone(), planned.clone());
+    tokio::task::spawn_blocking(move || revoke_files(&pki, &m, &serials))
+        .await
+        .map_err(blocking_failed)??;
     let (reply, answer) = tokio::sync::oneshot::channel();
     live.registry
         .send_async(RegistryOp { change, reply })
         .await
         .map_err(|_| ProvisionError::IngestGone)?;
-    let (rec, revoke) = answer
+    let (rec, mut revoke) = answer
         .await
         .map_err(|_| ProvisionError::IngestGone)?
         .map_err(ProvisionError::Invalid)?;
+    // The ingest's answer is the registry's word; a serial the plan did
+    // not have is written before it takes effect too.
+    let unplanned: Vec<String> = revoke
+        .iter()
+        .filter(|s| !planned.contains(s))
+        .cloned()
+        .collect();
+    if !unplanned.is_empty() {
+        let (pki, m) = (live.pki.clone(), mac.clone());
+        tokio::task::spawn_blocking(move || revoke_files(&pki, &m, &unplanned))
+            .await
+            .map_err(blocking_failed)??;
+    }
+    for s in planned {
+        if !revoke.contains(&s) {
+            revoke.push(s);
+        }
+    }
     let closed = live.front.revoke(&revoke);
-    let pki = live.pki.clone();
-    let serials = revoke.clone();
-    tokio::task::spawn_blocking(move || revoke_files(&pki, &mac, &serials))
-        .await
-        .map_err(|e| ProvisionError::Invalid(e.to_string()))??;
     Ok(RegistryOutcome {
         device: DeviceView::from(&rec),
         revoked_serials: revoke,
@@ -334,6 +402,27 @@ mod tests {
 
     fn rec() -> DeviceRecord {
         new_record("AABBCCDDEEFF", Dialect::Firmware, "s", 0, 0, Utc::now())
+    }
+
+    /// A device the registry calls revoked whose serial `revoked.json`
+    /// lacks (an older gateway wrote the registry first and stopped before
+    /// the file) gets it back at start.
+    #[test]
+    fn reconcile_adds_revoked_devices_missing_from_the_list() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("db.redb")).unwrap();
+        let pki = Pki::new(tmp.path().join("certs"));
+        let mut gone = new_record("AABBCCDDEE01", Dialect::Firmware, "s", 0, 0, Utc::now());
+        gone.status = "revoked".into();
+        gone.cert_serial = Some("0A1B".into());
+        let mut active = new_record("AABBCCDDEE02", Dialect::Firmware, "s", 1, 0, Utc::now());
+        active.cert_serial = Some("0c".into());
+        store.put_device(&gone, Utc::now()).unwrap();
+        store.put_device(&active, Utc::now()).unwrap();
+        assert_eq!(reconcile_revocations(&store, &pki).unwrap(), ["0a1b"]);
+        let set = pki.load_revoked().unwrap();
+        assert!(set.contains("0a1b") && !set.contains("0c"), "{set:?}");
+        assert!(reconcile_revocations(&store, &pki).unwrap().is_empty());
     }
 
     #[test]

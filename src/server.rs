@@ -55,6 +55,8 @@ pub enum ServeError {
     Admin(#[from] admin::AdminError),
     #[error(transparent)]
     Pki(#[from] PkiError),
+    #[error(transparent)]
+    Provision(#[from] provision::ProvisionError),
     #[error("upstream: {0}")]
     Upstream(#[from] crate::upstream::UpstreamError),
     #[error("{what} {path}: {source}")]
@@ -167,6 +169,9 @@ impl Gateway {
         if pki.ensure_ca()? {
             info!(dir = %pki.dir().display(), "site CA and gateway certificate created");
         }
+        for serial in provision::reconcile_revocations(&store, &pki)? {
+            info!(serial = %serial, "revoked.json completed from the registry");
+        }
         let revoked = pki.shared_revoked()?;
         let tls = Arc::new(pki.server_tls_config(revoked.clone())?);
         info!(
@@ -196,10 +201,13 @@ impl Gateway {
                 secret: secret.into(),
                 max_connections: cfg.mqtt.max_connections,
                 max_handshakes: cfg.mqtt.max_handshakes,
+                max_handshakes_per_ip: cfg.mqtt.max_handshakes_per_ip,
                 handshake_timeout: std::time::Duration::from_millis(cfg.mqtt.handshake_timeout_ms),
                 max_packet_size: cfg.mqtt.max_payload_size,
                 passwords: PasswordStore::new(pki.dir()),
                 local_sessions: cfg.mqtt.local_sessions,
+                max_filters_per_subscribe: cfg.mqtt.max_filters_per_subscribe,
+                max_filters_per_session: cfg.mqtt.max_filters_per_session,
             },
             metrics.clone(),
             revoked,
@@ -265,6 +273,8 @@ impl Gateway {
             registry: registry_tx,
             pki: pki.clone(),
             front: front.clone(),
+            store: store.clone(),
+            changes: Default::default(),
         };
         tokio::spawn(admin::serve(
             admin_listener,

@@ -259,6 +259,13 @@ async fn dashboard_pages_and_metrics_with_real_devices() {
             .contains("content-type: image/jpeg"),
         "{head}"
     );
+    // Finding: device-sent bytes were served without nosniff or a CSP.
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("x-content-type-options: nosniff"), "{head}");
+    assert!(
+        lower.contains("content-security-policy: default-src 'none'; img-src 'self'; sandbox"),
+        "{head}"
+    );
     assert_eq!(body, DISH);
     let (_, head, body) = http(
         gw.http_addr,

@@ -609,6 +609,17 @@ async fn image_response(s: HttpState, id: u64, download: bool) -> Response {
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("image/jpeg"),
     );
+    // Device-sent bytes: a browser takes them as a JPEG and nothing else
+    // (no sniffing into HTML), and nothing in them runs or loads anything
+    // if it is opened as a document.
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static("default-src 'none'; img-src 'self'; sandbox"),
+    );
     // Stored images never change: let the browser keep them.
     h.insert(
         header::CACHE_CONTROL,
