@@ -1403,7 +1403,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use chrono::TimeZone;
 
@@ -1411,7 +1411,8 @@ mod tests {
         Utc.with_ymd_and_hms(2026, 1, 1, 8, 0, 0).unwrap()
     }
 
-    pub(super) fn capture(id: u64, size: u32, chunk: u32) -> CaptureRecord {
+    /// A complete capture of `size` bytes in `chunk`-byte chunks, for tests.
+    pub(crate) fn capture(id: u64, size: u32, chunk: u32) -> CaptureRecord {
         CaptureRecord {
             id,
             mac: "AABBCCDDEEFF".into(),

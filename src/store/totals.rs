@@ -186,6 +186,21 @@ impl super::Store {
         Ok(oldest.and_then(DateTime::from_timestamp_millis))
     }
 
+    /// The device's unfinished captures (neither complete nor failed).
+    pub fn open_captures(&self, mac: &str) -> Result<Vec<CaptureRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let idx = tx.open_table(OPEN_CAPTURES).map_err(db)?;
+        let t = tx.open_table(CAPTURES).map_err(db)?;
+        let mut out = Vec::new();
+        for r in idx.range((mac, 0)..=(mac, u64::MAX)).map_err(db)? {
+            let (k, _) = r.map_err(db)?;
+            if let Some(v) = t.get(k.value().1).map_err(db)? {
+                out.push(dec("captures", v.value())?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Images completed from the hour that holds `since` on.
     pub fn completed_since(&self, since: DateTime<Utc>) -> Result<u64, StoreError> {
         let tx = self.db.begin_read().map_err(db)?;
