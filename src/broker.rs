@@ -22,10 +22,9 @@
 use crate::clock::SharedClock;
 use crate::config::MqttConfig;
 use crate::front::Outlet;
+pub use crate::ingest::queue::{ingest_queue, Inbound, Payload, INGEST_QUEUE};
 use crate::ingest::{Engine, IngestError, Publish};
-use crate::protocol::Chunk;
-use crate::provision::RegistryOp;
-use bytes::Bytes;
+use crate::registry::RegistryOp;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings};
 use std::collections::HashMap;
@@ -57,36 +56,6 @@ impl From<LinkError> for BrokerError {
 /// The topic filters the ingest consumes: both dialects, every channel, so
 /// that publishes to unknown topics are seen (and counted) too.
 pub const INGEST_FILTERS: [&str; 2] = ["ESP32CAM/#", "device/#"];
-
-/// A device message for the ingest.
-#[derive(Debug, Clone)]
-pub struct Inbound {
-    pub topic: Bytes,
-    pub payload: Payload,
-}
-
-/// What an [`Inbound`] carries.
-#[derive(Debug, Clone)]
-pub enum Payload {
-    /// The payload as published; the ingest parses it.
-    Raw(Bytes),
-    /// A chunk the front has parsed already, on its own threads: byte-array
-    /// decoding is most of a chunk's cost, and the ingest is one thread.
-    Chunk(Chunk),
-    /// The device's connection ended (the topic is its MAC): the ingest
-    /// parks its stream and frees its slot at once.
-    SessionEnded,
-}
-
-/// Messages queued for the ingest: the front waits (and so stops reading the
-/// device) while it is full. A few batches' worth keeps the ingest busy
-/// while it commits, with bounded memory (≈ 2 KiB per chunk message).
-pub const INGEST_QUEUE: usize = 2048;
-
-/// The ingest's queue: the front and the link pump send, the ingest reads.
-pub fn ingest_queue() -> (flume::Sender<Inbound>, flume::Receiver<Inbound>) {
-    flume::bounded(INGEST_QUEUE)
-}
 
 /// Moves what the broker forwards on the ingest's local link into the
 /// ingest queue, until either side is gone (blocking; own thread).

@@ -19,7 +19,7 @@
 //!
 //! A device's QoS 0/1 PUBLISHes to its own topics (every chunk) do not go
 //! through the broker: the front hands them to the ingest queue
-//! ([`crate::broker::Inbound`]; a CHUNK already decoded, on the front's
+//! ([`crate::ingest::queue::Inbound`]; a CHUNK already decoded, on the front's
 //! threads rather than the one ingest thread) and answers QoS 1 with its own
 //! PUBACK. The front enforces the device's keep-alive itself. The other
 //! way, the ingest's replies to a clean session go straight into its
@@ -49,8 +49,8 @@ mod direct;
 use direct::{encode_publish, Outgoing};
 pub use direct::{Outlet, FIRST_PKID};
 
-use crate::broker::{Inbound, Payload};
 use crate::devpass::{self, PasswordStore};
+use crate::ingest::queue::{Inbound, Payload};
 use crate::metrics::Metrics;
 use crate::pki::{peer_identity, SharedRevoked};
 use crate::protocol::{normalize_device_id, parse_topic, Channel, DataMessage};

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod pki;
 pub mod protocol;
 pub mod provision;
+pub mod registry;
 pub mod schedule;
 pub mod server;
 pub mod sim;

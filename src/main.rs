@@ -575,7 +575,7 @@ async fn registry(
 
 /// Asks the running gateway, or reads the database when none runs.
 async fn query(data_dir: &Path, req: Request) -> Result<serde_json::Value> {
-    if let Some(v) = admin::remote(data_dir, &req).await? {
+    if let Some(v) = admin::client::remote(data_dir, &req).await? {
         return Ok(v);
     }
     let db = data_dir.join(DB_FILE);

@@ -18,9 +18,12 @@ use crate::config::Config;
 use crate::front::Front;
 use crate::pki::{normalize_mac, Pki, PkiError};
 use crate::protocol::Dialect;
+pub use crate::registry::{
+    apply_change, new_record, RegistryChange, RegistryError, RegistryOp, REGISTRY_QUEUE,
+};
 use crate::schedule::Schedule;
-use crate::store::{DeviceRecord, Store, StoreError};
-use chrono::{DateTime, Utc};
+use crate::store::{Store, StoreError};
+use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tracing::{info, warn};
@@ -33,38 +36,12 @@ pub enum ProvisionError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Admin(#[from] AdminError),
-    #[error("device {0} is not registered")]
-    UnknownDevice(String),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     #[error("the gateway's ingest is not running")]
     IngestGone,
     #[error("{0}")]
     Invalid(String),
-}
-
-/// A change to the device registry made by an admin.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "change", rename_all = "snake_case")]
-pub enum RegistryChange {
-    /// A certificate was issued: register the device (or update it) with
-    /// this serial; a different previous serial is revoked (rotation).
-    Issue {
-        mac: String,
-        serial: String,
-        site: Option<String>,
-        location: Option<String>,
-        /// Pins the dialect when given.
-        dialect: Option<Dialect>,
-    },
-    /// Mark the device revoked and revoke its certificate.
-    Revoke { mac: String },
-}
-
-impl RegistryChange {
-    pub fn mac(&self) -> &str {
-        match self {
-            RegistryChange::Issue { mac, .. } | RegistryChange::Revoke { mac } => mac,
-        }
-    }
 }
 
 /// What a registry change did.
@@ -76,96 +53,6 @@ pub struct RegistryOutcome {
     /// Devices whose open session was closed (live gateway only).
     #[serde(default)]
     pub closed_sessions: Vec<String>,
-}
-
-/// A registry change for the ingest thread, with the channel for its answer.
-pub struct RegistryOp {
-    pub change: RegistryChange,
-    pub reply: tokio::sync::oneshot::Sender<Result<(DeviceRecord, Vec<String>), String>>,
-}
-
-/// Capacity of the channel to the ingest loop: admin commands are rare.
-pub const REGISTRY_QUEUE: usize = 16;
-
-/// Applies `change` to a device record. `existing` is the current record,
-/// `fresh` makes a new one for an unknown device (issue only). Returns the
-/// new record and the serials to revoke. Pure: the callers store the result.
-pub fn apply_change(
-    existing: Option<DeviceRecord>,
-    change: &RegistryChange,
-    fresh: impl FnOnce(&str) -> DeviceRecord,
-) -> Result<(DeviceRecord, Vec<String>), ProvisionError> {
-    let mac = normalize_mac(change.mac())?;
-    match change {
-        RegistryChange::Issue {
-            serial,
-            site,
-            location,
-            dialect,
-            ..
-        } => {
-            let mut rec = existing.unwrap_or_else(|| fresh(&mac));
-            let mut revoke = Vec::new();
-            if let Some(old) = rec.cert_serial.take() {
-                if &old != serial {
-                    revoke.push(old);
-                }
-            }
-            rec.cert_serial = Some(serial.clone());
-            rec.status = "active".into();
-            if site.is_some() {
-                rec.site = site.clone();
-            }
-            if location.is_some() {
-                rec.location = location.clone();
-            }
-            if let Some(d) = dialect {
-                rec.dialect = *d;
-                rec.dialect_pinned = true;
-            }
-            Ok((rec, revoke))
-        }
-        RegistryChange::Revoke { .. } => {
-            let mut rec = existing.ok_or_else(|| ProvisionError::UnknownDevice(mac.clone()))?;
-            rec.status = "revoked".into();
-            let revoke = rec.cert_serial.iter().cloned().collect();
-            Ok((rec, revoke))
-        }
-    }
-}
-
-/// A new registry record, as the ingest makes one on first contact.
-pub fn new_record(
-    mac: &str,
-    dialect: Dialect,
-    site: &str,
-    index: u64,
-    slot: u32,
-    now: DateTime<Utc>,
-) -> DeviceRecord {
-    DeviceRecord {
-        mac: mac.to_string(),
-        wire_id: mac.to_string(),
-        dialect,
-        dialect_pinned: false,
-        chunk_base: None,
-        site: Some(site.to_string()),
-        location: None,
-        firmware_version: None,
-        hardware_version: None,
-        registered_at: now,
-        last_seen: None,
-        next_wake: None,
-        battery: None,
-        status: "active".into(),
-        cert_serial: None,
-        registration_index: index,
-        stagger_slot: slot,
-        schedule: None,
-        last_current_capture_at: None,
-        pending_reported: 0,
-        last_error: None,
-    }
 }
 
 /// Adds `serials` to `revoked.json`, durably, in one write.
@@ -271,7 +158,8 @@ pub async fn apply_live(
     let planned = tokio::task::spawn_blocking(move || {
         let existing = store.device(&normalize_mac(c.mac())?)?;
         let fresh = |m: &str| new_record(m, Dialect::default(), "", 0, 0, Utc::now());
-        apply_change(existing, &c, fresh).map(|(_, revoke)| revoke)
+        let (_, revoke) = apply_change(existing, &c, fresh)?;
+        Ok::<_, ProvisionError>(revoke)
     })
     .await
     .map_err(blocking_failed)??;
@@ -388,7 +276,7 @@ pub async fn apply(
     let req = Request::Registry {
         change: change.clone(),
     };
-    if let Some(v) = admin::remote(data_dir, &req).await? {
+    if let Some(v) = admin::client::remote(data_dir, &req).await? {
         return serde_json::from_value(v)
             .map_err(|e| ProvisionError::Invalid(format!("unreadable answer: {e}")));
     }
@@ -449,7 +337,7 @@ mod tests {
         assert_eq!(rv, vec!["02".to_string()]);
         assert!(matches!(
             apply_change(None, &revoke, |_| rec()),
-            Err(ProvisionError::UnknownDevice(_))
+            Err(RegistryError::UnknownDevice(_))
         ));
     }
 }

@@ -276,7 +276,7 @@ impl Gateway {
             store: store.clone(),
             changes: Default::default(),
         };
-        tokio::spawn(admin::serve(
+        tokio::spawn(admin::server::serve(
             admin_listener,
             store.clone(),
             live,

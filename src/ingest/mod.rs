@@ -19,6 +19,7 @@ mod alerting;
 mod announce;
 pub mod capture;
 mod chunks;
+pub mod queue;
 mod records;
 pub mod slots;
 mod wake;
@@ -100,6 +101,8 @@ pub struct Engine<S: Records = Store> {
 pub enum IngestError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
 }
 
 impl<S: Records> Engine<S> {
@@ -369,7 +372,7 @@ impl<S: Records> Engine<S> {
                 Ok(None) if self.site.auto_register => {
                     let idx = self.registrations;
                     self.registrations += 1;
-                    let mut rec = crate::provision::new_record(
+                    let mut rec = crate::registry::new_record(
                         mac,
                         dialect,
                         &self.site.id,
@@ -418,10 +421,11 @@ impl<S: Records> Engine<S> {
     /// record and the certificate serials to revoke.
     pub fn apply_registry(
         &mut self,
-        change: &crate::provision::RegistryChange,
+        change: &crate::registry::RegistryChange,
         now: DateTime<Utc>,
-    ) -> Result<(DeviceRecord, Vec<String>), crate::provision::ProvisionError> {
-        let mac = crate::pki::normalize_mac(change.mac())?;
+    ) -> Result<(DeviceRecord, Vec<String>), IngestError> {
+        let mac =
+            crate::ident::normalize(change.mac()).map_err(crate::registry::RegistryError::from)?;
         let existing = match self.devices.get(&mac) {
             Some(d) => Some(d.rec.clone()),
             None => self.store.device(&mac)?,
@@ -429,16 +433,9 @@ impl<S: Records> Engine<S> {
         let idx = self.registrations;
         let slot = self.schedule.slot_for_index(idx);
         let mut fresh = false;
-        let (rec, revoke) = crate::provision::apply_change(existing, change, |m| {
+        let (rec, revoke) = crate::registry::apply_change(existing, change, |m| {
             fresh = true;
-            crate::provision::new_record(
-                m,
-                self.site.default_dialect,
-                &self.site.id,
-                idx,
-                slot,
-                now,
-            )
+            crate::registry::new_record(m, self.site.default_dialect, &self.site.id, idx, slot, now)
         })?;
         if fresh {
             self.registrations += 1;

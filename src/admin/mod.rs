@@ -1,21 +1,22 @@
 //! Admin queries (device list, image list, image export) and the local admin
-//! endpoint that serves them while `serve` holds the database.
+//! endpoint that serves them while `serve` holds the database: the requests
+//! and answers here, the endpoint in [`server`], the CLI's side in [`client`].
 //!
 //! redb admits one process at a time, so a running gateway answers on a Unix
 //! socket (`<data_dir>/admin.sock`, mode 0600); when no gateway runs, the
 //! CLI opens the database itself. Both paths run the same query functions.
 
 use crate::protocol::normalize_device_id;
-use crate::provision::{self, Live, RegistryChange};
+use crate::registry::RegistryChange;
 use crate::store::{CaptureRecord, DeviceRecord, Store, StoreError};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tracing::warn;
+use tokio::net::UnixListener;
+
+pub mod client;
+pub mod server;
 
 pub const SOCKET_NAME: &str = "admin.sock";
 
@@ -233,98 +234,6 @@ pub fn bind(data_dir: &Path) -> Result<UnixListener, AdminError> {
     placed
 }
 
-/// Serves requests, one JSON line in, one JSON line out, until shutdown.
-pub async fn serve(
-    listener: UnixListener,
-    store: Arc<Store>,
-    live: Live,
-    clock: crate::clock::SharedClock,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    loop {
-        let sock = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => { warn!(error = %e, "admin accept failed"); continue; }
-            },
-            _ = shutdown.changed() => return,
-        };
-        let store = store.clone();
-        let live = live.clone();
-        let clock = clock.clone();
-        tokio::spawn(async move {
-            let (r, mut w) = sock.into_split();
-            let mut lines = BufReader::new(r).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let resp = match serde_json::from_str::<Request>(&line) {
-                    Ok(Request::Registry { change }) => {
-                        match provision::apply_live(&live, change).await {
-                            Ok(o) => serde_json::json!({"ok": true, "data": o}),
-                            Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
-                        }
-                    }
-                    Ok(req) => {
-                        let store = store.clone();
-                        let now = clock.now();
-                        tokio::task::spawn_blocking(move || answer(&store, &req, now))
-                            .await
-                            .unwrap_or_else(
-                                |e| serde_json::json!({"ok": false, "error": e.to_string()}),
-                            )
-                    }
-                    Err(e) => {
-                        serde_json::json!({"ok": false, "error": format!("bad request: {e}")})
-                    }
-                };
-                let mut out = resp.to_string();
-                out.push('\n');
-                if w.write_all(out.as_bytes()).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-}
-
-/// Sends one request to a running gateway. `Ok(None)` when none is running.
-pub async fn remote(
-    data_dir: &Path,
-    req: &Request,
-) -> Result<Option<serde_json::Value>, AdminError> {
-    let path = socket_path(data_dir);
-    let err = |source| AdminError::Socket {
-        path: path.display().to_string(),
-        source,
-    };
-    let sock = match UnixStream::connect(&path).await {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
-        Err(e) => return Err(err(e)),
-    };
-    let (r, mut w) = sock.into_split();
-    let mut line = serde_json::to_string(req).map_err(|e| AdminError::Invalid(e.to_string()))?;
-    line.push('\n');
-    w.write_all(line.as_bytes()).await.map_err(err)?;
-    let mut lines = BufReader::new(r).lines();
-    let resp = lines.next_line().await.map_err(err)?.unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&resp)
-        .map_err(|e| AdminError::Remote(format!("unreadable answer: {e}")))?;
-    if v["ok"].as_bool() == Some(true) {
-        Ok(Some(v["data"].clone()))
-    } else {
-        Err(AdminError::Remote(
-            v["error"].as_str().unwrap_or("unknown error").to_string(),
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,7 +257,8 @@ mod tests {
                 .map(|e| e.unwrap().file_name())
                 .collect();
             assert_eq!(names, [SOCKET_NAME]);
-            let (_c, accepted) = tokio::join!(UnixStream::connect(&path), listener.accept());
+            let (_c, accepted) =
+                tokio::join!(tokio::net::UnixStream::connect(&path), listener.accept());
             accepted.unwrap();
         }
     }
