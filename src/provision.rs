@@ -287,6 +287,7 @@ pub async fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::DeviceRecord;
 
     fn rec() -> DeviceRecord {
         new_record("AABBCCDDEEFF", Dialect::Firmware, "s", 0, 0, Utc::now())
