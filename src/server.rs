@@ -302,6 +302,9 @@ impl Gateway {
         if require_login && !http::auth::password_is_set(&opts.data_dir) {
             tracing::warn!(http = %http_addr, "dashboard is not on loopback and no admin password is set: run `barngate admin set-password`");
         }
+        if require_login && !cfg.http.metrics_require_login {
+            tracing::info!(http = %http_addr, "/metrics is readable without a login (http.metrics_require_login = false)");
+        }
         let app = http::router(http::HttpState::new(
             store.clone(),
             metrics.clone(),
@@ -309,9 +312,11 @@ impl Gateway {
             cfg.timezone()?,
             opts.data_dir.clone(),
             require_login,
+            &cfg.http,
         ));
         let mut http_shutdown = shutdown_rx.clone();
         tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let _ = axum::serve(http_listener, app)
                 .with_graceful_shutdown(async move {
                     let _ = http_shutdown.changed().await;
