@@ -585,7 +585,7 @@ async fn query(data_dir: &Path, req: Request) -> Result<serde_json::Value> {
             db.display()
         );
     }
-    let store = Store::open(&db)?;
+    let store = server::open_store(&db)?;
     let v = admin::answer(&store, &req, chrono::Utc::now());
     if v["ok"].as_bool() == Some(true) {
         Ok(v["data"].clone())
