@@ -1330,3 +1330,86 @@ async fn a_refused_connect_gets_a_connack_with_its_return_code() {
     assert_eq!(violations(), 5);
     gw.shutdown().await.unwrap();
 }
+
+/// Finding: the site CA's private key, which can mint a certificate for any
+/// device, sat on the Pi next to the network-facing process, with no way
+/// to keep it elsewhere. `ca init` now creates a root and an issuing
+/// intermediate; the root key can be exported and removed, and the gateway
+/// keeps serving and issuing devices (signed by the intermediate, verified
+/// up to the root by mosquitto and by the gateway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_ca_key_can_be_taken_off_the_gateway() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let offline = out.path().join("offline");
+    cli(data.path(), &["ca", "init", "--hostname", "barn.local"]);
+    let certs = data.path().join("certs");
+    assert!(certs.join("issuing.crt.pem").is_file());
+    let o = cli(
+        data.path(),
+        &["ca", "export-root", "--out", offline.to_str().unwrap()],
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ca.key.pem"));
+    cli(data.path(), &["ca", "remove-root-key"]);
+    assert!(!certs.join("ca.key.pem").exists());
+    assert!(offline.join("ca.key.pem").is_file());
+    assert_eq!(
+        std::fs::read(offline.join("ca.crt.pem")).unwrap(),
+        std::fs::read(certs.join("ca.crt.pem")).unwrap()
+    );
+
+    // The gateway starts (no new CA), and issues a device while running.
+    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    assert!(!certs.join("ca.key.pem").exists());
+    let mac = "AABBCCDD0801";
+    issue(data.path(), mac, out.path());
+    let der = std::fs::read(out.path().join(format!("{mac}.crt.pem"))).unwrap();
+    let text = String::from_utf8_lossy(&der);
+    let b64: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+    use base64::Engine as _;
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
+    assert_eq!(
+        x.issuer()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap(),
+        barngate::pki::ISSUING_COMMON_NAME
+    );
+
+    // mosquitto_pub verifies the gateway up to the root in ca.crt.pem and
+    // presents the device certificate, which the gateway verifies through
+    // the intermediate.
+    let ca = out.path().join("ca.crt.pem");
+    let r = mosquitto_pub(
+        gw.mqtt_addr,
+        Some((out.path(), mac)),
+        Some(&ca),
+        mac,
+        &format!("ESP32CAM/{mac}/status"),
+        &hello(mac),
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let m = gw.metrics.clone();
+    eventually(WAIT, "HELLO handled", || {
+        m.hellos.load(std::sync::atomic::Ordering::Relaxed) >= 1
+    })
+    .await;
+    // Revocation still applies to intermediate-signed certificates.
+    cli(data.path(), &["device", "revoke", mac]);
+    let r = mosquitto_pub(
+        gw.mqtt_addr,
+        Some((out.path(), mac)),
+        Some(&ca),
+        mac,
+        &format!("ESP32CAM/{mac}/status"),
+        &hello(mac),
+    );
+    assert!(!r.status.success(), "revoked certificate accepted");
+    rejected(&gw, "tls_revoked", 1).await;
+    gw.shutdown().await.unwrap();
+}
