@@ -953,7 +953,8 @@ impl Pki {
             .build()
             .map_err(|e| PkiError::Tls(e.to_string()))?;
         // The intermediate that signs devices: a device presents only its
-        // own certificate, and the chain to the root is completed here.
+        // own certificate, and the chain to the root is completed here
+        // (with this intermediate only: see `verify_client_cert`).
         let mut intermediates = Vec::new();
         if self.issuing_cert_path().is_file() {
             let path = self.issuing_cert_path();
@@ -1091,7 +1092,8 @@ fn cipher_rank(suite: rustls::CipherSuite, aes_hardware: bool) -> u8 {
 struct RevocationCheckingVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     revoked: SharedRevoked,
-    /// The site's issuing intermediate(s), added to what the client sends.
+    /// The site's issuing intermediate, the only one a device chain may
+    /// go through (none for a root-only CA).
     intermediates: Vec<CertificateDer<'static>>,
 }
 
@@ -1111,17 +1113,15 @@ impl ClientCertVerifier for RevocationCheckingVerifier {
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
+        _intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = if self.intermediates.is_empty() {
-            self.inner
-                .verify_client_cert(end_entity, intermediates, now)?
-        } else {
-            let mut all = intermediates.to_vec();
-            all.extend(self.intermediates.iter().cloned());
-            self.inner.verify_client_cert(end_entity, &all, now)?
-        };
+        // Only the site's own intermediate may stand between a device
+        // certificate and the root: one the client sends is ignored, so an
+        // intermediate the gateway no longer uses signs no device in.
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, &self.intermediates, now)?;
         let id = peer_identity(end_entity).map_err(|_| {
             rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
         })?;
@@ -1755,6 +1755,60 @@ mod tests {
             let id = peer_identity(&s.peer_certificates().unwrap()[0]).unwrap();
             assert_eq!(id.serial_hex, dev.serial_hex);
         }
+    }
+
+    /// A device certificate from another intermediate under the same root
+    /// (one the site no longer uses, or one made with a stolen root key) is
+    /// refused even when the device sends that intermediate along.
+    #[test]
+    fn only_the_sites_own_intermediate_signs_devices_in() {
+        let (_tmp, pki, _dev, ca_pem, _, _) = site_with_device();
+        let root = pki
+            .load_signer(&pki.ca_cert_path(), &pki.ca_key_path())
+            .unwrap();
+        let other_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = dn("another issuing CA");
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        p.use_authority_key_identifier_extension = true;
+        let other = p.signed_by(&other_key, &root.cert, &root.key).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = dn("B8F862F9CFB8");
+        p.subject_alt_names = vec![SanType::URI(
+            format!("{DEVICE_URI_PREFIX}B8F862F9CFB8")
+                .try_into()
+                .unwrap(),
+        )];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.use_authority_key_identifier_extension = true;
+        p.serial_number = Some(random_serial().unwrap());
+        let leaf = p.signed_by(&key, &other, &other_key).unwrap();
+        let server = Arc::new(
+            pki.server_tls_config(pki.shared_revoked().unwrap())
+                .unwrap(),
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let client =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(
+                    vec![leaf.der().clone(), other.der().clone()],
+                    PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+                )
+                .unwrap();
+        let err = handshake(Arc::new(client), server).unwrap_err();
+        assert!(
+            matches!(err, rustls::Error::InvalidCertificate(_)),
+            "{err:?}"
+        );
     }
 
     /// A CA from before the intermediate (root only) keeps issuing with the
