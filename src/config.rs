@@ -131,12 +131,45 @@ impl Default for MqttConfig {
 pub struct HttpConfig {
     /// Dashboard, /metrics and /healthz.
     pub listen: SocketAddr,
+    /// `/login` password checks (argon2, ~19 MiB and a core each) running
+    /// at once; the others wait.
+    pub login_concurrency: usize,
+    /// How long a login waits for a check before it is answered 503.
+    pub login_wait_ms: u64,
+    /// Failed logins from one source address within `login_window_s`
+    /// that lock the address out (429) for `login_lockout_s`.
+    pub login_max_failures: u32,
+    pub login_window_s: u64,
+    pub login_lockout_s: u64,
+    /// The session cookie's `Secure` attribute: `auto` sets it on a request
+    /// a TLS-terminating proxy marks as HTTPS (`X-Forwarded-Proto: https`
+    /// or `Forwarded: proto=https`), `always` on every login, `never` not.
+    pub secure_cookies: SecureCookies,
+    /// `/metrics` needs a dashboard login too (only where pages do: HTTP
+    /// not on loopback). Off by default so a Prometheus scraper can read it.
+    pub metrics_require_login: bool,
+}
+
+/// When the session cookie is marked `Secure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecureCookies {
+    Auto,
+    Always,
+    Never,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:8080".parse().expect("valid default"),
+            login_concurrency: 1,
+            login_wait_ms: 5_000,
+            login_max_failures: 5,
+            login_window_s: 60,
+            login_lockout_s: 300,
+            secure_cookies: SecureCookies::Auto,
+            metrics_require_login: false,
         }
     }
 }
@@ -521,6 +554,21 @@ impl Config {
         if self.mqtt.max_payload_size < 1024 {
             return Err(invalid("mqtt.max_payload_size", "must be at least 1024"));
         }
+        if !(1..=4).contains(&self.http.login_concurrency) {
+            return Err(invalid("http.login_concurrency", "must be 1..=4"));
+        }
+        if self.http.login_wait_ms > 60_000 {
+            return Err(invalid("http.login_wait_ms", "must be at most 60000"));
+        }
+        if self.http.login_max_failures == 0 {
+            return Err(invalid("http.login_max_failures", "must be at least 1"));
+        }
+        if self.http.login_window_s == 0 {
+            return Err(invalid("http.login_window_s", "must be at least 1"));
+        }
+        if self.http.login_lockout_s == 0 {
+            return Err(invalid("http.login_lockout_s", "must be at least 1"));
+        }
         self.upstream.validate()?;
         Ok(())
     }
@@ -588,6 +636,20 @@ mod tests {
             e.to_string().contains("mqtt.max_filters_per_subscribe"),
             "{e}"
         );
+        for key in [
+            "login_concurrency = 0",
+            "login_concurrency = 5",
+            "login_max_failures = 0",
+            "login_window_s = 0",
+            "login_lockout_s = 0",
+            "login_wait_ms = 600000",
+        ] {
+            let e = Config::from_toml(&format!("[http]\n{key}\n"), "x").unwrap_err();
+            let name = key.split(' ').next().unwrap();
+            assert!(e.to_string().contains(&format!("http.{name}")), "{e}");
+        }
+        let e = Config::from_toml("[http]\nsecure_cookies = \"sometimes\"\n", "x").unwrap_err();
+        assert!(e.to_string().contains("secure_cookies"), "{e}");
         let e = Config::from_toml("[ingest]\nbogus = 1\n", "x").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = Config::from_toml("[ingest]\nretry_limit = \"three\"\n", "x").unwrap_err();

@@ -228,8 +228,15 @@ struct Refusal {
 }
 
 /// MQTT 3.1.1 CONNACK return codes.
+const CONNACK_UNSUPPORTED_PROTOCOL: u8 = 1;
+const CONNACK_IDENTIFIER_REJECTED: u8 = 2;
 const CONNACK_BAD_CREDENTIALS: u8 = 4;
 const CONNACK_NOT_AUTHORIZED: u8 = 5;
+
+/// A CONNACK refusing a CONNECT with return code `code`.
+fn connack_refusal(code: u8) -> [u8; 4] {
+    [CONNACK << 4, 0x02, 0x00, code]
+}
 
 /// Why a connection was closed by the front (also the metric reason).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,6 +253,14 @@ enum Violation {
     },
     Subscribe {
         filter: String,
+    },
+    /// A CONNECT whose will is on a topic the device may not publish to.
+    Will {
+        topic: String,
+    },
+    /// A CONNECT of another MQTT version (3.1's `MQIsdp`, 5, or unknown).
+    UnsupportedProtocol {
+        level: u8,
     },
     SecondConnect,
     ServerPacket,
@@ -277,12 +292,54 @@ impl Violation {
             Violation::BadClientId { .. } => "bad_client_id",
             Violation::Publish { .. } => "publish_not_allowed",
             Violation::Subscribe { .. } => "subscribe_not_allowed",
+            Violation::Will { .. } => "will_not_allowed",
+            Violation::UnsupportedProtocol { .. } => "unsupported_protocol",
             Violation::Malformed(_) => "malformed_mqtt",
             Violation::KeepAlive { .. } => "keepalive_timeout",
             Violation::TooManyFilters { .. } => "too_many_filters",
             Violation::BrokerTimeout => "broker_timeout",
             Violation::Io(_) => "connection_error",
         }
+    }
+
+    /// The CONNACK return code that refuses a CONNECT for this reason
+    /// (MQTT 3.1.1 §3.2.2.3); `None` where the connection is just closed
+    /// (a packet that is not a CONNECT, or not MQTT at all).
+    fn connack_code(&self) -> Option<u8> {
+        match self {
+            Violation::UnsupportedProtocol { .. } => Some(CONNACK_UNSUPPORTED_PROTOCOL),
+            Violation::ClientIdMismatch { .. } | Violation::BadClientId { .. } => {
+                Some(CONNACK_IDENTIFIER_REJECTED)
+            }
+            Violation::Will { .. } => Some(CONNACK_NOT_AUTHORIZED),
+            _ => None,
+        }
+    }
+
+    /// What kind of close this is, for the log: only a device claiming or
+    /// reaching for another identity's client id or topics is an identity
+    /// violation (counted in `barngate_identity_violations_total`).
+    fn class(&self) -> &'static str {
+        match self {
+            Violation::ClientIdMismatch { .. }
+            | Violation::BadClientId { .. }
+            | Violation::Publish { .. }
+            | Violation::Subscribe { .. }
+            | Violation::Will { .. } => "identity violation",
+            Violation::KeepAlive { .. } => "keep-alive expired",
+            Violation::TooManyFilters { .. } => "limit exceeded",
+            Violation::BrokerTimeout => "broker timeout",
+            Violation::UnsupportedProtocol { .. } => "unsupported protocol",
+            Violation::NotConnect
+            | Violation::SecondConnect
+            | Violation::ServerPacket
+            | Violation::Malformed(_) => "MQTT protocol error",
+            Violation::Io(_) => "connection error",
+        }
+    }
+
+    fn is_identity(&self) -> bool {
+        self.class() == "identity violation"
     }
 }
 
@@ -301,6 +358,13 @@ impl std::fmt::Display for Violation {
             }
             Violation::Publish { topic } => write!(f, "publish to {topic:?} not allowed"),
             Violation::Subscribe { filter } => write!(f, "subscribe to {filter:?} not allowed"),
+            Violation::Will { topic } => write!(f, "will on {topic:?} not allowed"),
+            Violation::UnsupportedProtocol { level } => {
+                write!(
+                    f,
+                    "CONNECT of protocol level {level}; only 4 (MQTT 3.1.1) is served"
+                )
+            }
             Violation::SecondConnect => write!(f, "second CONNECT"),
             Violation::ServerPacket => write!(f, "server-only packet from a device"),
             Violation::Malformed(e) => write!(f, "malformed MQTT: {e}"),
@@ -466,6 +530,15 @@ impl Front {
     fn refuse(&self, reason: &'static str) {
         Metrics::inc(&self.inner.metrics.connections_refused);
         self.inner.metrics.reject(reason);
+    }
+
+    /// Counts a connection closed for `v`, by reason; identity violations
+    /// also in their own counter.
+    fn count(&self, v: &Violation) {
+        self.inner.metrics.reject(v.reason());
+        if v.is_identity() {
+            Metrics::inc(&self.inner.metrics.identity_violations);
+        }
     }
 
     /// Accepts TLS connections with client certificates until shutdown.
@@ -749,7 +822,7 @@ impl Front {
                 self.refuse(r.reason);
                 warn!(%peer, device = %r.device, reason = r.reason, error = %r.detail, "password login refused");
                 if let Some(code) = r.code {
-                    let _ = dev_w.write_all(&[0x20, 0x02, 0x00, code]).await;
+                    let _ = dev_w.write_all(&connack_refusal(code)).await;
                 }
                 let _ = dev_w.shutdown().await;
                 return;
@@ -761,8 +834,13 @@ impl Front {
         let connect = match self.check_connect(frame, id_mac.as_deref()) {
             Ok(v) => v,
             Err(v) => {
-                metrics.reject(v.reason());
-                warn!(%peer, device = %shown, reason = v.reason(), violation = %v, "connection closed: identity violation");
+                self.count(&v);
+                let code = v.connack_code();
+                warn!(%peer, device = %shown, reason = v.reason(), connack = code, violation = %v, "CONNECT refused: {}", v.class());
+                if let Some(code) = code {
+                    let _ = dev_w.write_all(&connack_refusal(code)).await;
+                }
+                let _ = dev_w.shutdown().await;
                 return;
             }
         };
@@ -794,7 +872,7 @@ impl Front {
             self.refuse(reason);
             warn!(%peer, device = %device, reason, "connection refused: credentials revoked before the session started");
             let _ = dev_w
-                .write_all(&[CONNACK << 4, 0x02, 0x00, CONNACK_NOT_AUTHORIZED])
+                .write_all(&connack_refusal(CONNACK_NOT_AUTHORIZED))
                 .await;
             let _ = dev_w.shutdown().await;
             return;
@@ -858,8 +936,8 @@ impl Front {
                 Ok(()) => {}
                 Err(Violation::Io(e)) => debug!(%peer, device = %device, error = %e, "connection closed"),
                 Err(v) => {
-                metrics.reject(v.reason());
-                warn!(%peer, device = %device, identity = %shown, reason = v.reason(), violation = %v, "connection closed: identity violation");
+                    self.count(&v);
+                    warn!(%peer, device = %device, identity = %shown, reason = v.reason(), violation = %v, "connection closed: {}", v.class());
                 }
             }
             let _ = dev_w.shutdown().await;
@@ -914,7 +992,9 @@ impl Front {
             device: device.to_string(),
             detail,
         };
-        let login = match parse(frame.clone(), self.inner.cfg.max_packet_size) {
+        let parsed = check_protocol_level(frame)
+            .and_then(|()| parse(frame.clone(), self.inner.cfg.max_packet_size));
+        let login = match parsed {
             Ok(Packet::Connect(_, _, _, _, login)) => login,
             Ok(_) => {
                 return Err(refusal(
@@ -924,7 +1004,7 @@ impl Front {
                     Violation::NotConnect.to_string(),
                 ))
             }
-            Err(v) => return Err(refusal(v.reason(), None, "-", v.to_string())),
+            Err(v) => return Err(refusal(v.reason(), v.connack_code(), "-", v.to_string())),
         };
         let Some(Login { username, password }) = login else {
             return Err(refusal(
@@ -1003,6 +1083,7 @@ impl Front {
     /// the longest keep-alive (the front enforces the device's own, which it
     /// returns).
     fn check_connect(&self, frame: BytesMut, cert_mac: Option<&str>) -> Result<Connect, Violation> {
+        check_protocol_level(&frame)?;
         let packet = parse(frame, self.inner.cfg.max_packet_size)?;
         let Packet::Connect(mut connect, _, will, _, _) = packet else {
             return Err(Violation::NotConnect);
@@ -1020,7 +1101,9 @@ impl Front {
             _ => claimed,
         };
         if let Some(LastWill { topic, .. }) = &will {
-            check_publish_topic(topic, &device)?;
+            check_publish_topic(topic, &device).map_err(|_| Violation::Will {
+                topic: truncate(&String::from_utf8_lossy(topic)),
+            })?;
         }
         let login = Login {
             username: BROKER_USER.into(),
@@ -1316,6 +1399,34 @@ fn ready_frame(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, Viola
     }
 }
 
+/// Refuses a CONNECT of another MQTT version before it is parsed as 3.1.1:
+/// protocol name `MQTT` (3.1.1, 5) or `MQIsdp` (3.1) with a level other
+/// than 4. Anything else (not a CONNECT, another name, too short) is left
+/// to the parser.
+fn check_protocol_level(frame: &[u8]) -> Result<(), Violation> {
+    if frame.first().map(|b| b >> 4) != Some(CONNECT) {
+        return Ok(());
+    }
+    // The fixed header: one byte, then a remaining length of 1-4 bytes.
+    let Some(len_end) = frame[1..].iter().take(4).position(|b| b & 0x80 == 0) else {
+        return Ok(());
+    };
+    let v = &frame[2 + len_end..];
+    let Some(name_len) = v
+        .get(..2)
+        .map(|n| u16::from_be_bytes([n[0], n[1]]) as usize)
+    else {
+        return Ok(());
+    };
+    let (Some(name), Some(&level)) = (v.get(2..2 + name_len), v.get(2 + name_len)) else {
+        return Ok(());
+    };
+    if (name == b"MQTT" || name == b"MQIsdp") && level != 4 {
+        return Err(Violation::UnsupportedProtocol { level });
+    }
+    Ok(())
+}
+
 /// Parses one frame. rumqttd's parser is not meant for hostile input, so a
 /// panic in it is caught and treated as a malformed packet.
 fn parse(frame: BytesMut, max: usize) -> Result<Packet, Violation> {
@@ -1393,6 +1504,7 @@ enum Control {
     Other,
 }
 
+const CONNECT: u8 = 1;
 const PUBLISH: u8 = 3;
 const PUBACK: u8 = 4;
 const CONNACK: u8 = 2;

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod devpass;
 pub mod front;
+pub mod fsmode;
 pub mod http;
 pub mod ident;
 pub mod ingest;

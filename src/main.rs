@@ -102,8 +102,9 @@ enum AdminCmd {
 
 #[derive(Subcommand)]
 enum CaCmd {
-    /// Create the site CA and the gateway's TLS server certificate
-    /// (ECDSA P-256) under <data-dir>/certs. `serve` does this on first start.
+    /// Create the site root CA, its issuing intermediate and the gateway's
+    /// TLS server certificate (ECDSA P-256) under <data-dir>/certs. `serve`
+    /// does this on first start.
     Init {
         /// DNS name devices use to reach the gateway (repeatable).
         #[arg(long = "hostname")]
@@ -112,6 +113,16 @@ enum CaCmd {
         #[arg(long = "ip")]
         ips: Vec<std::net::IpAddr>,
     },
+    /// Copy the root CA certificate and key to DIR (key 0600), to keep
+    /// offline before `ca remove-root-key`.
+    ExportRoot {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Delete the root CA key from the gateway. Devices and the server
+    /// certificate are signed by the intermediate from then on; creating a
+    /// new intermediate (or CA) needs the exported key.
+    RemoveRootKey,
 }
 
 #[derive(clap::Args)]
@@ -341,6 +352,30 @@ async fn main() -> Result<()> {
             println!("CA valid until:     {}", r.ca_not_after.to_rfc3339());
             println!("server certificate: {}", r.server.cert_path.display());
             println!("server names:       {}", r.server.sans.join(", "));
+            println!("issuing CA:         {}", pki.issuing_cert_path().display());
+            println!("root CA key:        {} (export it with `barngate ca export-root --out DIR`, then `barngate ca remove-root-key`)", pki.ca_key_path().display());
+            Ok(())
+        }
+        Cmd::Ca {
+            cmd: CaCmd::ExportRoot { out },
+        } => {
+            let pki = server::pki(&cli.data_dir);
+            for f in pki.export_root(&out)? {
+                println!("exported {}", f.display());
+            }
+            println!("keep these offline: the key is needed to create a new issuing CA");
+            Ok(())
+        }
+        Cmd::Ca {
+            cmd: CaCmd::RemoveRootKey,
+        } => {
+            let pki = server::pki(&cli.data_dir);
+            let removed = pki.remove_root_key()?;
+            println!(
+                "removed {}; devices are issued by {}",
+                removed.display(),
+                pki.issuing_cert_path().display()
+            );
             Ok(())
         }
         Cmd::Device {
@@ -585,7 +620,7 @@ async fn query(data_dir: &Path, req: Request) -> Result<serde_json::Value> {
             db.display()
         );
     }
-    let store = Store::open(&db)?;
+    let store = server::open_store(&db)?;
     let v = admin::answer(&store, &req, chrono::Utc::now());
     if v["ok"].as_bool() == Some(true) {
         Ok(v["data"].clone())

@@ -39,6 +39,15 @@ pub struct Metrics {
     /// Of `connections`: local sessions (no broker connection behind them).
     pub connections_local: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// Connections closed for claiming another identity: a client id that
+    /// is not the authenticated device's (or no device id), or a publish,
+    /// subscribe or will on a topic the device may not use. Keep-alive
+    /// expiries and malformed packets are not counted here.
+    pub identity_violations: AtomicU64,
+    /// Dashboard password checks (argon2) running now, and the most that
+    /// ever ran at once (`http.login_concurrency` bounds both).
+    pub login_checks_running: AtomicU64,
+    pub login_checks_peak: AtomicU64,
     pub ingest_queue: AtomicU64,
     pub upstream_delivered: AtomicU64,
     pub upstream_failures: AtomicU64,
@@ -229,6 +238,24 @@ impl Metrics {
             "Device connections refused.",
             "counter",
             &self.connections_refused,
+        );
+        c(
+            "identity_violations_total",
+            "Connections closed for a client id, publish, subscribe or will outside the device's identity.",
+            "counter",
+            &self.identity_violations,
+        );
+        c(
+            "login_checks_running",
+            "Dashboard password checks running now.",
+            "gauge",
+            &self.login_checks_running,
+        );
+        c(
+            "login_checks_peak",
+            "Most dashboard password checks that ran at once since start.",
+            "gauge",
+            &self.login_checks_peak,
         );
         c(
             "upstream_delivered_total",

@@ -4,9 +4,16 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `ca.crt.pem`, `ca.key.pem` | the site CA (ECDSA P-256, 10 years) |
-//! | `server.crt.pem`, `server.key.pem` | the gateway's TLS server certificate (5 years) |
+//! | `ca.crt.pem`, `ca.key.pem` | the site root CA (ECDSA P-256, 10 years): the trust anchor devices and the device listener use |
+//! | `issuing.crt.pem`, `issuing.key.pem` | the issuing intermediate CA, signed by the root: it signs device and server certificates |
+//! | `server.crt.pem`, `server.key.pem` | the gateway's TLS server certificate (5 years), followed by the intermediate (the chain devices verify up to the root) |
 //! | `revoked.json` | revoked device certificate serials |
+//!
+//! The root key is needed only to create the intermediate: it can be
+//! exported ([`Pki::export_root`]) and removed from the gateway
+//! ([`Pki::remove_root_key`]); everything else keeps working with the
+//! intermediate. A data directory from before the intermediate (no
+//! `issuing.*`) keeps signing with the root, whose key then stays.
 //!
 //! It creates the CA ([`Pki::init_ca`], [`Pki::ensure_ca`]), issues device
 //! client certificates together with an Arduino/ESP-IDF header
@@ -50,6 +57,8 @@ use sha2::{Digest, Sha256};
 use x509_parser::der_parser::asn1_rs::Tag;
 use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate, X509Name};
 
+/// Subject CN of the issuing intermediate CA.
+pub const ISSUING_COMMON_NAME: &str = "barngate issuing CA";
 /// Subject CN of the site CA.
 pub const CA_COMMON_NAME: &str = "barngate site CA";
 /// Subject O of every certificate this module creates.
@@ -69,6 +78,8 @@ const BACKDATE: Duration = Duration::days(1);
 
 const CA_CERT_FILE: &str = "ca.crt.pem";
 const CA_KEY_FILE: &str = "ca.key.pem";
+const ISSUING_CERT_FILE: &str = "issuing.crt.pem";
+const ISSUING_KEY_FILE: &str = "issuing.key.pem";
 const SERVER_CERT_FILE: &str = "server.crt.pem";
 const SERVER_KEY_FILE: &str = "server.key.pem";
 const REVOKED_FILE: &str = "revoked.json";
@@ -97,6 +108,16 @@ pub enum PkiError {
     NoCa(PathBuf),
     #[error("the CA private key does not match the CA certificate in {0}")]
     CaKeyMismatch(PathBuf),
+    #[error(
+        "no root CA key in {0} (removed with `ca remove-root-key`); put the exported \
+         ca.key.pem back into it for this"
+    )]
+    NoRootKey(PathBuf),
+    #[error(
+        "the site CA in {0} has no issuing intermediate (it predates them): its root key \
+         signs the devices and cannot be removed"
+    )]
+    RootKeyNeeded(PathBuf),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -332,11 +353,15 @@ pub struct Pki {
     dir: PathBuf,
 }
 
-/// The CA loaded for signing.
+/// The CA that signs (the intermediate, or the root of a CA without one).
 struct LoadedCa {
     cert: rcgen::Certificate,
     key: KeyPair,
-    pem: String,
+    /// The root certificate, PEM: what devices trust.
+    root_pem: String,
+    /// What follows a certificate it signs in a chain (the intermediate's
+    /// PEM; empty when the root signs).
+    chain_pem: String,
     subject_raw: Vec<u8>,
     not_after: DateTime<Utc>,
 }
@@ -357,6 +382,12 @@ impl Pki {
     pub fn ca_key_path(&self) -> PathBuf {
         self.dir.join(CA_KEY_FILE)
     }
+    pub fn issuing_cert_path(&self) -> PathBuf {
+        self.dir.join(ISSUING_CERT_FILE)
+    }
+    pub fn issuing_key_path(&self) -> PathBuf {
+        self.dir.join(ISSUING_KEY_FILE)
+    }
     pub fn server_cert_path(&self) -> PathBuf {
         self.dir.join(SERVER_CERT_FILE)
     }
@@ -367,9 +398,20 @@ impl Pki {
         self.dir.join(REVOKED_FILE)
     }
 
-    /// True when the CA certificate and key are present.
+    /// True when the CA certificate and a key that signs are present (the
+    /// root's, or the issuing intermediate's).
     pub fn exists(&self) -> bool {
-        self.ca_cert_path().is_file() && self.ca_key_path().is_file()
+        self.ca_cert_path().is_file() && (self.ca_key_path().is_file() || self.has_intermediate())
+    }
+
+    /// True when an issuing intermediate signs (its certificate and key).
+    pub fn has_intermediate(&self) -> bool {
+        self.issuing_cert_path().is_file() && self.issuing_key_path().is_file()
+    }
+
+    /// True when the root CA's private key is on this machine.
+    pub fn has_root_key(&self) -> bool {
+        self.ca_key_path().is_file()
     }
 
     /// The CA certificate, PEM.
@@ -381,8 +423,9 @@ impl Pki {
         fs::read_to_string(&path).map_err(io_err(&path))
     }
 
-    /// Creates the site CA and the gateway server certificate. Refuses when a
-    /// CA exists unless `opts.force`. The server certificate's SANs are
+    /// Creates the site root CA, its issuing intermediate and the gateway
+    /// server certificate (signed by the intermediate). Refuses when a CA
+    /// exists unless `opts.force`. The server certificate's SANs are
     /// `opts.hostnames`, `opts.ips`, `localhost`, `127.0.0.1` and `::1`.
     pub fn init_ca(&self, opts: &CaInitOptions) -> Result<CaInitReport, PkiError> {
         if self.exists() && !opts.force {
@@ -407,34 +450,73 @@ impl Pki {
             format!("site {}", hex::encode(site_id)),
         );
         ca_dn.push(DnType::CommonName, CA_COMMON_NAME);
-        params.distinguished_name = ca_dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.distinguished_name = ca_dn.clone();
+        // Path length 1: the root signs the intermediate, which signs leaves.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.not_before = to_offset(now - BACKDATE)?;
         params.not_after = to_offset(ca_not_after)?;
         params.serial_number = Some(random_serial()?);
         let ca_cert = params.self_signed(&ca_key)?;
+        let root_pem = ca_cert.pem();
+
+        // The issuing intermediate: same site, valid as long as the root.
+        let issuing_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut issuing_dn = DistinguishedName::new();
+        for (t, v) in ca_dn.iter() {
+            if *t != DnType::CommonName {
+                issuing_dn.push(t.clone(), v.clone());
+            }
+        }
+        issuing_dn.push(DnType::CommonName, ISSUING_COMMON_NAME);
+        params.distinguished_name = issuing_dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = to_offset(now - BACKDATE)?;
+        params.not_after = to_offset(ca_not_after)?;
+        params.serial_number = Some(random_serial()?);
+        let issuing_cert = params.signed_by(&issuing_key, &ca_cert, &ca_key)?;
+        if cert_issuer_raw(issuing_cert.der())? != cert_subject_raw(ca_cert.der())? {
+            return Err(PkiError::Certificate(
+                "the intermediate's issuer name does not match the root subject".into(),
+            ));
+        }
+        let issuing_pem = issuing_cert.pem();
         let ca = LoadedCa {
-            pem: ca_cert.pem(),
-            subject_raw: cert_subject_raw(ca_cert.der())?,
-            cert: ca_cert,
-            key: ca_key,
+            root_pem: root_pem.clone(),
+            chain_pem: issuing_pem.clone(),
+            subject_raw: cert_subject_raw(issuing_cert.der())?,
+            cert: issuing_cert,
+            key: issuing_key,
             not_after: ca_not_after,
         };
 
-        // Written so that the CA cert comes last: once `exists()` is true the
-        // other files are there too.
+        // Written so that the root cert comes last: once `exists()` is true
+        // the other files are there too. A forced re-init removes nothing
+        // first, so every file is replaced.
         let server = self.write_server_cert(&ca, sans, now)?;
         write_atomic(
-            &self.ca_key_path(),
+            &self.issuing_key_path(),
             ca.key.serialize_pem().as_bytes(),
             KEY_MODE,
         )?;
-        write_atomic(&self.ca_cert_path(), ca.pem.as_bytes(), PUBLIC_MODE)?;
+        write_atomic(
+            &self.issuing_cert_path(),
+            issuing_pem.as_bytes(),
+            PUBLIC_MODE,
+        )?;
+        write_atomic(
+            &self.ca_key_path(),
+            ca_key.serialize_pem().as_bytes(),
+            KEY_MODE,
+        )?;
+        write_atomic(&self.ca_cert_path(), root_pem.as_bytes(), PUBLIC_MODE)?;
         Ok(CaInitReport {
             ca_cert_path: self.ca_cert_path(),
             server_cert_path: self.server_cert_path(),
-            ca_fingerprint_sha256: sha256_fingerprint(ca.cert.der()),
+            ca_fingerprint_sha256: sha256_fingerprint(ca_cert.der()),
             ca_not_after,
             server,
         })
@@ -494,7 +576,9 @@ impl Pki {
             key.serialize_pem().as_bytes(),
             KEY_MODE,
         )?;
-        write_atomic(&self.server_cert_path(), cert.pem().as_bytes(), PUBLIC_MODE)?;
+        // The chain a device verifies up to the root it trusts.
+        let chain = format!("{}{}", cert.pem(), ca.chain_pem);
+        write_atomic(&self.server_cert_path(), chain.as_bytes(), PUBLIC_MODE)?;
         Ok(ServerCertReport {
             cert_path: self.server_cert_path(),
             sans: san_text,
@@ -572,7 +656,14 @@ impl Pki {
 
         let cert_pem = cert.pem();
         let key_pem = key.serialize_pem();
-        let mut header = device_header(&mac, &ca.pem, &cert_pem, &key_pem, &serial_hex, not_after);
+        let mut header = device_header(
+            &mac,
+            &ca.root_pem,
+            &cert_pem,
+            &key_pem,
+            &serial_hex,
+            not_after,
+        );
         if let Some(pw) = password {
             header = header_with_password(&header, &mac, pw);
         }
@@ -590,7 +681,7 @@ impl Pki {
         }
         write_atomic(&paths.key, key_pem.as_bytes(), KEY_MODE)?;
         write_atomic(&paths.cert, cert_pem.as_bytes(), PUBLIC_MODE)?;
-        write_atomic(&paths.ca_cert, ca.pem.as_bytes(), PUBLIC_MODE)?;
+        write_atomic(&paths.ca_cert, ca.root_pem.as_bytes(), PUBLIC_MODE)?;
         write_atomic(&paths.header, header.as_bytes(), KEY_MODE)?;
         Ok(IssuedDevice {
             mac,
@@ -601,12 +692,29 @@ impl Pki {
         })
     }
 
+    /// The CA that signs: the issuing intermediate when there is one, else
+    /// the root.
     fn load_ca(&self) -> Result<LoadedCa, PkiError> {
         if !self.exists() {
             return Err(PkiError::NoCa(self.dir.clone()));
         }
-        let cert_path = self.ca_cert_path();
-        let key_path = self.ca_key_path();
+        let root_path = self.ca_cert_path();
+        let root_pem = fs::read_to_string(&root_path).map_err(io_err(&root_path))?;
+        if self.has_intermediate() {
+            let mut ca = self.load_signer(&self.issuing_cert_path(), &self.issuing_key_path())?;
+            ca.chain_pem = fs::read_to_string(self.issuing_cert_path())
+                .map_err(io_err(&self.issuing_cert_path()))?;
+            ca.root_pem = root_pem;
+            return Ok(ca);
+        }
+        let mut ca = self.load_signer(&root_path, &self.ca_key_path())?;
+        ca.root_pem = root_pem;
+        Ok(ca)
+    }
+
+    /// A CA certificate and its key, ready to sign.
+    fn load_signer(&self, cert_path: &Path, key_path: &Path) -> Result<LoadedCa, PkiError> {
+        let (cert_path, key_path) = (cert_path.to_path_buf(), key_path.to_path_buf());
         let pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| PkiError::Pem {
             path: cert_path.clone(),
@@ -644,10 +752,69 @@ impl Pki {
         Ok(LoadedCa {
             cert,
             key,
-            pem,
+            root_pem: String::new(),
+            chain_pem: String::new(),
             subject_raw,
             not_after,
         })
+    }
+
+    /// Copies the root CA certificate and key to `out` (created 0700; the
+    /// key 0600), for keeping offline. Returns the files written.
+    pub fn export_root(&self, out: &Path) -> Result<Vec<PathBuf>, PkiError> {
+        if !self.ca_cert_path().is_file() {
+            return Err(PkiError::NoCa(self.dir.clone()));
+        }
+        if !self.has_root_key() {
+            return Err(PkiError::NoRootKey(self.dir.clone()));
+        }
+        // Checks the pair before it is relied on offline.
+        self.load_signer(&self.ca_cert_path(), &self.ca_key_path())?;
+        create_private_dir(out)?;
+        let mut written = Vec::new();
+        for (from, mode) in [
+            (self.ca_cert_path(), PUBLIC_MODE),
+            (self.ca_key_path(), KEY_MODE),
+        ] {
+            let data = fs::read(&from).map_err(io_err(&from))?;
+            let to = out.join(from.file_name().unwrap_or_default());
+            write_atomic(&to, &data, mode)?;
+            written.push(to);
+        }
+        Ok(written)
+    }
+
+    /// Deletes the root CA key from the certs directory (overwritten with
+    /// zeros first; flash storage may still keep old blocks). Devices and
+    /// the server certificate are then signed by the intermediate; a new
+    /// intermediate, or a forced `ca init` replacing it, needs the exported
+    /// key. Refused for a CA without an intermediate. Returns the path.
+    pub fn remove_root_key(&self) -> Result<PathBuf, PkiError> {
+        let path = self.ca_key_path();
+        if !self.ca_cert_path().is_file() {
+            return Err(PkiError::NoCa(self.dir.clone()));
+        }
+        if !self.has_root_key() {
+            return Err(PkiError::NoRootKey(self.dir.clone()));
+        }
+        if !self.has_intermediate() {
+            return Err(PkiError::RootKeyNeeded(self.dir.clone()));
+        }
+        // The intermediate must be usable before the root key goes.
+        self.load_ca()?;
+        let _lock = DirLock::exclusive(&self.dir)?;
+        let len = fs::metadata(&path).map_err(io_err(&path))?.len() as usize;
+        let wipe = (|| {
+            let mut f = OpenOptions::new().write(true).open(&path)?;
+            f.write_all(&vec![0u8; len])?;
+            f.sync_all()
+        })();
+        wipe.map_err(io_err(&path))?;
+        fs::remove_file(&path).map_err(io_err(&path))?;
+        if let Ok(d) = fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(path)
     }
 
     // -- revocation ---------------------------------------------------------
@@ -785,7 +952,21 @@ impl Pki {
         let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .map_err(|e| PkiError::Tls(e.to_string()))?;
-        let verifier = Arc::new(RevocationCheckingVerifier { inner, revoked });
+        // The intermediate that signs devices: a device presents only its
+        // own certificate, and the chain to the root is completed here
+        // (with this intermediate only: see `verify_client_cert`).
+        let mut intermediates = Vec::new();
+        if self.issuing_cert_path().is_file() {
+            let path = self.issuing_cert_path();
+            for cert in CertificateDer::pem_file_iter(&path).map_err(pem_err(&path))? {
+                intermediates.push(cert.map_err(pem_err(&path))?);
+            }
+        }
+        let verifier = Arc::new(RevocationCheckingVerifier {
+            inner,
+            revoked,
+            intermediates,
+        });
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| PkiError::Tls(e.to_string()))?
@@ -911,6 +1092,9 @@ fn cipher_rank(suite: rustls::CipherSuite, aes_hardware: bool) -> u8 {
 struct RevocationCheckingVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     revoked: SharedRevoked,
+    /// The site's issuing intermediate, the only one a device chain may
+    /// go through (none for a root-only CA).
+    intermediates: Vec<CertificateDer<'static>>,
 }
 
 impl ClientCertVerifier for RevocationCheckingVerifier {
@@ -929,12 +1113,15 @@ impl ClientCertVerifier for RevocationCheckingVerifier {
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
+        _intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        // Only the site's own intermediate may stand between a device
+        // certificate and the root: one the client sends is ignored, so an
+        // intermediate the gateway no longer uses signs no device in.
         let verified = self
             .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+            .verify_client_cert(end_entity, &self.intermediates, now)?;
         let id = peer_identity(end_entity).map_err(|_| {
             rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
         })?;
@@ -1008,6 +1195,12 @@ fn cert_subject_raw(der: &[u8]) -> Result<Vec<u8>, PkiError> {
     let (_, x509) = X509Certificate::from_der(der)
         .map_err(|e| PkiError::Certificate(format!("cannot parse certificate: {e}")))?;
     Ok(x509.subject().as_raw().to_vec())
+}
+
+fn cert_issuer_raw(der: &[u8]) -> Result<Vec<u8>, PkiError> {
+    let (_, x509) = X509Certificate::from_der(der)
+        .map_err(|e| PkiError::Certificate(format!("cannot parse certificate: {e}")))?;
+    Ok(x509.issuer().as_raw().to_vec())
 }
 
 fn check_issued_by(der: &[u8], ca: &LoadedCa) -> Result<(), PkiError> {
@@ -1411,6 +1604,8 @@ mod tests {
         for p in [
             pki.ca_cert_path(),
             pki.ca_key_path(),
+            pki.issuing_cert_path(),
+            pki.issuing_key_path(),
             pki.server_cert_path(),
             pki.server_key_path(),
         ] {
@@ -1419,6 +1614,7 @@ mod tests {
         #[cfg(unix)]
         {
             assert_eq!(mode(&pki.ca_key_path()), 0o600);
+            assert_eq!(mode(&pki.issuing_key_path()), 0o600);
             assert_eq!(mode(&pki.server_key_path()), 0o600);
             assert_eq!(mode(pki.dir()), 0o700);
         }
@@ -1457,11 +1653,33 @@ mod tests {
             / 365;
         assert_eq!(years, 10);
 
-        // Server certificate: SANs and EKU.
+        // The intermediate: signed by the root, path length 0.
+        let int_pem = fs::read(pki.issuing_cert_path()).unwrap();
+        let int_der = CertificateDer::from_pem_slice(&int_pem).unwrap();
+        let (_, int) = X509Certificate::from_der(&int_der).unwrap();
+        assert_eq!(int.issuer().as_raw(), ca.subject().as_raw());
+        let bc = int.basic_constraints().unwrap().unwrap().value;
+        assert!(bc.ca && bc.path_len_constraint == Some(0));
+        assert_eq!(
+            ca.basic_constraints()
+                .unwrap()
+                .unwrap()
+                .value
+                .path_len_constraint,
+            Some(1)
+        );
+
+        // Server certificate: signed by the intermediate, which follows it
+        // in the file; SANs and EKU.
         let srv_pem = fs::read(pki.server_cert_path()).unwrap();
-        let srv_der = CertificateDer::from_pem_slice(&srv_pem).unwrap();
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(&srv_pem)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[1], int_der);
+        let srv_der = chain[0].clone();
         let (_, srv) = X509Certificate::from_der(&srv_der).unwrap();
-        assert_eq!(srv.issuer().as_raw(), ca.subject().as_raw());
+        assert_eq!(srv.issuer().as_raw(), int.subject().as_raw());
         assert!(srv.extended_key_usage().unwrap().unwrap().value.server_auth);
         let san = srv.subject_alternative_name().unwrap().unwrap().value;
         let names: Vec<String> = san
@@ -1488,6 +1706,149 @@ mod tests {
         };
         pki.init_ca(&forced).unwrap();
         assert_ne!(fs::read(pki.ca_cert_path()).unwrap(), ca_pem);
+    }
+
+    /// With the root key exported and removed, devices and server
+    /// certificates are still issued (by the intermediate) and verified
+    /// (up to the root); the root key comes back from the export.
+    #[test]
+    fn the_root_key_can_be_exported_and_removed() {
+        let (tmp, pki, _dev, ca_pem, _, _) = site_with_device();
+        let out = tmp.path().join("offline");
+        let files = pki.export_root(&out).unwrap();
+        assert_eq!(files.len(), 2);
+        assert_eq!(fs::read(out.join("ca.crt.pem")).unwrap(), ca_pem.as_bytes());
+        assert_eq!(
+            fs::read(out.join("ca.key.pem")).unwrap(),
+            fs::read(pki.ca_key_path()).unwrap()
+        );
+        #[cfg(unix)]
+        {
+            assert_eq!(mode(&out.join("ca.key.pem")), 0o600);
+            assert_eq!(mode(&out), 0o700);
+        }
+        pki.remove_root_key().unwrap();
+        assert!(!pki.ca_key_path().exists());
+        assert!(pki.exists(), "the intermediate still signs");
+        assert!(!pki.ensure_ca().unwrap(), "no new CA on start");
+        assert!(matches!(pki.remove_root_key(), Err(PkiError::NoRootKey(_))));
+        assert!(matches!(pki.export_root(&out), Err(PkiError::NoRootKey(_))));
+
+        let dev = pki
+            .issue_device("B8F862F9CFB9", 825, &tmp.path().join("dev2"))
+            .unwrap();
+        assert_eq!(fs::read_to_string(&dev.paths.ca_cert).unwrap(), ca_pem);
+        pki.issue_server_cert(&["barn.local".into()], &[], None)
+            .unwrap();
+        let server = Arc::new(
+            pki.server_tls_config(pki.shared_revoked().unwrap())
+                .unwrap(),
+        );
+        let cert = fs::read_to_string(&dev.paths.cert).unwrap();
+        let key = fs::read_to_string(&dev.paths.key).unwrap();
+        for tls12 in [false, true] {
+            let s = handshake(
+                client_config(&ca_pem, Some((&cert, &key)), tls12),
+                server.clone(),
+            )
+            .unwrap_or_else(|e| panic!("tls12={tls12}: {e}"));
+            let id = peer_identity(&s.peer_certificates().unwrap()[0]).unwrap();
+            assert_eq!(id.serial_hex, dev.serial_hex);
+        }
+    }
+
+    /// A device certificate from another intermediate under the same root
+    /// (one the site no longer uses, or one made with a stolen root key) is
+    /// refused even when the device sends that intermediate along.
+    #[test]
+    fn only_the_sites_own_intermediate_signs_devices_in() {
+        let (_tmp, pki, _dev, ca_pem, _, _) = site_with_device();
+        let root = pki
+            .load_signer(&pki.ca_cert_path(), &pki.ca_key_path())
+            .unwrap();
+        let other_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = dn("another issuing CA");
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        p.use_authority_key_identifier_extension = true;
+        let other = p.signed_by(&other_key, &root.cert, &root.key).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = dn("B8F862F9CFB8");
+        p.subject_alt_names = vec![SanType::URI(
+            format!("{DEVICE_URI_PREFIX}B8F862F9CFB8")
+                .try_into()
+                .unwrap(),
+        )];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.use_authority_key_identifier_extension = true;
+        p.serial_number = Some(random_serial().unwrap());
+        let leaf = p.signed_by(&key, &other, &other_key).unwrap();
+        let server = Arc::new(
+            pki.server_tls_config(pki.shared_revoked().unwrap())
+                .unwrap(),
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let client =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(
+                    vec![leaf.der().clone(), other.der().clone()],
+                    PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+                )
+                .unwrap();
+        let err = handshake(Arc::new(client), server).unwrap_err();
+        assert!(
+            matches!(err, rustls::Error::InvalidCertificate(_)),
+            "{err:?}"
+        );
+    }
+
+    /// A CA from before the intermediate (root only) keeps issuing with the
+    /// root and keeps its root key.
+    #[test]
+    fn a_root_only_ca_keeps_issuing_with_the_root() {
+        let (tmp, pki) = new_pki();
+        pki.init_ca(&CaInitOptions::default()).unwrap();
+        fs::remove_file(pki.issuing_cert_path()).unwrap();
+        fs::remove_file(pki.issuing_key_path()).unwrap();
+        pki.issue_server_cert(&[], &[], None).unwrap();
+        let srv = fs::read(pki.server_cert_path()).unwrap();
+        assert_eq!(CertificateDer::pem_slice_iter(&srv).count(), 1);
+        let dev = pki
+            .issue_device("B8F862F9CFB8", 825, &tmp.path().join("dev"))
+            .unwrap();
+        let der = CertificateDer::from_pem_file(&dev.paths.cert).unwrap();
+        let (_, x) = X509Certificate::from_der(&der).unwrap();
+        assert_eq!(
+            x.issuer()
+                .iter_common_name()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap(),
+            CA_COMMON_NAME
+        );
+        let ca_pem = pki.ca_cert_pem().unwrap();
+        let server = Arc::new(
+            pki.server_tls_config(pki.shared_revoked().unwrap())
+                .unwrap(),
+        );
+        let cert = fs::read_to_string(&dev.paths.cert).unwrap();
+        let key = fs::read_to_string(&dev.paths.key).unwrap();
+        handshake(client_config(&ca_pem, Some((&cert, &key)), false), server).unwrap();
+        assert!(matches!(
+            pki.remove_root_key(),
+            Err(PkiError::RootKeyNeeded(_))
+        ));
+        assert!(pki.ca_key_path().is_file());
     }
 
     #[test]

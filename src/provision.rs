@@ -42,6 +42,11 @@ pub enum ProvisionError {
     IngestGone,
     #[error("{0}")]
     Invalid(String),
+    #[error("cannot create database {path}: {source}")]
+    Database {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// What a registry change did.
@@ -280,6 +285,10 @@ pub async fn apply(
         return serde_json::from_value(v)
             .map_err(|e| ProvisionError::Invalid(format!("unreadable answer: {e}")));
     }
+    crate::fsmode::private_file(store_path).map_err(|source| ProvisionError::Database {
+        path: store_path.display().to_string(),
+        source,
+    })?;
     let store = Store::open(store_path)?;
     apply_offline(&store, pki, cfg, &change)
 }

@@ -83,18 +83,37 @@ async fn bind(
 }
 
 /// Creates the data directory (0700: it holds keys and a farm's images).
+/// An existing one is left as it is, with a warning if others can enter it.
 pub fn ensure_data_dir(dir: &Path) -> Result<(), ServeError> {
     use std::os::unix::fs::PermissionsExt;
     if !dir.exists() {
-        std::fs::create_dir_all(dir).map_err(|source| ServeError::Io {
+        crate::fsmode::create_private_dir_all(dir).map_err(|source| ServeError::Io {
             what: "cannot create data directory",
             path: dir.display().to_string(),
             source,
         })?;
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         info!(dir = %dir.display(), "data directory created");
+    } else if let Ok(m) = std::fs::metadata(dir) {
+        let mode = m.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "data directory is open to other users; `chmod 700` it");
+        }
     }
     Ok(())
+}
+
+/// Opens the database at `path`, created 0600 (an existing one with group
+/// or other access is narrowed to 0600 first).
+pub fn open_store(path: &Path) -> Result<Store, ServeError> {
+    let narrowed = crate::fsmode::private_file(path).map_err(|source| ServeError::Io {
+        what: "cannot create database",
+        path: path.display().to_string(),
+        source,
+    })?;
+    if narrowed {
+        info!(path = %path.display(), "database file made private (0600)");
+    }
+    Ok(Store::open(path)?)
 }
 
 /// The config in effect: `--config FILE` if given; else `<data_dir>/barngate.toml`,
@@ -108,10 +127,12 @@ pub fn load_config(data_dir: &Path, explicit: Option<&Path>) -> Result<Config, S
         return Ok(Config::load(&p)?);
     }
     if data_dir.exists() {
-        std::fs::write(&p, TEMPLATE).map_err(|source| ServeError::Io {
-            what: "cannot write config",
-            path: p.display().to_string(),
-            source,
+        crate::fsmode::write_new_private(&p, TEMPLATE.as_bytes()).map_err(|source| {
+            ServeError::Io {
+                what: "cannot write config",
+                path: p.display().to_string(),
+                source,
+            }
         })?;
         info!(path = %p.display(), "default config written");
     }
@@ -155,7 +176,7 @@ impl Gateway {
         let cfg = opts.config;
         cfg.validate()?;
         ensure_data_dir(&opts.data_dir)?;
-        let store = Arc::new(Store::open(&opts.data_dir.join(DB_FILE))?);
+        let store = Arc::new(open_store(&opts.data_dir.join(DB_FILE))?);
         let metrics = Arc::new(Metrics::default());
         let schedule = Schedule::new(&cfg.schedule, cfg.timezone()?);
         let engine = Engine::new(
@@ -302,6 +323,9 @@ impl Gateway {
         if require_login && !http::auth::password_is_set(&opts.data_dir) {
             tracing::warn!(http = %http_addr, "dashboard is not on loopback and no admin password is set: run `barngate admin set-password`");
         }
+        if require_login && !cfg.http.metrics_require_login {
+            tracing::info!(http = %http_addr, "/metrics is readable without a login (http.metrics_require_login = false)");
+        }
         let app = http::router(http::HttpState::new(
             store.clone(),
             metrics.clone(),
@@ -309,9 +333,11 @@ impl Gateway {
             cfg.timezone()?,
             opts.data_dir.clone(),
             require_login,
+            &cfg.http,
         ));
         let mut http_shutdown = shutdown_rx.clone();
         tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let _ = axum::serve(http_listener, app)
                 .with_graceful_shutdown(async move {
                     let _ = http_shutdown.changed().await;

@@ -276,3 +276,104 @@ fn config_errors_name_the_key_and_configfile_prints_the_template() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no database"));
 }
+
+/// Finding: `barngate.toml` written on first start and the database took
+/// the umask's default mode (0644 under the usual 022), readable by every
+/// user on the Pi, and the data directory was created with the umask's
+/// mode and chmod-ed afterwards. They are now created private, whatever
+/// the umask: directories 0700, the database, config, keys and the admin
+/// password hash 0600.
+#[test]
+fn serve_creates_its_files_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fresh/data");
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    // `serve` on a data directory that does not exist yet, under umask 022.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("umask 022; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_barngate"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "serve",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("barngate ready "), "{line}");
+    let serve = Serve {
+        child,
+        mqtt: "127.0.0.1:0".parse().unwrap(),
+    };
+    // The admin password, set under the same umask.
+    let mut set = Command::new("sh")
+        .arg("-c")
+        .arg("umask 022; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_barngate"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["admin", "set-password", "--password-stdin"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        set.stdin
+            .take()
+            .unwrap()
+            .write_all(b"barn door 42\n")
+            .unwrap();
+    }
+    assert!(set.wait().unwrap().success());
+    serve.stop();
+
+    assert_eq!(mode(&data), 0o700, "data directory");
+    assert_eq!(
+        mode(&data.join("barngate.toml")),
+        0o600,
+        "config written on first start"
+    );
+    assert_eq!(mode(&data.join("barngate.redb")), 0o600, "database");
+    assert_eq!(
+        mode(&data.join("admin.passwd")),
+        0o600,
+        "admin password hash"
+    );
+    let certs = data.join("certs");
+    assert_eq!(mode(&certs), 0o700, "certs directory");
+    let mut keys = 0;
+    for e in std::fs::read_dir(&certs).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        let m = mode(&p);
+        assert_eq!(m & 0o022, 0, "{name}: {m:o} writable by others");
+        if name.contains("key") {
+            assert_eq!(m, 0o600, "{name}");
+            keys += 1;
+        }
+    }
+    assert!(keys >= 2, "CA and server keys");
+    // Nothing in the data directory is readable by group or others but
+    // the public certificates inside the private certs/.
+    for e in std::fs::read_dir(&data).unwrap() {
+        let p = e.unwrap().path();
+        assert_eq!(mode(&p) & 0o077, 0, "{}: {:o}", p.display(), mode(&p));
+    }
+}

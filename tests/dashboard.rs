@@ -447,3 +447,151 @@ async fn login_is_required_when_not_on_loopback() {
     screenshot(&format!("{base}/"), "login.png").await;
     gw.shutdown().await.unwrap();
 }
+
+/// [`http`] from the source address `src` (any 127.0.0.0/8 address).
+async fn http_from(
+    src: &str,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String, Vec<u8>) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let mut s = sock
+        .connect(format!("127.0.0.1:{}", addr.port()).parse().unwrap())
+        .await
+        .unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n{headers}\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP head");
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head, buf[split + 4..].to_vec())
+}
+
+fn set_cookie_line(head: &str) -> String {
+    head.lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no session cookie: {head}"))
+        .to_string()
+}
+
+/// Finding: `/login` ran an argon2 check (19 MiB, a core) for every
+/// request with no bound on how many at once, with no limit on failures
+/// from one address; the cookie was never `Secure`, even behind a TLS
+/// proxy; and `/metrics` (device MACs, counters) could not be put behind
+/// the login. Checks now run at most `http.login_concurrency` at once,
+/// `http.login_max_failures` failures lock an address out (429), the
+/// cookie is `Secure` behind TLS, and `http.metrics_require_login` closes
+/// `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_checks_are_bounded_rate_limited_and_the_cookie_secure_behind_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config();
+    cfg.http.login_lockout_s = 2;
+    cfg.http.metrics_require_login = true;
+    let gw = barngate::server::Gateway::start(
+        barngate::server::GatewayOptions {
+            data_dir: dir.path().to_path_buf(),
+            config: cfg,
+            mqtt_listen: Some("127.0.0.1:0".parse().unwrap()),
+            http_listen: Some("0.0.0.0:0".parse().unwrap()),
+        },
+        std::sync::Arc::new(barngate::clock::SystemClock),
+    )
+    .await
+    .unwrap();
+    barngate::http::auth::set_password(dir.path(), "barn door 42").unwrap();
+    let addr = gw.http_addr;
+    let form = "Content-Type: application/x-www-form-urlencoded\r\n";
+    let right = "password=barn+door+42";
+    let wrong = "password=wrong+password";
+
+    // /metrics needs a login here; /healthz does not.
+    assert_eq!(http(addr, "GET", "/metrics", "", "").await.0, 401);
+    assert_eq!(http(addr, "GET", "/healthz", "", "").await.0, 200);
+
+    // A burst of 8 logins from 8 addresses: all served (each waits for the
+    // one check), never two checks at once.
+    let burst: Vec<_> = (0..8)
+        .map(|i| {
+            tokio::spawn(async move {
+                http_from(
+                    &format!("127.0.0.{}", 10 + i),
+                    addr,
+                    "POST",
+                    "/login",
+                    form,
+                    right,
+                )
+                .await
+            })
+        })
+        .collect();
+    for b in burst {
+        let (st, head, _) = b.await.unwrap();
+        assert_eq!(st, 303, "{head}");
+    }
+    let peak = gw
+        .metrics
+        .login_checks_peak
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(peak, 1, "password checks at once");
+
+    // The cookie: HttpOnly and SameSite=Strict always; Secure when a TLS
+    // proxy marks the request as HTTPS, not on plain HTTP.
+    let (_, head, _) = http(addr, "POST", "/login", form, right).await;
+    let plain = set_cookie_line(&head);
+    assert!(
+        plain.contains("HttpOnly") && plain.contains("SameSite=Strict"),
+        "{plain}"
+    );
+    assert!(!plain.contains("Secure"), "{plain}");
+    let proxied = format!("{form}X-Forwarded-Proto: https\r\n");
+    let (_, head, _) = http(addr, "POST", "/login", &proxied, right).await;
+    let secure = set_cookie_line(&head);
+    assert!(
+        secure.contains("; Secure") && secure.contains("HttpOnly"),
+        "{secure}"
+    );
+
+    // With the session, /metrics is served and shows the peak.
+    let token = plain.split_once('=').unwrap().1.split(';').next().unwrap();
+    let cookie = format!("Cookie: barngate_session={token}\r\n");
+    let (st, _, body) = http(addr, "GET", "/metrics", &cookie, "").await;
+    assert_eq!(st, 200);
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("barngate_login_checks_peak 1"), "{body}");
+
+    // Five wrong passwords from one address: 401 each, then 429 (even for
+    // the right one), with Retry-After; other addresses still log in.
+    for _ in 0..5 {
+        let (st, _, _) = http_from("127.0.0.2", addr, "POST", "/login", form, wrong).await;
+        assert_eq!(st, 401);
+    }
+    let (st, head, _) = http_from("127.0.0.2", addr, "POST", "/login", form, right).await;
+    assert_eq!(st, 429, "{head}");
+    assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+    assert_eq!(gw.metrics.rejected("login_locked_out"), 1);
+    assert_eq!(gw.metrics.rejected("login_failed"), 5);
+    let (st, _, _) = http_from("127.0.0.3", addr, "POST", "/login", form, right).await;
+    assert_eq!(st, 303);
+    // The lockout ends after http.login_lockout_s.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (st, _, _) = http_from("127.0.0.2", addr, "POST", "/login", form, right).await;
+    assert_eq!(st, 303);
+    gw.shutdown().await.unwrap();
+}

@@ -1,16 +1,27 @@
 //! The dashboard login, required when HTTP is bound to anything but
 //! loopback: one admin password, stored as an argon2 hash in
 //! `<data_dir>/admin.passwd` (0600), and random session tokens held in
-//! memory, sent as an HttpOnly, SameSite=Strict cookie that expires.
+//! memory, sent as an HttpOnly, SameSite=Strict cookie that expires (and
+//! `Secure` behind TLS: `http.secure_cookies`).
+//!
+//! Password checks are bounded ([`LoginLimits`]): at most
+//! `http.login_concurrency` argon2 verifications run at once, and a source
+//! address with `http.login_max_failures` failures within
+//! `http.login_window_s` is refused (429) for `http.login_lockout_s`
+//! without a check.
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use chrono::{DateTime, Duration, Utc};
 use rand_core::{OsRng, RngCore};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::Mutex;
+use std::time::Instant;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub const PASSWORD_FILE: &str = "admin.passwd";
 pub const COOKIE: &str = "barngate_session";
@@ -135,15 +146,144 @@ pub fn token_from_cookies(header: &str) -> Option<&str> {
         .map(|(_, v)| v)
 }
 
-pub fn set_cookie(token: &str) -> String {
+/// The session cookie; `secure` adds `Secure` (sent over HTTPS only).
+pub fn set_cookie(token: &str, secure: bool) -> String {
     format!(
-        "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
-        SESSION_TTL.num_seconds()
+        "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        SESSION_TTL.num_seconds(),
+        if secure { "; Secure" } else { "" }
     )
 }
 
-pub fn clear_cookie() -> String {
-    format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0")
+pub fn clear_cookie(secure: bool) -> String {
+    format!(
+        "{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{}",
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+/// Source addresses whose failed logins are remembered at once; beyond it
+/// the address with the oldest failure is forgotten first.
+const MAX_TRACKED: usize = 4096;
+
+/// The bounds on `/login`: concurrent password checks, and failures per
+/// source address.
+pub struct LoginLimits {
+    checks: Arc<Semaphore>,
+    wait: std::time::Duration,
+    max_failures: usize,
+    window: std::time::Duration,
+    lockout: std::time::Duration,
+    failures: Mutex<HashMap<IpAddr, Failures>>,
+}
+
+#[derive(Default)]
+struct Failures {
+    /// Failures within the window, oldest first.
+    at: VecDeque<Instant>,
+    locked_until: Option<Instant>,
+}
+
+impl Failures {
+    fn stale(&self, now: Instant, window: std::time::Duration) -> bool {
+        self.locked_until.is_none_or(|t| t <= now)
+            && self
+                .at
+                .back()
+                .is_none_or(|t| now.duration_since(*t) >= window)
+    }
+}
+
+/// Why a login was not checked.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotChecked {
+    /// The address is locked out for this long.
+    LockedOut(std::time::Duration),
+    /// No check became free within `http.login_wait_ms`.
+    Busy,
+}
+
+impl LoginLimits {
+    pub fn new(cfg: &crate::config::HttpConfig) -> LoginLimits {
+        use std::time::Duration;
+        LoginLimits {
+            checks: Arc::new(Semaphore::new(cfg.login_concurrency)),
+            wait: Duration::from_millis(cfg.login_wait_ms),
+            max_failures: cfg.login_max_failures as usize,
+            window: Duration::from_secs(cfg.login_window_s),
+            lockout: Duration::from_secs(cfg.login_lockout_s),
+            failures: Mutex::default(),
+        }
+    }
+
+    /// A place among the password checks for a login from `ip`: refused
+    /// at once if `ip` is locked out, or after `http.login_wait_ms` if
+    /// every check stays busy.
+    pub async fn admit(&self, ip: IpAddr) -> Result<OwnedSemaphorePermit, NotChecked> {
+        self.locked(ip, Instant::now())
+            .map_or(Ok(()), |d| Err(NotChecked::LockedOut(d)))?;
+        let permit = tokio::time::timeout(self.wait, self.checks.clone().acquire_owned()).await;
+        let permit = match permit {
+            Ok(Ok(p)) => p,
+            _ => return Err(NotChecked::Busy),
+        };
+        // Locked out while it waited (by another login from the address).
+        self.locked(ip, Instant::now())
+            .map_or(Ok(permit), |d| Err(NotChecked::LockedOut(d)))
+    }
+
+    fn locked(&self, ip: IpAddr, now: Instant) -> Option<std::time::Duration> {
+        let m = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&ip)
+            .and_then(|f| f.locked_until)
+            .filter(|t| *t > now)
+            .map(|t| t - now)
+    }
+
+    /// Records a failed login from `ip`; true when it locks `ip` out.
+    pub fn failed(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        let mut m = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if !m.contains_key(&ip) && m.len() >= MAX_TRACKED {
+            m.retain(|_, f| !f.stale(now, self.window));
+            if m.len() >= MAX_TRACKED {
+                let oldest = m
+                    .iter()
+                    .filter(|(_, f)| f.locked_until.is_none_or(|t| t <= now))
+                    .min_by_key(|(_, f)| f.at.back().copied())
+                    .map(|(k, _)| *k);
+                match oldest {
+                    Some(k) => {
+                        m.remove(&k);
+                    }
+                    // Every tracked address is locked out: this one is
+                    // not remembered (it is still bounded by the checks).
+                    None => return false,
+                }
+            }
+        }
+        let f = m.entry(ip).or_default();
+        while f
+            .at
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.window)
+        {
+            f.at.pop_front();
+        }
+        f.at.push_back(now);
+        if f.at.len() >= self.max_failures {
+            f.at.clear();
+            f.locked_until = Some(now + self.lockout);
+            return true;
+        }
+        false
+    }
+
+    /// A successful login from `ip` forgets its failures.
+    pub fn succeeded(&self, ip: IpAddr) {
+        let mut m = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(&ip);
+    }
 }
 
 #[cfg(test)]
@@ -184,7 +324,32 @@ mod tests {
         assert!(!s.valid("nope", t));
         let h = format!("a=b; {COOKIE}={tok}; c=d");
         assert_eq!(token_from_cookies(&h), Some(tok.as_str()));
-        let c = set_cookie(&tok);
+        let c = set_cookie(&tok, false);
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.contains("Max-Age="));
+        assert!(!c.contains("Secure"));
+        assert!(set_cookie(&tok, true).ends_with("; Secure"));
+        assert!(clear_cookie(true).ends_with("; Secure"));
+    }
+
+    #[tokio::test]
+    async fn failures_lock_an_address_out_and_success_forgets_them() {
+        let cfg = crate::config::HttpConfig {
+            login_max_failures: 3,
+            login_lockout_s: 60,
+            login_wait_ms: 10,
+            ..Default::default()
+        };
+        let l = LoginLimits::new(&cfg);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        assert!(!l.failed(a) && !l.failed(a));
+        l.succeeded(a);
+        assert!(!l.failed(a) && !l.failed(a));
+        assert!(l.failed(a), "the third failure within the window locks");
+        assert!(matches!(l.admit(a).await, Err(NotChecked::LockedOut(_))));
+        // Another address is not affected; one check at a time.
+        let p = l.admit(b).await.unwrap();
+        assert_eq!(l.admit(b).await.unwrap_err(), NotChecked::Busy);
+        drop(p);
+        assert!(l.admit(b).await.is_ok());
     }
 }

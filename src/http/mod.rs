@@ -1,7 +1,8 @@
 //! The HTTP side of `serve`: the dashboard (server-rendered HTML, see
 //! [`pages`]), `/metrics` in the Prometheus text format, `/healthz` for
 //! systemd and monitors. Bound to anything but loopback, every page except
-//! `/healthz`, `/metrics` and `/login` requires a login ([`auth`]).
+//! `/healthz`, `/metrics` and `/login` requires a login ([`auth`]), and
+//! `/metrics` too with `http.metrics_require_login`.
 //! All reads go through [`Store`] read methods on blocking threads.
 
 pub mod auth;
@@ -9,10 +10,12 @@ mod pages;
 pub mod stats;
 
 use crate::clock::SharedClock;
+use crate::config::{HttpConfig, SecureCookies};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use axum::body::Body;
 use axum::extract::{Request, State};
+use axum::http::HeaderMap;
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
@@ -20,6 +23,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use chrono_tz::Tz;
 use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -36,6 +40,11 @@ pub struct HttpState {
     pub require_login: bool,
     pub sessions: Arc<auth::Sessions>,
     pub stats: Arc<stats::StatsCache>,
+    /// Concurrent password checks and failures per address.
+    pub login: Arc<auth::LoginLimits>,
+    pub secure_cookies: SecureCookies,
+    /// `/metrics` requires a login where pages do.
+    pub metrics_require_login: bool,
 }
 
 impl HttpState {
@@ -46,6 +55,7 @@ impl HttpState {
         tz: Tz,
         data_dir: PathBuf,
         require_login: bool,
+        cfg: &HttpConfig,
     ) -> HttpState {
         HttpState {
             store,
@@ -56,7 +66,29 @@ impl HttpState {
             require_login,
             sessions: Arc::default(),
             stats: Arc::default(),
+            login: Arc::new(auth::LoginLimits::new(cfg)),
+            secure_cookies: cfg.secure_cookies,
+            metrics_require_login: cfg.metrics_require_login,
         }
+    }
+
+    /// Whether the session cookie of a response to a request with
+    /// `headers` is `Secure` (`http.secure_cookies`).
+    fn secure_cookie(&self, headers: &HeaderMap) -> bool {
+        match self.secure_cookies {
+            SecureCookies::Always => true,
+            SecureCookies::Never => false,
+            SecureCookies::Auto => forwarded_https(headers),
+        }
+    }
+
+    /// True when the request carries a valid session cookie.
+    fn logged_in(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get(header::COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::token_from_cookies)
+            .is_some_and(|t| self.sessions.valid(t, self.clock.now()))
     }
 
     /// The cached statistics snapshot (computed on a blocking thread).
@@ -73,6 +105,50 @@ impl HttpState {
             Err(e) => Err(unavailable(&e.to_string())),
         }
     }
+}
+
+/// True when a TLS-terminating proxy marked the request as HTTPS
+/// (`X-Forwarded-Proto: https`, or `proto=https` in `Forwarded`). A client
+/// that sends it itself only makes its own cookie `Secure`.
+fn forwarded_https(headers: &HeaderMap) -> bool {
+    let has = |name: &str, f: &dyn Fn(&str) -> bool| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(f)
+    };
+    has("x-forwarded-proto", &|v| {
+        v.split(',')
+            .next()
+            .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
+    }) || has("forwarded", &|v| {
+        v.split([';', ',']).any(|kv| {
+            kv.trim().split_once('=').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("proto")
+                    && v.trim().trim_matches('"').eq_ignore_ascii_case("https")
+            })
+        })
+    })
+}
+
+/// The address a request comes from, for the login limits: the TCP peer,
+/// or when the peer is on loopback (a reverse proxy on the same host) and
+/// the request has an `X-Forwarded-For`, the last address in it (the one
+/// the proxy added).
+fn client_ip(peer: Option<SocketAddr>, headers: &HeaderMap) -> IpAddr {
+    let peer = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip().to_canonical());
+    if !peer.is_loopback() {
+        return peer;
+    }
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .next_back()
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|a| a.trim().parse::<IpAddr>().ok())
+        .map_or(peer, |a| a.to_canonical())
 }
 
 fn unavailable(msg: &str) -> Response {
@@ -111,12 +187,25 @@ pub fn router(state: HttpState) -> Router {
             state.clone(),
             require_login,
         ));
+    let metrics = Router::new().route("/metrics", get(metrics)).route_layer(
+        axum::middleware::from_fn_with_state(state.clone(), metrics_login),
+    );
     Router::new()
         .merge(pages)
+        .merge(metrics)
         .route("/login", get(pages::login_form).post(pages::login))
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// `/metrics` with `http.metrics_require_login` where pages need a login:
+/// 401 without a valid session (a scraper is not sent to a form).
+async fn metrics_login(State(s): State<HttpState>, req: Request<Body>, next: Next) -> Response {
+    if !(s.require_login && s.metrics_require_login) || s.logged_in(req.headers()) {
+        next.run(req).await
+    } else {
+        (StatusCode::UNAUTHORIZED, "login required\n").into_response()
+    }
 }
 
 /// Lets a request through when no login is needed or its session is valid;
@@ -125,13 +214,7 @@ async fn require_login(State(s): State<HttpState>, req: Request<Body>, next: Nex
     if !s.require_login {
         return next.run(req).await;
     }
-    let ok = req
-        .headers()
-        .get(header::COOKIE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(auth::token_from_cookies)
-        .is_some_and(|t| s.sessions.valid(t, s.clock.now()));
-    if ok {
+    if s.logged_in(req.headers()) {
         next.run(req).await
     } else {
         Redirect::to("/login").into_response()
