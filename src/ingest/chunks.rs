@@ -49,20 +49,25 @@ impl<S: Records> Engine<S> {
             a.start_round(Some(missing.clone()), now);
             a.rec.state = CaptureState::MissingRequested;
             self.batch.capture(&a.rec);
-            Metrics::inc(&self.metrics.missing_rounds);
-            self.metrics
-                .missing_chunks_requested
-                .fetch_add(missing.len() as u64, Ordering::Relaxed);
-            self.send(
-                &key.0,
-                Outbound::MissingChunks {
-                    image_name: key.1.clone(),
-                    chunk_ids: missing,
-                },
-                None,
-                now,
-            );
+            self.send_missing(key, missing, now);
         }
+    }
+
+    /// Sends one page of missing ids (the capture's round has started).
+    fn send_missing(&mut self, key: &Key, ids: Vec<u32>, now: DateTime<Utc>) {
+        Metrics::inc(&self.metrics.missing_rounds);
+        self.metrics
+            .missing_chunks_requested
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        self.send(
+            &key.0,
+            Outbound::MissingChunks {
+                image_name: key.1.clone(),
+                chunk_ids: ids,
+            },
+            None,
+            now,
+        );
     }
 
     /// Frees the capture's slot (or its place in line) and lets the next
@@ -269,19 +274,7 @@ impl<S: Records> Engine<S> {
         info!(device = %key.0, image = %key.1, missing = all_missing, requested = missing.len(), round = rounds,
               retries_left = limit.saturating_sub(rounds), why, ids = ?&missing[..missing.len().min(20)], "missing chunks requested");
         self.batch.capture(&a.rec);
-        Metrics::inc(&self.metrics.missing_rounds);
-        self.metrics
-            .missing_chunks_requested
-            .fetch_add(missing.len() as u64, Ordering::Relaxed);
-        self.send(
-            &key.0,
-            Outbound::MissingChunks {
-                image_name: key.1.clone(),
-                chunk_ids: missing,
-            },
-            None,
-            now,
-        );
+        self.send_missing(key, missing, now);
     }
 
     pub(super) fn fail(&mut self, key: &Key, reason: String, now: DateTime<Utc>) {

@@ -610,16 +610,39 @@ fn cases() -> u32 {
         .unwrap_or(5_000)
 }
 
-fn run(
+/// A fleet and a gateway: devices, which of them speak v1, the held-bytes
+/// budget, streaming slots, missing ids per message, and a seed.
+#[derive(Debug, Clone)]
+struct Setup {
     n: usize,
     v1_mask: u8,
     held: usize,
     streaming: usize,
     page: usize,
     seed: u64,
-    ops: &[Op],
-) -> Result<(), TestCaseError> {
-    let mut w = World::new(n, v1_mask, config(held, streaming, page), seed);
+}
+
+fn setup() -> impl Strategy<Value = Setup> {
+    (
+        1usize..4,
+        any::<u8>(),
+        prop_oneof![Just(0usize), 100usize..2_000, Just(8usize << 20)],
+        1usize..3,
+        prop_oneof![Just(2usize), Just(256usize)],
+        any::<u64>(),
+    )
+        .prop_map(|(n, v1_mask, held, streaming, page, seed)| Setup {
+            n,
+            v1_mask,
+            held,
+            streaming,
+            page,
+            seed,
+        })
+}
+
+fn run(s: &Setup, ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut w = World::new(s.n, s.v1_mask, config(s.held, s.streaming, s.page), s.seed);
     for op in ops {
         w.apply(op)?;
     }
@@ -630,29 +653,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 2_000, ..ProptestConfig::default() })]
 
     #[test]
-    fn conversation_model(
-        n in 1usize..4,
-        v1_mask in any::<u8>(),
-        held in prop_oneof![Just(0usize), 100usize..2_000, Just(8usize << 20)],
-        streaming in 1usize..3,
-        page in prop_oneof![Just(2usize), Just(256usize)],
-        seed in any::<u64>(),
-        ops in proptest::collection::vec(op(1), 1..40),
-    ) {
-        run(n, v1_mask, held, streaming, page, seed, &ops)?;
+    fn conversation_model(s in setup(), ops in proptest::collection::vec(op(1), 1..40)) {
+        run(&s, &ops)?;
     }
 
     /// The same with the gateway restarting or crashing often.
     #[test]
-    fn conversation_model_with_gateway_restarts(
-        n in 1usize..4,
-        v1_mask in any::<u8>(),
-        held in prop_oneof![Just(0usize), 100usize..2_000, Just(8usize << 20)],
-        streaming in 1usize..3,
-        page in prop_oneof![Just(2usize), Just(256usize)],
-        seed in any::<u64>(),
-        ops in proptest::collection::vec(op(6), 1..40),
-    ) {
-        run(n, v1_mask, held, streaming, page, seed, &ops)?;
+    fn conversation_model_with_gateway_restarts(s in setup(), ops in proptest::collection::vec(op(6), 1..40)) {
+        run(&s, &ops)?;
     }
 }
