@@ -17,7 +17,7 @@ pub mod pg;
 use crate::clock::SharedClock;
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
-use crate::store::{OutboxItem, Store, StoreError, UploadRecord};
+use crate::store::{CaptureState, OutboxItem, Store, StoreError, UploadRecord};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -40,6 +40,14 @@ pub enum UpstreamError {
     Objects(String),
     #[error("object storage rejected the credentials: {0}")]
     ObjectsAuth(String),
+    #[error("the cloud schema is at version {found}, newer than this barngate knows ({supported}); upgrade barngate before it syncs to this database")]
+    SchemaTooNew { found: i32, supported: i32 },
+    #[error("cloud schema migration {version:04} ({name}) failed and was rolled back: {message}")]
+    Migration {
+        version: i32,
+        name: &'static str,
+        message: String,
+    },
     #[error("upload of {key} not verified: {message}")]
     Verify { key: String, message: String },
     #[error("{0}")]
@@ -294,6 +302,9 @@ impl Forwarder {
                 Ok(Loaded::Gone) => {
                     warn!(device = %item.mac, kind = %item.kind, key = %item.key, "outbox item refers to nothing stored; dropped");
                 }
+                Ok(Loaded::Superseded) => {
+                    debug!(device = %item.mac, kind = %item.kind, key = %item.key, "outbox item superseded by a later one");
+                }
                 Err(e) => {
                     error = Some(e);
                     break;
@@ -322,8 +333,14 @@ impl Forwarder {
             let now = self.clock.now();
             blocking(move || store.outbox_ack(&seqs, &uploads, now)).await?;
             for r in &rows {
-                if let pg::Row::Image(c, o) = r {
-                    info!(device = %c.mac, image = %c.image_name, key = %o.key, "image delivered upstream");
+                match r {
+                    pg::Row::Image(c, Some(o)) => {
+                        info!(device = %c.mac, image = %c.image_name, key = %o.key, "image delivered upstream");
+                    }
+                    pg::Row::Image(c, None) => {
+                        info!(device = %c.mac, image = %c.image_name, status = c.state.as_str(), retries = c.retries, "capture row delivered upstream");
+                    }
+                    _ => {}
                 }
             }
             debug!(items = delivered, "outbox items delivered");
@@ -336,31 +353,33 @@ impl Forwarder {
         let it = item.clone();
         let row = blocking(move || -> Result<Option<pg::Row>, StoreError> {
             let ms = || it.key.parse::<i64>().ok();
+            let id = || it.key.parse::<u64>().ok();
             Ok(match it.kind.as_str() {
                 "device" => store.device(&it.key)?.map(pg::Row::Device),
-                "telemetry" => match ms() {
-                    Some(ms) => store.telemetry_at(&it.mac, ms)?.map(pg::Row::Telemetry),
+                "telemetry" => match id() {
+                    Some(id) => match store.telemetry_of(&it.mac, id)? {
+                        Some(t) => Some(pg::Row::Telemetry(pg::TelemetryRow {
+                            capture: store.capture(t.capture_id)?.map(Box::new),
+                            t,
+                        })),
+                        None => None,
+                    },
                     None => None,
                 },
                 "session" => match ms() {
                     Some(ms) => store.session_at(&it.mac, ms)?.map(pg::Row::Session),
                     None => None,
                 },
-                "alert" => match it.key.parse::<u64>() {
-                    Ok(id) => store.alert(id)?.map(pg::Row::Alert),
-                    Err(_) => None,
+                "alert" => match id() {
+                    Some(id) => store.alert(id)?.map(pg::Row::Alert),
+                    None => None,
                 },
-                "image" => match it.key.parse::<u64>() {
-                    Ok(id) => store.capture(id)?.map(|c| {
-                        pg::Row::Image(
-                            Box::new(c),
-                            pg::ImageObject {
-                                key: String::new(),
-                                url: String::new(),
-                            },
-                        )
-                    }),
-                    Err(_) => None,
+                // "capture": a capture that ended failed; "image": a complete one.
+                "image" | "capture" => match id() {
+                    Some(id) => store
+                        .capture(id)?
+                        .map(|c| pg::Row::Image(Box::new(c), None)),
+                    None => None,
                 },
                 _ => None,
             })
@@ -372,11 +391,19 @@ impl Forwarder {
         let pg::Row::Image(cap, _) = row else {
             return Ok(Loaded::Row(Box::new(row), None));
         };
+        if item.kind == "capture" {
+            // Completed since it failed: its "image" item, later in the
+            // outbox, carries the row with its object.
+            if cap.state == CaptureState::Complete {
+                return Ok(Loaded::Superseded);
+            }
+            return Ok(Loaded::Row(Box::new(pg::Row::Image(cap, None)), None));
+        }
         let key = objects::object_key(&self.site, &cap);
-        let obj = pg::ImageObject {
+        let obj = Some(pg::ImageObject {
             url: self.objects.url(&key),
             key: key.clone(),
-        };
+        });
         let store = self.store.clone();
         let id = cap.id;
         let (done, bytes) =
@@ -507,26 +534,30 @@ impl Forwarder {
 enum Loaded {
     Row(Box<pg::Row>, Option<UploadRecord>),
     Gone,
+    /// Nothing to write for this item: a later one carries its row.
+    Superseded,
 }
 
-/// What `init_schema` did.
+/// What `migrate` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitReport {
+    pub schema: pg::MigrateReport,
     /// The bucket was created (`false`: it was there already).
     pub bucket_created: bool,
 }
 
-/// `barngate upstream init-schema`: connects, creates the tables, and
-/// creates the object bucket unless it exists.
-pub async fn init_schema(cfg: &UpstreamConfig) -> Result<InitReport, UpstreamError> {
+/// `barngate upstream migrate` (alias `init-schema`): connects, applies the
+/// cloud schema migrations it lacks, and creates the object bucket unless
+/// it exists. Safe to re-run.
+pub async fn migrate(cfg: &UpstreamConfig) -> Result<InitReport, UpstreamError> {
     if cfg.postgres_url.trim().is_empty() {
         return Err(UpstreamError::Config(
             "upstream.postgres_url is empty (set it in the config or BARNGATE_UPSTREAM_POSTGRES_URL)"
                 .into(),
         ));
     }
-    let client = pg::connect(&cfg.postgres_url).await?;
-    pg::init_schema(&client).await?;
+    let mut client = pg::connect(&cfg.postgres_url).await?;
+    let schema = pg::migrate(&mut client).await?;
     if cfg.bucket.trim().is_empty() {
         return Err(UpstreamError::Config(
             "upstream.bucket is empty: the tables are ready, but no bucket was created".into(),
@@ -535,7 +566,10 @@ pub async fn init_schema(cfg: &UpstreamConfig) -> Result<InitReport, UpstreamErr
     let bucket_created = objects::ObjectSink::new(cfg)?
         .ensure_bucket(&cfg.region)
         .await?;
-    Ok(InitReport { bucket_created })
+    Ok(InitReport {
+        schema,
+        bucket_created,
+    })
 }
 
 #[cfg(test)]
