@@ -994,3 +994,184 @@ async fn battery_percent_lands_in_the_percent_column_and_wakes_are_recorded() {
     assert!(r.get::<_, bool>(1) && r.get::<_, bool>(2));
     gw.shutdown().await.unwrap();
 }
+
+/// A connection to the test database that records the server's NOTICEs.
+async fn client_recording_notices(
+    pg: &Postgres,
+) -> (tokio_postgres::Client, Arc<std::sync::Mutex<Vec<String>>>) {
+    use futures_util::StreamExt;
+    let (client, mut conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let notices = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let n = notices.clone();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notice(e) = m {
+                n.lock().unwrap().push(e.message().to_string());
+            }
+        }
+    });
+    (client, notices)
+}
+
+/// A cloud created by the old `init-schema` (no version table), holding an
+/// old gateway's rows, is migrated in place: its rows are kept, the battery
+/// percent the old gateway wrote into `battery_voltage` moves to
+/// `battery_percent`, wake sessions get their ids, and new rows then go in
+/// beside the old ones. Re-running is a no-op; neither run prints NOTICEs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_cloud_schema_with_data_is_migrated_and_keeps_its_data() {
+    use barngate::upstream::pg;
+    let pg_server = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let mac = "AABBCCDDEE41";
+    let c = pg_server.client().await;
+    // Exactly what the old `init-schema` ran, then an old gateway's rows.
+    c.batch_execute(pg::MIGRATIONS[0].sql).await.unwrap();
+    c.batch_execute(&format!(
+        "INSERT INTO devices (device_mac, site_id, battery_voltage, firmware_version)
+           VALUES ('{mac}', 'site-1', 80, '1.0.0');
+         INSERT INTO device_telemetry (device_mac, site_id, captured_at, received_at,
+           temperature, battery_voltage)
+           VALUES ('{mac}', 'site-1', '2026-02-01T08:00:00Z', '2026-02-01T08:00:02Z', 19.5, 81);
+         INSERT INTO device_images (device_mac, site_id, image_name, image_version, object_key,
+           captured_at, status, sha256)
+           VALUES ('{mac}', 'site-1', 'old.jpg', 1, 'device-observations/site-1/{mac}/x_old.jpg',
+           '2026-02-01T08:00:00Z', 'complete', 'abc');
+         INSERT INTO device_wake_sessions (device_mac, site_id, woke_at, pending_reported)
+           VALUES ('{mac}', 'site-1', '2026-02-01T07:59:58.123Z', 0);
+         INSERT INTO device_alerts (device_mac, site_id, gateway_alert_id, alert_type, message)
+           VALUES ('{mac}', 'site-1', 1, 'low_battery', 'Battery 15 %');"
+    ))
+    .await
+    .unwrap();
+
+    let (mut client, notices) = client_recording_notices(&pg_server).await;
+    let r = pg::migrate(&mut client).await.unwrap();
+    assert_eq!(r.from, 0);
+    assert_eq!(r.to, pg::schema_version());
+    assert_eq!(
+        r.applied,
+        pg::MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>()
+    );
+    let again = pg::migrate(&mut client).await.unwrap();
+    assert!(again.applied.is_empty(), "{again:?}");
+    assert_eq!(again.from, pg::schema_version());
+    let cfg = upstream_config(&pg_server, &objects);
+    let r = upstream::migrate(&cfg).await.unwrap();
+    assert!(r.schema.applied.is_empty());
+    assert!(
+        notices.lock().unwrap().is_empty(),
+        "NOTICEs: {:?}",
+        notices.lock().unwrap()
+    );
+
+    // The old rows, with their meaning fixed.
+    let r = c
+        .query_one(
+            "SELECT battery_percent, battery_voltage, firmware_version, last_wake_at
+             FROM devices WHERE device_mac = $1",
+            &[&mac],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, Option<f64>>(0), Some(80.0));
+    assert_eq!(r.get::<_, Option<f64>>(1), None);
+    assert_eq!(r.get::<_, Option<String>>(2).as_deref(), Some("1.0.0"));
+    let woke = Utc.with_ymd_and_hms(2026, 2, 1, 7, 59, 58).unwrap() + CDuration::milliseconds(123);
+    assert_eq!(r.get::<_, Option<DateTime<Utc>>>(3), Some(woke));
+    let r = c
+        .query_one(
+            "SELECT battery_percent, battery_voltage, temperature FROM device_telemetry",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            r.get::<_, Option<f64>>(0),
+            r.get::<_, Option<f64>>(1),
+            r.get::<_, f64>(2)
+        ),
+        (Some(81.0), None, 19.5)
+    );
+    let id: String = c
+        .query_one("SELECT gateway_session_id FROM device_wake_sessions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(id, format!("{mac}-{}", woke.timestamp_millis()));
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM device_images WHERE image_name = 'old.jpg' AND sha256 = 'abc'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(count(&c, "SELECT count(*) FROM device_alerts").await, 1);
+
+    // A gateway of this version syncs into it beside the old rows.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+    commit_image(&store, 1, mac, "new.jpg", &image_bytes(41, 400), t0());
+    drain(&store, cfg, dir.path()).await;
+    assert_eq!(count(&c, "SELECT count(*) FROM device_images").await, 2);
+    assert_eq!(count(&c, "SELECT count(*) FROM device_telemetry").await, 2);
+    assert_eq!(count(&c, "SELECT count(*) FROM devices").await, 1);
+}
+
+/// A cloud migrated by a newer barngate is refused, with an error that says
+/// so in `sync status`, an alert, and the backlog kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_schema_newer_than_this_gateway_is_refused_with_a_clear_error() {
+    use barngate::upstream::{pg, ALERT_SCHEMA};
+    let pg_server = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let cfg = upstream_config(&pg_server, &objects);
+    upstream::migrate(&cfg).await.unwrap();
+    let c = pg_server.client().await;
+    let future = pg::schema_version() + 1;
+    c.execute(
+        "INSERT INTO barngate_schema_migrations (version, name) VALUES ($1, 'future')",
+        &[&future],
+    )
+    .await
+    .unwrap();
+    let e = upstream::migrate(&cfg).await.unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("version {future}, newer than this barngate knows")),
+        "{e}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+    commit_image(
+        &store,
+        1,
+        "AABBCCDDEE42",
+        "a.jpg",
+        &image_bytes(42, 400),
+        t0(),
+    );
+    let queued = backlog(&store);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(forwarder(&store, cfg, dir.path()).run(stop_rx));
+    wait_until("the schema alert", LONG, || {
+        store.open_gateway_alert(ALERT_SCHEMA).unwrap().is_some()
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    task.await.unwrap();
+    let st = upstream::status(&store, Utc::now()).unwrap();
+    let err = st.last_error.unwrap();
+    assert!(err.contains("upgrade barngate"), "{err}");
+    assert_eq!(
+        backlog(&store),
+        queued + 1,
+        "backlog kept (and the alert queued)"
+    );
+    assert_eq!(count(&c, "SELECT count(*) FROM device_images").await, 0);
+}

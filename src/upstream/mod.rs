@@ -29,6 +29,7 @@ use tracing::{debug, error, info, warn};
 /// Alert kinds the forwarder raises about itself.
 pub const ALERT_CREDENTIALS: &str = "upstream_credentials";
 pub const ALERT_DISK: &str = "disk_high_water";
+pub const ALERT_SCHEMA: &str = "upstream_schema_too_new";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -65,6 +66,18 @@ impl UpstreamError {
             self,
             UpstreamError::PostgresAuth(_) | UpstreamError::ObjectsAuth(_)
         )
+    }
+
+    /// The gateway alert this error raises, if it needs a person: wrong
+    /// credentials, or a cloud schema newer than this build.
+    pub fn alert_kind(&self) -> Option<&'static str> {
+        match self {
+            UpstreamError::PostgresAuth(_) | UpstreamError::ObjectsAuth(_) => {
+                Some(ALERT_CREDENTIALS)
+            }
+            UpstreamError::SchemaTooNew { .. } => Some(ALERT_SCHEMA),
+            _ => None,
+        }
     }
 }
 
@@ -484,9 +497,11 @@ impl Forwarder {
                         resolved_once = true;
                         let store = self.store.clone();
                         let now = self.clock.now();
-                        let _ =
-                            blocking(move || store.resolve_gateway_alert(ALERT_CREDENTIALS, now))
-                                .await;
+                        let _ = blocking(move || {
+                            store.resolve_gateway_alert(ALERT_CREDENTIALS, now)?;
+                            store.resolve_gateway_alert(ALERT_SCHEMA, now)
+                        })
+                        .await;
                     }
                     if round.delivered > 0 {
                         continue;
@@ -499,24 +514,30 @@ impl Forwarder {
                     let msg = e.to_string();
                     let store = self.store.clone();
                     let now = self.clock.now();
-                    let credentials = e.is_credentials();
+                    let alert = e.alert_kind();
                     let m = msg.clone();
                     let _ = blocking(move || {
                         store.record_sync_error(&m, now)?;
-                        if credentials {
-                            store.raise_gateway_alert(
-                                ALERT_CREDENTIALS,
-                                "critical",
-                                &format!("Upstream rejected the gateway's credentials: {m}"),
-                                now,
-                            )?;
+                        match alert {
+                            Some(ALERT_CREDENTIALS) => {
+                                store.raise_gateway_alert(
+                                    ALERT_CREDENTIALS,
+                                    "critical",
+                                    &format!("Upstream rejected the gateway's credentials: {m}"),
+                                    now,
+                                )?;
+                            }
+                            Some(kind) => {
+                                store.raise_gateway_alert(kind, "critical", &m, now)?;
+                            }
+                            None => {}
                         }
                         Ok(())
                     })
                     .await;
                     let wait = backoff(&self.cfg, failures, jitter.next());
-                    if credentials {
-                        error!(error = %msg, retry_in_ms = wait.as_millis() as u64, "upstream credentials rejected; backlog kept");
+                    if let Some(alert) = alert {
+                        error!(error = %msg, alert, retry_in_ms = wait.as_millis() as u64, "upstream needs a person; backlog kept");
                     } else {
                         warn!(error = %msg, retry_in_ms = wait.as_millis() as u64, failures, "upstream delivery failed; backlog kept");
                     }
