@@ -1175,3 +1175,161 @@ async fn a_cloud_schema_newer_than_this_gateway_is_refused_with_a_clear_error() 
     );
     assert_eq!(count(&c, "SELECT count(*) FROM device_images").await, 0);
 }
+
+/// Two gateways, two data directories, two site ids, one database and one
+/// bucket, syncing at once (both migrating a fresh database on connect).
+/// Their capture ids, alert ids and wake sessions are per-gateway counters
+/// and keys that coincide, and one device moved between them with the same
+/// image names: nothing collides, nothing is overwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sites_sync_concurrently_into_one_cloud_without_collisions() {
+    use barngate::store::{AlertRecord, SessionRecord};
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    const N: u64 = 15;
+    let moved = "AABBCCDDEE50";
+    let mut sites = Vec::new();
+    for (s, other) in [("site-a", "AABBCCDDEE51"), ("site-b", "AABBCCDDEE52")] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+        for i in 1..=N {
+            let mac = if i % 2 == 0 { moved } else { other };
+            let seed = if s == "site-a" {
+                i as u32
+            } else {
+                1000 + i as u32
+            };
+            commit_image(
+                &store,
+                i,
+                mac,
+                &format!("img_{i:03}.jpg"),
+                &image_bytes(seed, 300 + i as usize),
+                t0(),
+            );
+        }
+        let mut b = Batch::default();
+        b.capture(&failed_capture(N + 1, other, "lost.jpg", 4, 1, 3));
+        // The same wake (device and time) and the same alert id at both.
+        b.session(&SessionRecord {
+            mac: moved.into(),
+            woke_at: t0(),
+            pending_reported: 0,
+            next_wake_assigned: None,
+            capture_requested: true,
+            images_completed: 1,
+            images_failed: 0,
+        });
+        b.alert(&AlertRecord {
+            id: 1,
+            mac: moved.into(),
+            kind: "low_battery".into(),
+            severity: "warning".into(),
+            message: format!("Battery 15 % at {s}"),
+            triggered_at: t0(),
+            resolved_at: None,
+            capture_id: None,
+        });
+        store.commit(b, t0()).unwrap();
+        store
+            .raise_gateway_alert(upstream::ALERT_DISK, "critical", s, t0())
+            .unwrap();
+        sites.push((s, dir, store));
+    }
+    let mut tasks = Vec::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    for (s, dir, store) in &sites {
+        let f = Forwarder::new(
+            upstream_config(&pg, &objects),
+            s.to_string(),
+            store.clone(),
+            Arc::new(Metrics::default()),
+            Arc::new(SystemClock),
+            dir.path().to_path_buf(),
+        )
+        .unwrap();
+        tasks.push(tokio::spawn(f.run(stop_rx.clone())));
+    }
+    wait_until("both sites drained", LONG, || {
+        sites.iter().all(|(_, _, st)| backlog(st) == 0)
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for (_, _, st) in &sites {
+        let s = st.sync_state().unwrap();
+        assert!(
+            s.last_error.is_none() || s.consecutive_failures == 0,
+            "{s:?}"
+        );
+    }
+    let c = pg.client().await;
+    for site in ["site-a", "site-b"] {
+        let n = |table: &str| {
+            let c = &c;
+            let q = format!("SELECT count(*) FROM {table} WHERE site_id = '{site}'");
+            async move { count(c, &q).await }
+        };
+        assert_eq!(n("device_images").await, N as i64 + 1, "{site}");
+        assert_eq!(n("device_telemetry").await, N as i64, "{site}");
+        assert_eq!(n("device_wake_sessions").await, 1, "{site}");
+        assert_eq!(n("device_alerts").await, 2, "{site}");
+    }
+    assert_eq!(count(&c, "SELECT count(*) FROM devices").await, 3);
+    // Each site's image rows point at its own object, holding its bytes.
+    let keys = objects.keys("device-observations/").await;
+    assert_eq!(keys.len(), 2 * N as usize, "{keys:?}");
+    for (s, _, st) in &sites {
+        for img in st.images(None).unwrap() {
+            let key: String = c
+                .query_one(
+                    "SELECT object_key FROM device_images
+                     WHERE site_id = $1 AND gateway_capture_id = $2",
+                    &[s, &(img.id as i64)],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert!(
+                key.starts_with(&format!("device-observations/{s}/")),
+                "{key}"
+            );
+            assert_eq!(
+                objects.get(&key).await,
+                st.image_bytes(img.id).unwrap().unwrap()
+            );
+        }
+    }
+    let alert: String = c
+        .query_one(
+            "SELECT message FROM device_alerts WHERE site_id = 'site-b' AND gateway_alert_id = 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(alert, "Battery 15 % at site-b");
+    // The documented per-site query.
+    let rows = c
+        .query(
+            "SELECT site_id, complete, failed, success_rate_percent::float8
+             FROM site_success_rate ORDER BY site_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i64, i64, f64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let rate = (100.0 * N as f64 / (N + 1) as f64 * 100.0).round() / 100.0;
+    assert_eq!(
+        got,
+        vec![
+            ("site-a".to_string(), N as i64, 1, rate),
+            ("site-b".to_string(), N as i64, 1, rate)
+        ]
+    );
+}

@@ -1,7 +1,8 @@
 //! The PostgreSQL sink: the schema of architecture-v1.md's "Database Schema
-//! Requirements" (without the Supabase-only references to sites, users…),
-//! and idempotent upserts keyed by natural keys, so a replayed outbox item
-//! updates its row instead of adding one.
+//! Requirements" (without the Supabase-only references to sites, users…) as
+//! versioned migrations, and idempotent upserts keyed per site (the
+//! gateway's site id with its own ids and names), so a replayed outbox item
+//! updates its row instead of adding one and two sites never collide.
 
 use super::UpstreamError;
 use crate::store::{AlertRecord, CaptureRecord, DeviceRecord, SessionRecord, TelemetryRecord};
@@ -35,6 +36,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "rows",
         sql: include_str!("migrations/0002_rows.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "sites",
+        sql: include_str!("migrations/0003_sites.sql"),
     },
 ];
 
@@ -84,7 +90,7 @@ const UPSERT_IMAGE: &str = "INSERT INTO device_images (device_id, device_mac, si
   updated_at)
 VALUES ((SELECT device_id FROM devices WHERE device_mac = $1), $1, $2, $3, $4, $5, $6, $7, $8, $9,
   $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, now())
-ON CONFLICT (device_mac, image_name, image_version) DO UPDATE SET
+ON CONFLICT (site_id, device_mac, image_name, image_version) DO UPDATE SET
   image_url = COALESCE(EXCLUDED.image_url, device_images.image_url),
   object_key = COALESCE(EXCLUDED.object_key, device_images.object_key),
   image_size = EXCLUDED.image_size, sha256 = EXCLUDED.sha256,
