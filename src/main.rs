@@ -477,6 +477,13 @@ async fn main() -> Result<()> {
                 let t = |t: Option<chrono::DateTime<chrono::Utc>>| {
                     t.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never".into())
                 };
+                match st.enabled {
+                    Some(false) => println!(
+                        "upstream:         disabled (upstream.enabled = false): nothing is sent; the backlog grows until it is enabled"
+                    ),
+                    Some(true) => println!("upstream:         enabled"),
+                    None => println!("upstream:         unknown (no gateway has started with this database since)"),
+                }
                 println!("backlog:          {} items", st.backlog);
                 println!(
                     "oldest queued:    {}",

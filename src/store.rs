@@ -293,6 +293,10 @@ pub struct SyncState {
     pub consecutive_failures: u64,
     #[serde(default)]
     pub delivered_total: u64,
+    /// `upstream.enabled` as the gateway last started with (None: not
+    /// started since this was recorded).
+    #[serde(default)]
+    pub enabled: Option<bool>,
 }
 
 /// An image whose bytes are confirmed in object storage.
@@ -1282,6 +1286,27 @@ impl Store {
         }
         tx.commit().map_err(db)?;
         Ok(n)
+    }
+
+    /// Changes the forwarder state in one transaction; returns it.
+    pub fn update_sync_state(
+        &self,
+        f: impl FnOnce(&mut SyncState),
+    ) -> Result<SyncState, StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let st;
+        {
+            let mut sync = tx.open_table(SYNC).map_err(db)?;
+            let mut s: SyncState = match sync.get("state").map_err(db)? {
+                Some(v) => dec("sync_state", v.value())?,
+                None => SyncState::default(),
+            };
+            f(&mut s);
+            sync.insert("state", enc(&s).as_slice()).map_err(db)?;
+            st = s;
+        }
+        tx.commit().map_err(db)?;
+        Ok(st)
     }
 
     pub fn sync_state(&self) -> Result<SyncState, StoreError> {

@@ -515,6 +515,10 @@ async fn wrong_credentials_keep_the_backlog_and_raise_an_alert() {
         .get(0);
     assert!(resolved.is_some());
     assert_images_upstream_once(&store, &pg, &objects).await;
+    // A success clears the last error.
+    let st = upstream::status(&store, Utc::now()).unwrap();
+    assert_eq!(st.last_error, None, "{st:?}");
+    assert_eq!(st.consecutive_failures, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1332,4 +1336,196 @@ async fn two_sites_sync_concurrently_into_one_cloud_without_collisions() {
             ("site-b".to_string(), N as i64, 1, rate)
         ]
     );
+}
+
+/// Wrong credentials show even while nothing is queued: the forwarder
+/// checks the connection now and then, raises the credentials alert, and a
+/// later success resolves it and clears `last error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_postgres_credentials_are_detected_with_nothing_queued() {
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+    assert_eq!(backlog(&store), 0);
+    let mut bad = upstream_config(&pg, &objects);
+    bad.postgres_url = pg.url_with("wrong-password");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(forwarder(&store, bad, dir.path()).run(stop_rx));
+    wait_until("the credentials alert with nothing queued", LONG, || {
+        store
+            .open_gateway_alert(ALERT_CREDENTIALS)
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    task.await.unwrap();
+    let err = upstream::status(&store, Utc::now())
+        .unwrap()
+        .last_error
+        .unwrap();
+    assert!(err.contains("rejected the credentials"), "{err}");
+
+    let mut good = upstream_config(&pg, &objects);
+    good.check_interval_s = 1;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(forwarder(&store, good, dir.path()).run(stop_rx));
+    wait_until("resolved and cleared", LONG, || {
+        store
+            .open_gateway_alert(ALERT_CREDENTIALS)
+            .unwrap()
+            .is_none()
+            && store.sync_state().unwrap().last_error.is_none()
+            && backlog(&store) == 0
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    task.await.unwrap();
+}
+
+/// `upstream.enabled = false` is said at start and by `sync status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_status_says_disabled_when_upstream_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(dir.path(), test_config()).await;
+    let out = cli(dir.path(), &["sync", "status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("upstream:         disabled (upstream.enabled = false)"),
+        "{text}"
+    );
+    let out = cli(dir.path(), &["sync", "status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["enabled"], false, "{v}");
+    gw.shutdown().await.unwrap();
+}
+
+/// PostgreSQL over TLS with a certificate from a private CA: trusted with
+/// `upstream.pg_ca`, refused without it (`pg_sslmode = verify-full`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tls_with_a_private_ca_needs_pg_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "barngate test database CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let mut srv = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    srv.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let srv_key = KeyPair::generate().unwrap();
+    let srv_cert = srv.signed_by(&srv_key, &ca, &ca_key).unwrap();
+
+    let pg = Postgres::start();
+    pg.enable_tls(&srv_cert.pem(), &srv_key.serialize_pem());
+    let objects = ObjectStore::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("db-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let mut cfg = upstream_config(&pg, &objects);
+    // The URL says disable; the key wins.
+    cfg.pg_sslmode = "verify-full".into();
+    let e = upstream::migrate(&cfg).await.unwrap_err().to_string();
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    cfg.pg_ca = ca_file.display().to_string();
+    cfg.validate().unwrap();
+    let r = upstream::migrate(&cfg).await.unwrap();
+    assert_eq!(r.schema.to, upstream::pg::schema_version());
+    // barngate's own connection is encrypted.
+    let c = upstream::pg::connect(&cfg).await.unwrap();
+    let tls: bool = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(tls, "the connection uses TLS");
+    // A bad pg_ca is a start-up error naming the key.
+    cfg.pg_ca = dir.path().join("missing.pem").display().to_string();
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("upstream.pg_ca"), "{e}");
+}
+
+/// `upstream.image_url`: `public` stores `public_base_url/key`, `presigned`
+/// a signed GET URL that fetches the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_url_public_and_presigned() {
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let mac = "AABBCCDDEE61";
+    for (mode, id) in [("public", 1u64), ("presigned", 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+        let bytes = image_bytes(60 + id as u32, 900);
+        commit_image(&store, id, mac, &format!("{mode}.jpg"), &bytes, t0());
+        let mut cfg = upstream_config(&pg, &objects);
+        cfg.image_url = mode.into();
+        cfg.public_base_url = "https://cdn.example/observations/".into();
+        cfg.validate().unwrap();
+        drain(&store, cfg, dir.path()).await;
+        let c = pg.client().await;
+        let r = c
+            .query_one(
+                "SELECT image_url, object_key FROM device_images WHERE gateway_capture_id = $1",
+                &[&(id as i64)],
+            )
+            .await
+            .unwrap();
+        let (url, key): (String, String) = (r.get(0), r.get(1));
+        if mode == "public" {
+            assert_eq!(url, format!("https://cdn.example/observations/{key}"));
+        } else {
+            assert!(
+                url.contains("X-Amz-Signature=") && url.contains("X-Amz-Expires=604800"),
+                "{url}"
+            );
+            let path = url.split_once(&objects.endpoint()).unwrap().1;
+            let resp = http_get(&objects.endpoint(), path).await;
+            assert!(resp.0 == 200, "{}", resp.0);
+            assert_eq!(resp.1, bytes);
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET: (status, body).
+async fn http_get(endpoint: &str, path: &str) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = endpoint.trim_start_matches("http://");
+    let mut c = tokio::net::TcpStream::connect(host).await.unwrap();
+    c.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).await.unwrap();
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&out[..split]).to_string();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut body = out[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut plain = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let nl = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let n = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).unwrap().trim(), 16)
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            plain.extend_from_slice(&rest[nl + 2..nl + 2 + n]);
+            rest = &rest[nl + 2 + n + 2..];
+        }
+        body = plain;
+    }
+    (status, body)
 }

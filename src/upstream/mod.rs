@@ -30,6 +30,7 @@ use tracing::{debug, error, info, warn};
 pub const ALERT_CREDENTIALS: &str = "upstream_credentials";
 pub const ALERT_DISK: &str = "disk_high_water";
 pub const ALERT_SCHEMA: &str = "upstream_schema_too_new";
+pub const ALERT_UNREACHABLE: &str = "upstream_unreachable";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -92,6 +93,9 @@ pub struct SyncStatus {
     pub last_error_at: Option<DateTime<Utc>>,
     pub consecutive_failures: u64,
     pub delivered_total: u64,
+    /// `upstream.enabled` as the gateway last started with (None: unknown).
+    #[serde(default)]
+    pub enabled: Option<bool>,
 }
 
 pub fn status(store: &Store, now: DateTime<Utc>) -> Result<SyncStatus, StoreError> {
@@ -106,6 +110,7 @@ pub fn status(store: &Store, now: DateTime<Utc>) -> Result<SyncStatus, StoreErro
         last_error_at: s.last_error_at,
         consecutive_failures: s.consecutive_failures,
         delivered_total: s.delivered_total,
+        enabled: s.enabled,
     })
 }
 
@@ -247,6 +252,8 @@ pub struct Forwarder {
     data_dir: PathBuf,
     pg: Option<pg::PgSink>,
     objects: objects::ObjectSink,
+    /// When the next connection check is due while nothing is queued.
+    next_check: DateTime<Utc>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -268,7 +275,9 @@ impl Forwarder {
         data_dir: PathBuf,
     ) -> Result<Forwarder, UpstreamError> {
         let objects = objects::ObjectSink::new(&cfg)?;
+        let next_check = clock.now();
         Ok(Forwarder {
+            next_check,
             cfg,
             site,
             store,
@@ -296,6 +305,13 @@ impl Forwarder {
         let limit = self.cfg.batch_size;
         let items = blocking(move || store.outbox(limit)).await?;
         if items.is_empty() {
+            // Nothing to deliver: check the connection (and so the
+            // credentials) now and then, so a fault shows before data waits.
+            if self.clock.now() >= self.next_check {
+                self.check().await?;
+                self.next_check =
+                    self.clock.now() + chrono::Duration::seconds(self.cfg.check_interval_s as i64);
+            }
             return Ok(Round::default());
         }
         // Load the rows; upload image bytes first (in order), stopping at the
@@ -328,7 +344,7 @@ impl Forwarder {
         if !rows.is_empty() {
             if self.pg.as_ref().is_none_or(|p| p.is_closed()) {
                 self.pg = None;
-                self.pg = Some(pg::PgSink::connect(&self.cfg.postgres_url).await?);
+                self.pg = Some(pg::PgSink::connect(&self.cfg).await?);
                 info!("connected to upstream PostgreSQL");
             }
             let Some(sink) = self.pg.as_mut() else {
@@ -359,6 +375,27 @@ impl Forwarder {
             debug!(items = delivered, "outbox items delivered");
         }
         Ok(Round { delivered, error })
+    }
+
+    /// Connects to PostgreSQL (applying missing migrations) or pings the
+    /// open connection, and checks the object store's credentials.
+    async fn check(&mut self) -> Result<(), UpstreamError> {
+        match self.pg.as_ref().filter(|p| !p.is_closed()) {
+            Some(p) => {
+                if let Err(e) = p.ping().await {
+                    self.pg = None;
+                    return Err(e);
+                }
+            }
+            None => {
+                self.pg = None;
+                self.pg = Some(pg::PgSink::connect(&self.cfg).await?);
+                info!("connected to upstream PostgreSQL");
+            }
+        }
+        self.objects.check().await?;
+        debug!("upstream connection check passed");
+        Ok(())
     }
 
     async fn load(&self, item: &OutboxItem) -> Result<Loaded, UpstreamError> {
@@ -414,7 +451,7 @@ impl Forwarder {
         }
         let key = objects::object_key(&self.site, &cap);
         let obj = Some(pg::ImageObject {
-            url: self.objects.url(&key),
+            url: self.objects.url(&key).await?,
             key: key.clone(),
         });
         let store = self.store.clone();
@@ -448,6 +485,15 @@ impl Forwarder {
         let mut jitter = Jitter::new();
         let mut failures: u64 = 0;
         let mut resolved_once = false;
+        let mut failing_since: Option<DateTime<Utc>> = None;
+        // An error from a previous run stays shown until a success.
+        let mut error_shown = {
+            let store = self.store.clone();
+            blocking(move || store.sync_state())
+                .await
+                .map(|s| s.last_error.is_some())
+                .unwrap_or(true)
+        };
         let mut next_retention = self.clock.now();
         info!(bucket = %self.cfg.bucket, endpoint = %self.cfg.endpoint, "upstream forwarder running");
         loop {
@@ -489,19 +535,31 @@ impl Forwarder {
                 None => {
                     // After failures, or on this process's first success (an
                     // alert may be left open by a previous run): resolve.
-                    if failures > 0 || !resolved_once {
+                    if failures > 0 || !resolved_once || error_shown {
                         if failures > 0 {
                             info!(after_failures = failures, "upstream reachable again");
                         }
                         failures = 0;
+                        failing_since = None;
                         resolved_once = true;
                         let store = self.store.clone();
                         let now = self.clock.now();
-                        let _ = blocking(move || {
-                            store.resolve_gateway_alert(ALERT_CREDENTIALS, now)?;
-                            store.resolve_gateway_alert(ALERT_SCHEMA, now)
+                        let cleared = blocking(move || {
+                            for kind in [ALERT_CREDENTIALS, ALERT_SCHEMA, ALERT_UNREACHABLE] {
+                                store.resolve_gateway_alert(kind, now)?;
+                            }
+                            // A success clears the last error.
+                            store.update_sync_state(|s| {
+                                s.last_error = None;
+                                s.last_error_at = None;
+                                s.consecutive_failures = 0;
+                                s.last_success_at = Some(now);
+                            })
                         })
                         .await;
+                        if cleared.is_ok() {
+                            error_shown = false;
+                        }
                     }
                     if round.delivered > 0 {
                         continue;
@@ -510,11 +568,16 @@ impl Forwarder {
                 }
                 Some(e) => {
                     failures += 1;
+                    error_shown = true;
                     Metrics::inc(&self.metrics.upstream_failures);
                     let msg = e.to_string();
                     let store = self.store.clone();
                     let now = self.clock.now();
-                    let alert = e.alert_kind();
+                    let since = *failing_since.get_or_insert(now);
+                    let down_s = (now - since).num_seconds().max(0) as u64;
+                    let alert = e.alert_kind().or_else(|| {
+                        (down_s >= self.cfg.unreachable_alert_after_s).then_some(ALERT_UNREACHABLE)
+                    });
                     let m = msg.clone();
                     let _ = blocking(move || {
                         store.record_sync_error(&m, now)?;
@@ -527,6 +590,16 @@ impl Forwarder {
                                     now,
                                 )?;
                             }
+                            Some(ALERT_UNREACHABLE) => {
+                                store.raise_gateway_alert(
+                                    ALERT_UNREACHABLE,
+                                    "error",
+                                    &format!(
+                                        "Upstream unreachable for {down_s} s; backlog kept: {m}"
+                                    ),
+                                    now,
+                                )?;
+                            }
                             Some(kind) => {
                                 store.raise_gateway_alert(kind, "critical", &m, now)?;
                             }
@@ -536,10 +609,13 @@ impl Forwarder {
                     })
                     .await;
                     let wait = backoff(&self.cfg, failures, jitter.next());
-                    if let Some(alert) = alert {
-                        error!(error = %msg, alert, retry_in_ms = wait.as_millis() as u64, "upstream needs a person; backlog kept");
-                    } else {
-                        warn!(error = %msg, retry_in_ms = wait.as_millis() as u64, failures, "upstream delivery failed; backlog kept");
+                    match alert {
+                        Some(a) if a != ALERT_UNREACHABLE => {
+                            error!(error = %msg, alert = a, retry_in_ms = wait.as_millis() as u64, "upstream needs a person; backlog kept");
+                        }
+                        _ => {
+                            warn!(error = %msg, retry_in_ms = wait.as_millis() as u64, failures, down_s, "upstream delivery failed; backlog kept");
+                        }
                     }
                     wait
                 }
@@ -577,7 +653,7 @@ pub async fn migrate(cfg: &UpstreamConfig) -> Result<InitReport, UpstreamError> 
                 .into(),
         ));
     }
-    let mut client = pg::connect(&cfg.postgres_url).await?;
+    let mut client = pg::connect(cfg).await?;
     let schema = pg::migrate(&mut client).await?;
     if cfg.bucket.trim().is_empty() {
         return Err(UpstreamError::Config(

@@ -5,8 +5,11 @@
 //! updates its row instead of adding one and two sites never collide.
 
 use super::UpstreamError;
+use crate::config::UpstreamConfig;
 use crate::store::{AlertRecord, CaptureRecord, DeviceRecord, SessionRecord, TelemetryRecord};
 use chrono::{DateTime, Utc};
+use rustls_pki_types::CertificateDer;
+use std::path::Path;
 use std::sync::Arc;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::types::ToSql;
@@ -231,14 +234,41 @@ pub(super) fn pg_error(e: &tokio_postgres::Error) -> UpstreamError {
     }
 }
 
-/// Opens a connection: TLS (rustls, ring, webpki roots) unless the URL says
-/// `sslmode=disable`. The connection task ends when the client is dropped.
-pub async fn connect(url: &str) -> Result<Client, UpstreamError> {
-    let mut cfg: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
-        UpstreamError::Config(format!(
-            "upstream.postgres_url is not a valid connection string: {e}"
-        ))
-    })?;
+/// The CA certificates in a PEM file (`upstream.pg_ca`); at least one.
+pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls_pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read CA certificates from {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+/// Opens a connection to `upstream.postgres_url`. TLS per
+/// `upstream.pg_sslmode` (else the URL's `sslmode`; `prefer` when it has
+/// none): rustls with the webpki roots plus the CAs in `upstream.pg_ca`,
+/// always verifying the certificate and host name. The connection task ends
+/// when the client is dropped.
+pub async fn connect(up: &UpstreamConfig) -> Result<Client, UpstreamError> {
+    let mut cfg: tokio_postgres::Config =
+        up.postgres_url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| {
+                UpstreamError::Config(format!(
+                    "upstream.postgres_url is not a valid connection string: {e}"
+                ))
+            })?;
+    match up.pg_sslmode.as_str() {
+        "disable" => {
+            cfg.ssl_mode(SslMode::Disable);
+        }
+        "require" | "verify-full" => {
+            cfg.ssl_mode(SslMode::Require);
+        }
+        _ => {}
+    }
     // A silent network must not hang the forwarder.
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(std::time::Duration::from_secs(30));
@@ -257,6 +287,15 @@ pub async fn connect(url: &str) -> Result<Client, UpstreamError> {
     }
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if !up.pg_ca.is_empty() {
+        let certs = read_ca_file(Path::new(&up.pg_ca))
+            .map_err(|e| UpstreamError::Config(format!("upstream.pg_ca: {e}")))?;
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| UpstreamError::Config(format!("upstream.pg_ca: {e}")))?;
+        }
+    }
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -394,8 +433,8 @@ pub struct PgSink {
 }
 
 impl PgSink {
-    pub async fn connect(url: &str) -> Result<PgSink, UpstreamError> {
-        let mut client = connect(url).await?;
+    pub async fn connect(up: &UpstreamConfig) -> Result<PgSink, UpstreamError> {
+        let mut client = connect(up).await?;
         migrate(&mut client).await?;
         let p = |sql: &'static str| {
             let c = &client;
@@ -414,6 +453,15 @@ impl PgSink {
 
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// A round trip on the open connection.
+    pub async fn ping(&self) -> Result<(), UpstreamError> {
+        self.client
+            .simple_query("SELECT 1")
+            .await
+            .map(|_| ())
+            .map_err(|e| pg_error(&e))
     }
 
     fn params(&self, row: &Row, site: &str) -> (Statement, Params) {
