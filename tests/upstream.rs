@@ -1,6 +1,8 @@
 //! Store-and-forward against real servers on loopback: PostgreSQL (Debian's
-//! package, in a temp dir) and moto's S3-compatible server. Outages, a killed
-//! gateway, wrong credentials, and a 10,000-item backlog.
+//! package, in a temp dir) and s3s-fs, an S3-compatible server that checks
+//! SigV4 signatures. Outages, a killed gateway, wrong credentials for either
+//! sink, a 10,000-item backlog, cloud schema migrations and two sites
+//! syncing into one cloud.
 
 #[path = "common/cloud.rs"]
 mod cloud;
@@ -653,7 +655,7 @@ async fn retention_keeps_unuploaded_images_and_deletes_oldest_uploaded_first() {
 }
 
 /// `upstream migrate` creates a missing bucket (without the
-/// LocationConstraint that S3 and moto reject for us-east-1; with it for
+/// LocationConstraint that S3 rejects for us-east-1; with it for
 /// other regions), leaves an existing one alone, and uploads then go in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_creates_a_missing_bucket() {
@@ -1528,4 +1530,139 @@ async fn http_get(endpoint: &str, path: &str) -> (u16, Vec<u8>) {
         body = plain;
     }
     (status, body)
+}
+
+/// Against an S3 server that verifies SigV4 signatures (s3s-fs): a wrong
+/// secret or access key gives a clear error naming the object store's
+/// refusal, raises the credentials alert (also with nothing queued), writes
+/// nothing anywhere, and keeps the backlog; fixed, everything drains once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_object_store_credentials_give_a_clear_error_an_alert_and_keep_the_backlog() {
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    // Nothing queued: the connection check finds it.
+    for (what, key, secret) in [
+        ("secret", S3_KEY, "wrong-secret"),
+        ("access key", "NOT-THE-KEY", S3_SECRET),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+        let mut bad = upstream_config(&pg, &objects);
+        bad.access_key = key.into();
+        bad.secret_key = secret.into();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(forwarder(&store, bad, dir.path()).run(stop_rx));
+        wait_until(
+            &format!("alert for a wrong {what}, nothing queued"),
+            LONG,
+            || {
+                store
+                    .open_gateway_alert(ALERT_CREDENTIALS)
+                    .unwrap()
+                    .is_some()
+            },
+        )
+        .await;
+        let _ = stop_tx.send(true);
+        task.await.unwrap();
+        let err = store.sync_state().unwrap().last_error.unwrap();
+        assert!(
+            err.contains("object storage rejected the credentials") && err.contains("HTTP 403"),
+            "{what}: {err}"
+        );
+        assert!(!err.contains("wrong-secret"), "secret in the error: {err}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+    for i in 0..8u64 {
+        commit_image(
+            &store,
+            i + 1,
+            "AABBCCDDEE71",
+            &format!("s{i}.jpg"),
+            &image_bytes(70 + i as u32, 800),
+            t0() + CDuration::minutes(i as i64),
+        );
+    }
+    let queued = backlog(&store);
+    let mut bad = upstream_config(&pg, &objects);
+    bad.secret_key = "wrong-secret".into();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(forwarder(&store, bad, dir.path()).run(stop_rx));
+    wait_until("the credentials alert", LONG, || {
+        store
+            .open_gateway_alert(ALERT_CREDENTIALS)
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    task.await.unwrap();
+    let st = upstream::status(&store, Utc::now()).unwrap();
+    let err = st.last_error.clone().unwrap();
+    assert!(
+        err.contains("object storage rejected the credentials: HTTP 403: SignatureDoesNotMatch"),
+        "{err}"
+    );
+    assert_eq!(
+        backlog(&store),
+        queued + 1,
+        "backlog kept, the alert queued"
+    );
+    assert!(
+        objects.keys("device-observations/").await.is_empty(),
+        "nothing stored"
+    );
+    let c = pg.client().await;
+    assert_eq!(count(&c, "SELECT count(*) FROM device_images").await, 0);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task =
+        tokio::spawn(forwarder(&store, upstream_config(&pg, &objects), dir.path()).run(stop_rx));
+    wait_until("drained and resolved", LONG, || {
+        backlog(&store) == 0
+            && store
+                .open_gateway_alert(ALERT_CREDENTIALS)
+                .unwrap()
+                .is_none()
+            && store.sync_state().unwrap().last_error.is_none()
+    })
+    .await;
+    wait_until("resolution delivered", LONG, || backlog(&store) == 0).await;
+    let _ = stop_tx.send(true);
+    task.await.unwrap();
+    assert_images_upstream_once(&store, &pg, &objects).await;
+}
+
+/// A presigned `image_url` is accepted by a server that checks signatures,
+/// and the same URL altered is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presigned_image_url_is_honoured_by_a_signature_checking_server() {
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+    let bytes = image_bytes(81, 1200);
+    commit_image(&store, 1, "AABBCCDDEE81", "p.jpg", &bytes, t0());
+    let mut cfg = upstream_config(&pg, &objects);
+    cfg.image_url = "presigned".into();
+    cfg.presign_expiry_s = 3600;
+    drain(&store, cfg, dir.path()).await;
+    let c = pg.client().await;
+    let url: String = c
+        .query_one("SELECT image_url FROM device_images", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let path = url.split_once(&objects.endpoint()).unwrap().1.to_string();
+    let (status, body) = http_get(&objects.endpoint(), &path).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(body, bytes);
+    let tampered = path.replace("X-Amz-Expires=3600", "X-Amz-Expires=3601");
+    let (status, _) = http_get(&objects.endpoint(), &tampered).await;
+    assert_eq!(status, 403, "an altered URL is refused");
+    let unsigned = path.split('?').next().unwrap();
+    let (status, _) = http_get(&objects.endpoint(), unsigned).await;
+    assert_eq!(status, 403, "no signature, no object");
 }
