@@ -1666,3 +1666,53 @@ async fn presigned_image_url_is_honoured_by_a_signature_checking_server() {
     let (status, _) = http_get(&objects.endpoint(), unsigned).await;
     assert_eq!(status, 403, "no signature, no object");
 }
+
+/// An upstream that stays unreachable (not a credentials problem) raises
+/// `upstream_unreachable` after `unreachable_alert_after_s`, resolved by the
+/// next success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_unreachable_for_long_raises_an_alert() {
+    use barngate::upstream::ALERT_UNREACHABLE;
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+    let mut cfg = upstream_config(&pg, &objects);
+    cfg.unreachable_alert_after_s = 1;
+    cfg.check_interval_s = 1;
+    pg.down();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(forwarder(&store, cfg, dir.path()).run(stop_rx));
+    wait_until("the unreachable alert", LONG, || {
+        store
+            .open_gateway_alert(ALERT_UNREACHABLE)
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    assert!(store
+        .open_gateway_alert(ALERT_CREDENTIALS)
+        .unwrap()
+        .is_none());
+    let a = store
+        .open_gateway_alert(ALERT_UNREACHABLE)
+        .unwrap()
+        .unwrap();
+    assert!(a.message.contains("PostgreSQL"), "{}", a.message);
+    pg.up();
+    wait_until("resolved and delivered", LONG, || {
+        store
+            .open_gateway_alert(ALERT_UNREACHABLE)
+            .unwrap()
+            .is_none()
+            && backlog(&store) == 0
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    task.await.unwrap();
+    let c = pg.client().await;
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM device_alerts WHERE alert_type = 'upstream_unreachable' AND resolved_at IS NOT NULL").await,
+        1
+    );
+}
