@@ -1738,6 +1738,7 @@ async fn scenario_burst(c: Common, devices: usize, registered: usize, connect_on
                 last_seen: None,
                 next_wake: None,
                 battery: None,
+                battery_voltage: None,
                 status: "active".into(),
                 cert_serial: None,
                 registration_index: i as u64,

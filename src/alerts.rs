@@ -178,6 +178,7 @@ mod tests {
             last_seen: Some(now),
             next_wake: Some(now + Duration::hours(8)),
             battery: None,
+            battery_voltage: None,
             status: "active".into(),
             cert_serial: None,
             registration_index: 0,

@@ -283,6 +283,25 @@ pub struct UpstreamConfig {
     /// Disk usage (percent) at which an alert is raised and the oldest
     /// uploaded images are deleted locally, whatever their age.
     pub disk_high_water_percent: u8,
+    /// TLS to PostgreSQL: `""` (as the URL's `sslmode` says), `disable`,
+    /// `require` or `verify-full`. barngate never accepts a certificate it
+    /// cannot verify, so `require` verifies like `verify-full`.
+    pub pg_sslmode: String,
+    /// A PEM file of CA certificates trusted for PostgreSQL besides the
+    /// public (webpki) roots; empty = none.
+    pub pg_ca: String,
+    /// What `device_images.image_url` holds: `path` (endpoint/bucket/key),
+    /// `public` (`public_base_url` + key) or `presigned` (a signed GET URL
+    /// valid `presign_expiry_s`).
+    pub image_url: String,
+    pub public_base_url: String,
+    pub presign_expiry_s: u32,
+    /// With nothing queued, the connection to both sinks (and their
+    /// credentials) is checked this often.
+    pub check_interval_s: u64,
+    /// Failing this long (not a credentials error) raises an
+    /// `upstream_unreachable` alert.
+    pub unreachable_alert_after_s: u64,
 }
 
 impl Default for UpstreamConfig {
@@ -300,6 +319,13 @@ impl Default for UpstreamConfig {
             batch_size: 200,
             retention_days: 30,
             disk_high_water_percent: 90,
+            pg_sslmode: String::new(),
+            pg_ca: String::new(),
+            image_url: "path".into(),
+            public_base_url: String::new(),
+            presign_expiry_s: 604_800,
+            check_interval_s: 60,
+            unreachable_alert_after_s: 600,
         }
     }
 }
@@ -327,6 +353,13 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("batch_size", &self.batch_size)
             .field("retention_days", &self.retention_days)
             .field("disk_high_water_percent", &self.disk_high_water_percent)
+            .field("pg_sslmode", &self.pg_sslmode)
+            .field("pg_ca", &self.pg_ca)
+            .field("image_url", &self.image_url)
+            .field("public_base_url", &self.public_base_url)
+            .field("presign_expiry_s", &self.presign_expiry_s)
+            .field("check_interval_s", &self.check_interval_s)
+            .field("unreachable_alert_after_s", &self.unreachable_alert_after_s)
             .finish()
     }
 }
@@ -343,6 +376,10 @@ impl UpstreamConfig {
             ("region", &mut self.region),
             ("access_key", &mut self.access_key),
             ("secret_key", &mut self.secret_key),
+            ("pg_sslmode", &mut self.pg_sslmode),
+            ("pg_ca", &mut self.pg_ca),
+            ("image_url", &mut self.image_url),
+            ("public_base_url", &mut self.public_base_url),
         ] {
             if let Some(v) = var(k) {
                 *slot = v;
@@ -380,6 +417,53 @@ impl UpstreamConfig {
             return Err(invalid(
                 "upstream.disk_high_water_percent",
                 "must be 1..=100",
+            ));
+        }
+        if !matches!(
+            self.pg_sslmode.as_str(),
+            "" | "disable" | "require" | "verify-full"
+        ) {
+            return Err(invalid(
+                "upstream.pg_sslmode",
+                "must be \"\" (as the URL says), disable, require or verify-full",
+            ));
+        }
+        if !self.pg_ca.is_empty() {
+            crate::upstream::pg::read_ca_file(std::path::Path::new(&self.pg_ca))
+                .map_err(|e| invalid("upstream.pg_ca", e))?;
+        }
+        match self.image_url.as_str() {
+            "path" | "presigned" => {}
+            "public" => {
+                if !self.public_base_url.starts_with("http://")
+                    && !self.public_base_url.starts_with("https://")
+                {
+                    return Err(invalid(
+                        "upstream.public_base_url",
+                        "must be an http:// or https:// URL when upstream.image_url = \"public\"",
+                    ));
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    "upstream.image_url",
+                    "must be path, public or presigned",
+                ))
+            }
+        }
+        if !(1..=604_800).contains(&self.presign_expiry_s) {
+            return Err(invalid(
+                "upstream.presign_expiry_s",
+                "must be 1..=604800 (S3 signatures last at most 7 days)",
+            ));
+        }
+        if !(1..=86_400).contains(&self.check_interval_s) {
+            return Err(invalid("upstream.check_interval_s", "must be 1..=86400"));
+        }
+        if self.unreachable_alert_after_s == 0 {
+            return Err(invalid(
+                "upstream.unreachable_alert_after_s",
+                "must be at least 1",
             ));
         }
         if self.enabled {

@@ -216,8 +216,10 @@ enum SyncCmd {
 
 #[derive(Subcommand)]
 enum UpstreamCmd {
-    /// Create the upstream PostgreSQL tables and the object bucket if absent.
-    InitSchema,
+    /// Apply the cloud schema migrations the database lacks (safe to re-run)
+    /// and create the object bucket if absent.
+    #[command(alias = "init-schema")]
+    Migrate,
 }
 
 #[derive(Subcommand)]
@@ -475,6 +477,13 @@ async fn main() -> Result<()> {
                 let t = |t: Option<chrono::DateTime<chrono::Utc>>| {
                     t.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never".into())
                 };
+                match st.enabled {
+                    Some(false) => println!(
+                        "upstream:         disabled (upstream.enabled = false): nothing is sent; the backlog grows until it is enabled"
+                    ),
+                    Some(true) => println!("upstream:         enabled"),
+                    None => println!("upstream:         unknown (no gateway has started with this database since)"),
+                }
                 println!("backlog:          {} items", st.backlog);
                 println!(
                     "oldest queued:    {}",
@@ -494,16 +503,24 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Upstream {
-            cmd: UpstreamCmd::InitSchema,
+            cmd: UpstreamCmd::Migrate,
         } => {
             let _log = init_tracing();
             let cfg = server::load_config(&cli.data_dir, cli.config.as_deref())?;
-            let r = barngate::upstream::init_schema(&cfg.upstream).await?;
+            let r = barngate::upstream::migrate(&cfg.upstream).await?;
             let bucket = &cfg.upstream.bucket;
-            if r.bucket_created {
-                eprintln!("upstream schema ready; bucket {bucket} created");
+            let schema = if r.schema.applied.is_empty() {
+                format!("cloud schema at version {} (up to date)", r.schema.to)
             } else {
-                eprintln!("upstream schema ready; bucket {bucket} already there");
+                format!(
+                    "cloud schema migrated from version {} to {}",
+                    r.schema.from, r.schema.to
+                )
+            };
+            if r.bucket_created {
+                eprintln!("{schema}; bucket {bucket} created");
+            } else {
+                eprintln!("{schema}; bucket {bucket} already there");
             }
             Ok(())
         }

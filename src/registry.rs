@@ -123,6 +123,7 @@ pub fn new_record(
         last_seen: None,
         next_wake: None,
         battery: None,
+        battery_voltage: None,
         status: "active".into(),
         cert_serial: None,
         registration_index: index,

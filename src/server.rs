@@ -305,6 +305,18 @@ impl Gateway {
             shutdown_rx.clone(),
         ));
 
+        // `sync status` tells whether forwarding is on, even from the database.
+        let enabled = cfg.upstream.enabled;
+        if let Err(e) = store.update_sync_state(|s| s.enabled = Some(enabled)) {
+            tracing::warn!(error = %e, "cannot record the upstream setting");
+        }
+        if !enabled {
+            let backlog = store.outbox_stats().map(|o| o.backlog).unwrap_or(0);
+            tracing::info!(
+                backlog,
+                "upstream forwarding disabled (upstream.enabled = false): results are kept in the local outbox only"
+            );
+        }
         if cfg.upstream.enabled {
             let fwd = crate::upstream::Forwarder::new(
                 cfg.upstream.clone(),

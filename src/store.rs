@@ -22,7 +22,10 @@ pub use totals::CaptureTotals;
 /// Bump when a table or record changes incompatibly; `open` migrates or refuses.
 /// 2: chunks in PARTIALS runs instead of CHUNKS rows (1 migrates on open).
 /// 3: per-device capture totals and their indexes (built on open from 2).
-pub const SCHEMA_VERSION: u64 = 3;
+/// 4: telemetry keyed by (MAC, capture id) instead of (MAC, device time), so
+///    two captures stamped with the same time keep one row each (3 re-keys
+///    its rows and its queued outbox items on open).
+pub const SCHEMA_VERSION: u64 = 4;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// META key: the next capture id to hand out (ids are never reused).
@@ -38,7 +41,10 @@ const CHUNKS_V1: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("chun
 /// chunks ([`encode_run`]); see [`append_partial`] for the levels.
 const PARTIALS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("partials");
 const IMAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("images");
-const TELEMETRY: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("telemetry");
+/// A capture's readings: `(MAC, capture id)` → [`TelemetryRecord`].
+const TELEMETRY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("telemetry_by_capture");
+/// Schema 3's telemetry, `(MAC, device time ms)` → record; only read to migrate.
+const TELEMETRY_V3: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("telemetry");
 const COMMANDS: TableDefinition<u64, &[u8]> = TableDefinition::new("commands");
 const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("alerts");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
@@ -98,8 +104,12 @@ pub struct DeviceRecord {
     pub last_seen: Option<DateTime<Utc>>,
     #[serde(default)]
     pub next_wake: Option<DateTime<Utc>>,
+    /// Battery charge in percent, as the device reports it (`battery`).
     #[serde(default)]
     pub battery: Option<f64>,
+    /// Battery voltage, only when the device sent one (`battery_voltage`).
+    #[serde(default)]
+    pub battery_voltage: Option<f64>,
     /// `active` or `revoked`.
     pub status: String,
     #[serde(default)]
@@ -228,6 +238,7 @@ pub struct TelemetryRecord {
     pub humidity: Option<f64>,
     pub pressure: Option<f64>,
     pub gas_resistance: Option<f64>,
+    /// Battery charge in percent (METADATA `battery`).
     pub battery: Option<f64>,
     pub error: i64,
 }
@@ -282,6 +293,10 @@ pub struct SyncState {
     pub consecutive_failures: u64,
     #[serde(default)]
     pub delivered_total: u64,
+    /// `upstream.enabled` as the gateway last started with (None: not
+    /// started since this was recorded).
+    #[serde(default)]
+    pub enabled: Option<bool>,
 }
 
 /// An image whose bytes are confirmed in object storage.
@@ -496,6 +511,47 @@ fn migrate_chunks_to_partials(tx: &redb::WriteTransaction) -> Result<(), StoreEr
     Ok(())
 }
 
+/// Schema 3 → 4: moves every telemetry row from its `(MAC, device time)`
+/// key to `(MAC, capture id)` and re-keys the queued `telemetry` outbox
+/// items the same way, inside the opening transaction. Rows that shared a
+/// key in 3 had already overwritten each other; nothing more is lost.
+fn migrate_telemetry_to_capture_keys(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut by_old_key: HashMap<(String, i64), u64> = HashMap::new();
+    {
+        let old = tx.open_table(TELEMETRY_V3).map_err(db)?;
+        let mut new = tx.open_table(TELEMETRY).map_err(db)?;
+        for r in old.iter().map_err(db)? {
+            let (k, v) = r.map_err(db)?;
+            let (mac, ms) = k.value();
+            let rec: TelemetryRecord = dec("telemetry", v.value())?;
+            new.insert((mac, rec.capture_id), v.value()).map_err(db)?;
+            by_old_key.insert((mac.to_string(), ms), rec.capture_id);
+        }
+    }
+    tx.delete_table(TELEMETRY_V3).map_err(db)?;
+    let mut outbox = tx.open_table(OUTBOX).map_err(db)?;
+    let mut rekeyed = Vec::new();
+    for r in outbox.iter().map_err(db)? {
+        let (k, v) = r.map_err(db)?;
+        let mut item: OutboxItem = dec("outbox", v.value())?;
+        if item.kind != "telemetry" {
+            continue;
+        }
+        let id = item
+            .key
+            .parse::<i64>()
+            .ok()
+            .and_then(|ms| by_old_key.get(&(item.mac.clone(), ms)));
+        // An item whose row is gone is dropped by the forwarder either way.
+        item.key = id.map(|id| id.to_string()).unwrap_or_default();
+        rekeyed.push((k.value(), item));
+    }
+    for (seq, item) in rekeyed {
+        outbox.insert(seq, enc(&item).as_slice()).map_err(db)?;
+    }
+    Ok(())
+}
+
 type Partials<'t> = redb::Table<'t, (u64, u32), &'static [u8]>;
 
 /// Adds a batch's new chunks of one capture to its partial. The partial is
@@ -610,6 +666,10 @@ impl Store {
                     if v == 2 {
                         totals::rebuild(&tx)?;
                         v = 3;
+                    }
+                    if v == 3 {
+                        migrate_telemetry_to_capture_keys(&tx)?;
+                        v = 4;
                     }
                     meta.insert("schema_version", v).map_err(db)?;
                 }
@@ -795,6 +855,15 @@ impl Store {
                     None => None,
                 };
                 totals::capture_changed(&tx, old.as_ref(), c)?;
+                // A capture that ended failed (again) goes upstream as a row
+                // with its rounds and reason; a complete one goes as "image".
+                let newly_failed = c.state == CaptureState::Failed
+                    && old.as_ref().is_none_or(|o| {
+                        o.state != CaptureState::Failed || o.failures != c.failures
+                    });
+                if newly_failed {
+                    queue("capture", &c.mac, c.id.to_string())?;
+                }
                 t.insert(c.id, enc(c).as_slice()).map_err(db)?;
                 let latest = names
                     .get((c.mac.as_str(), c.image_name.as_str()))
@@ -821,10 +890,9 @@ impl Store {
             }
             let mut t = tx.open_table(TELEMETRY).map_err(db)?;
             for r in &batch.telemetry {
-                let ms = r.captured_at.timestamp_millis();
-                t.insert((r.mac.as_str(), ms), enc(r).as_slice())
+                t.insert((r.mac.as_str(), r.capture_id), enc(r).as_slice())
                     .map_err(db)?;
-                queue("telemetry", &r.mac, ms.to_string())?;
+                queue("telemetry", &r.mac, r.capture_id.to_string())?;
             }
             let mut t = tx.open_table(COMMANDS).map_err(db)?;
             let first = t
@@ -1091,7 +1159,7 @@ impl Store {
         let tx = self.db.begin_read().map_err(db)?;
         let t = tx.open_table(TELEMETRY).map_err(db)?;
         let mut out = Vec::new();
-        for r in t.range((mac, i64::MIN)..=(mac, i64::MAX)).map_err(db)? {
+        for r in t.range((mac, 0)..=(mac, u64::MAX)).map_err(db)? {
             let (_, v) = r.map_err(db)?;
             out.push(dec("telemetry", v.value())?);
         }
@@ -1220,6 +1288,27 @@ impl Store {
         Ok(n)
     }
 
+    /// Changes the forwarder state in one transaction; returns it.
+    pub fn update_sync_state(
+        &self,
+        f: impl FnOnce(&mut SyncState),
+    ) -> Result<SyncState, StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let st;
+        {
+            let mut sync = tx.open_table(SYNC).map_err(db)?;
+            let mut s: SyncState = match sync.get("state").map_err(db)? {
+                Some(v) => dec("sync_state", v.value())?,
+                None => SyncState::default(),
+            };
+            f(&mut s);
+            sync.insert("state", enc(&s).as_slice()).map_err(db)?;
+            st = s;
+        }
+        tx.commit().map_err(db)?;
+        Ok(st)
+    }
+
     pub fn sync_state(&self) -> Result<SyncState, StoreError> {
         Ok(self
             .get_json(SYNC, "sync_state", "state")?
@@ -1237,10 +1326,15 @@ impl Store {
         v.map(|g| dec("wake_sessions", g.value())).transpose()
     }
 
-    pub fn telemetry_at(&self, mac: &str, ms: i64) -> Result<Option<TelemetryRecord>, StoreError> {
+    /// The readings of one capture.
+    pub fn telemetry_of(
+        &self,
+        mac: &str,
+        capture_id: u64,
+    ) -> Result<Option<TelemetryRecord>, StoreError> {
         let tx = self.db.begin_read().map_err(db)?;
         let t = tx.open_table(TELEMETRY).map_err(db)?;
-        let v = t.get((mac, ms)).map_err(db)?;
+        let v = t.get((mac, capture_id)).map_err(db)?;
         v.map(|g| dec("telemetry", g.value())).transpose()
     }
 
@@ -1673,6 +1767,94 @@ pub(crate) mod tests {
         assert_eq!(s.chunk_lengths(9).unwrap(), vec![(0, 1)]);
     }
 
+    #[test]
+    fn version_3_telemetry_is_rekeyed_by_capture_with_its_outbox_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let mac = "AABBCCDDEEFF";
+        let rec = |capture_id: u64, ms: i64| TelemetryRecord {
+            mac: mac.into(),
+            captured_at: DateTime::from_timestamp_millis(ms).unwrap(),
+            received_at: t0(),
+            capture_id,
+            temperature: Some(capture_id as f64),
+            humidity: None,
+            pressure: None,
+            gas_resistance: None,
+            battery: Some(50.0),
+            error: 0,
+        };
+        let ms = t0().timestamp_millis();
+        {
+            // A schema-3 file: telemetry keyed by (MAC, device time ms), with
+            // its outbox items keyed the same way.
+            let d = Database::create(&path).unwrap();
+            let tx = d.begin_write().unwrap();
+            {
+                let mut meta = tx.open_table(META).unwrap();
+                meta.insert("schema_version", 3).unwrap();
+                let mut t = tx.open_table(TELEMETRY_V3).unwrap();
+                t.insert((mac, ms), enc(&rec(5, ms)).as_slice()).unwrap();
+                t.insert((mac, ms + 1000), enc(&rec(6, ms + 1000)).as_slice())
+                    .unwrap();
+                let mut o = tx.open_table(OUTBOX).unwrap();
+                for (seq, key) in [(1u64, ms.to_string()), (2, (ms + 1000).to_string())] {
+                    let item = OutboxItem {
+                        seq,
+                        kind: "telemetry".into(),
+                        mac: mac.into(),
+                        key,
+                        queued_at: t0(),
+                    };
+                    o.insert(seq, enc(&item).as_slice()).unwrap();
+                }
+            }
+            tx.commit().unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 4);
+        assert_eq!(
+            s.telemetry(mac).unwrap(),
+            vec![rec(5, ms), rec(6, ms + 1000)]
+        );
+        let keys: Vec<String> = s.outbox(10).unwrap().into_iter().map(|i| i.key).collect();
+        assert_eq!(keys, vec!["5", "6"]);
+        assert_eq!(s.telemetry_of(mac, 6).unwrap(), Some(rec(6, ms + 1000)));
+        // Now two captures with the same device time keep a row each.
+        let mut b = Batch::default();
+        b.telemetry.push(rec(7, ms));
+        s.commit(b, t0()).unwrap();
+        assert_eq!(s.telemetry(mac).unwrap().len(), 3);
+        {
+            let tx = s.db.begin_read().unwrap();
+            assert!(tx.open_table(TELEMETRY_V3).is_err(), "old table deleted");
+        }
+    }
+
+    #[test]
+    fn a_capture_that_ends_failed_is_queued_once_per_failure() {
+        let s = Store::open_in_memory().unwrap();
+        let mut c = capture(3, 10, 5);
+        c.state = CaptureState::Receiving;
+        let mut b = Batch::default();
+        b.capture(&c);
+        s.commit(b, t0()).unwrap();
+        assert_eq!(s.outbox(10).unwrap().len(), 0);
+        c.state = CaptureState::Failed;
+        c.failures = 1;
+        for _ in 0..2 {
+            let mut b = Batch::default();
+            b.capture(&c);
+            s.commit(b, t0()).unwrap();
+        }
+        let items = s.outbox(10).unwrap();
+        assert_eq!(items.len(), 1, "{items:?}");
+        assert_eq!(
+            (items[0].kind.as_str(), items[0].key.as_str()),
+            ("capture", "3")
+        );
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
         /// Any batches of chunks, with repeats within and across batches,
@@ -1763,6 +1945,7 @@ pub(crate) mod tests {
                     last_seen: None,
                     next_wake: None,
                     battery: None,
+                    battery_voltage: None,
                     status: "active".into(),
                     cert_serial: None,
                     registration_index: 0,

@@ -1,6 +1,8 @@
 //! Store-and-forward against real servers on loopback: PostgreSQL (Debian's
-//! package, in a temp dir) and moto's S3-compatible server. Outages, a killed
-//! gateway, wrong credentials, and a 10,000-item backlog.
+//! package, in a temp dir) and s3s-fs, an S3-compatible server that checks
+//! SigV4 signatures. Outages, a killed gateway, wrong credentials for either
+//! sink, a 10,000-item backlog, cloud schema migrations and two sites
+//! syncing into one cloud.
 
 #[path = "common/cloud.rs"]
 mod cloud;
@@ -76,17 +78,17 @@ fn commit_image(store: &Store, id: u64, mac: &str, name: &str, bytes: &[u8], at:
         capture_id: id,
         chunk_ids: vec![1],
     });
-    b.telemetry.push(telemetry(mac, at));
+    b.telemetry.push(telemetry(mac, id, at));
     let r = store.commit(b, at).unwrap();
     assert!(r.failed.is_empty());
 }
 
-fn telemetry(mac: &str, at: DateTime<Utc>) -> TelemetryRecord {
+fn telemetry(mac: &str, capture_id: u64, at: DateTime<Utc>) -> TelemetryRecord {
     TelemetryRecord {
         mac: mac.into(),
         captured_at: at,
         received_at: at,
-        capture_id: 0,
+        capture_id,
         temperature: Some(21.5),
         humidity: Some(55.0),
         pressure: Some(1012.0),
@@ -354,7 +356,7 @@ async fn gateway_killed_mid_upload_resumes_without_duplicates() {
             .unwrap()
     };
     let c = pg.client().await;
-    upstream::init_schema(&u).await.unwrap();
+    upstream::migrate(&u).await.unwrap();
     let mut child = spawn();
     // Kill it (SIGKILL) while the upload is under way.
     let t = Instant::now();
@@ -515,6 +517,10 @@ async fn wrong_credentials_keep_the_backlog_and_raise_an_alert() {
         .get(0);
     assert!(resolved.is_some());
     assert_images_upstream_once(&store, &pg, &objects).await;
+    // A success clears the last error.
+    let st = upstream::status(&store, Utc::now()).unwrap();
+    assert_eq!(st.last_error, None, "{st:?}");
+    assert_eq!(st.consecutive_failures, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -529,8 +535,11 @@ async fn a_backlog_of_10000_items_drains() {
         for i in 0..N / 10 {
             let k = part * (N / 10) + i;
             let mac = format!("AABBCCDD{:04X}", k % 50);
-            b.telemetry
-                .push(telemetry(&mac, t0() + CDuration::seconds(k as i64)));
+            b.telemetry.push(telemetry(
+                &mac,
+                k as u64 + 1,
+                t0() + CDuration::seconds(k as i64),
+            ));
         }
         store.commit(b, t0()).unwrap();
     }
@@ -645,31 +654,27 @@ async fn retention_keeps_unuploaded_images_and_deletes_oldest_uploaded_first() {
     }
 }
 
-/// `upstream init-schema` creates a missing bucket (without the
-/// LocationConstraint that S3 and moto reject for us-east-1; with it for
+/// `upstream migrate` creates a missing bucket (without the
+/// LocationConstraint that S3 rejects for us-east-1; with it for
 /// other regions), leaves an existing one alone, and uploads then go in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn init_schema_creates_a_missing_bucket() {
+async fn migrate_creates_a_missing_bucket() {
     use barngate::upstream::objects::ObjectSink;
-    use barngate::upstream::InitReport;
     let pg = Postgres::start();
     let objects = ObjectStore::start().await;
     let mut fresh = upstream_config(&pg, &objects);
     fresh.bucket = "fresh-images".into();
-    let created = InitReport {
-        bucket_created: true,
-    };
-    let there = InitReport {
-        bucket_created: false,
-    };
-    assert_eq!(upstream::init_schema(&fresh).await.unwrap(), created);
-    assert_eq!(upstream::init_schema(&fresh).await.unwrap(), there);
+    let created = true;
+    let there = false;
+    let migrate = |cfg| async move { upstream::migrate(&cfg).await.map(|r| r.bucket_created) };
+    assert_eq!(migrate(fresh.clone()).await.unwrap(), created);
+    assert_eq!(migrate(fresh.clone()).await.unwrap(), there);
     let existing = upstream_config(&pg, &objects);
-    assert_eq!(upstream::init_schema(&existing).await.unwrap(), there);
+    assert_eq!(migrate(existing.clone()).await.unwrap(), there);
     let mut eu = upstream_config(&pg, &objects);
     eu.bucket = "fresh-images-eu".into();
     eu.region = "eu-west-1".into();
-    assert_eq!(upstream::init_schema(&eu).await.unwrap(), created);
+    assert_eq!(migrate(eu.clone()).await.unwrap(), created);
     for cfg in [&fresh, &eu] {
         let sink = ObjectSink::new(cfg).unwrap();
         sink.put_verified("site/dev/x.jpg", b"\xff\xd8 an image")
@@ -678,6 +683,1036 @@ async fn init_schema_creates_a_missing_bucket() {
     }
     let mut none = upstream_config(&pg, &objects);
     none.bucket = String::new();
-    let e = upstream::init_schema(&none).await.unwrap_err().to_string();
+    let e = upstream::migrate(&none).await.unwrap_err().to_string();
     assert!(e.contains("upstream.bucket"), "{e}");
+}
+
+/// Delivers the whole outbox with one forwarder.
+async fn drain(store: &Arc<Store>, cfg: barngate::config::UpstreamConfig, dir: &std::path::Path) {
+    let mut fwd = forwarder(store, cfg, dir);
+    while backlog(store) > 0 {
+        let r = fwd.round().await;
+        assert!(r.error.is_none(), "{:?}", r.error);
+    }
+}
+
+/// A capture that ended failed: announced with `total` chunks, `received`
+/// of them in, after `rounds` rounds of missing-chunk requests.
+fn failed_capture(
+    id: u64,
+    mac: &str,
+    name: &str,
+    total: u32,
+    received: u32,
+    rounds: u32,
+) -> CaptureRecord {
+    let size = total * 100;
+    let meta = Metadata {
+        device_id: mac.into(),
+        image_name: name.into(),
+        capture_timestamp: t0().to_rfc3339(),
+        image_size: size,
+        max_chunk_size: 100,
+        total_chunks_count: total,
+        announced_chunks: None,
+        error: 0,
+        location: None,
+        temperature: Some(20.0),
+        humidity: None,
+        pressure: None,
+        gas_resistance: None,
+        battery: Some(64.0),
+        sha256: None,
+    };
+    CaptureRecord {
+        id,
+        mac: mac.into(),
+        image_name: name.into(),
+        version: 1,
+        state: CaptureState::Failed,
+        origin: Origin::Current,
+        raw_metadata: Some(serde_json::to_string(&meta).unwrap()),
+        metadata: Some(meta),
+        device_time: Some(t0()),
+        first_seen_at: t0(),
+        metadata_at: Some(t0()),
+        updated_at: t0(),
+        retries: rounds,
+        failures: 1,
+        refusals: 0,
+        chunk_base: Some(1),
+        chunks_received: received,
+        sha256: None,
+        assembled_at: None,
+        acked_at: None,
+        failed_reason: Some(format!(
+            "{} chunks still missing after {rounds} retries",
+            total - received
+        )),
+    }
+}
+
+/// Two captures stamped with the same device time used to share one
+/// telemetry row (keyed by device and time): the second overwrote the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_captures_with_the_same_device_time_keep_two_telemetry_rows() {
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+    let mac = "AABBCCDDEE21";
+    commit_image(&store, 1, mac, "a.jpg", &image_bytes(1, 700), t0());
+    // Same device time, other readings.
+    let mut b = Batch::default();
+    let mut t = telemetry(mac, 2, t0());
+    t.temperature = Some(30.5);
+    b.telemetry.push(t);
+    store.commit(b, t0()).unwrap();
+    assert_eq!(store.telemetry(mac).unwrap().len(), 2, "two rows locally");
+    drain(&store, upstream_config(&pg, &objects), dir.path()).await;
+    let c = pg.client().await;
+    let rows = c
+        .query(
+            "SELECT gateway_capture_id, temperature, captured_at FROM device_telemetry
+             WHERE device_mac = $1 ORDER BY gateway_capture_id",
+            &[&mac],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(i64, f64, DateTime<Utc>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(got, vec![(1, 21.5, t0()), (2, 30.5, t0())]);
+}
+
+/// A capture that failed after 3 rounds of missing-chunk requests used to
+/// leave no row upstream; it arrives with its status, rounds, failures,
+/// missing count and reason, and its row turns complete when it completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capture_failed_after_3_rounds_has_a_row_with_status_failed() {
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+    let mac = "AABBCCDDEE22";
+    let mut b = Batch::default();
+    b.capture(&failed_capture(7, mac, "lost.jpg", 5, 2, 3));
+    store.commit(b, t0()).unwrap();
+    assert_eq!(backlog(&store), 1, "the failed capture is queued");
+    let cfg = upstream_config(&pg, &objects);
+    drain(&store, cfg.clone(), dir.path()).await;
+    let c = pg.client().await;
+    let q = "SELECT status, retry_count, failures, missing_chunks, received_chunks, total_chunks,
+                    failed_reason, object_key, gateway_capture_id
+             FROM device_images WHERE device_mac = $1";
+    let r = c.query_one(q, &[&mac]).await.unwrap();
+    assert_eq!(r.get::<_, String>(0), "failed");
+    assert_eq!(r.get::<_, i32>(1), 3, "rounds");
+    assert_eq!(r.get::<_, i32>(2), 1, "failures");
+    assert_eq!(r.get::<_, i32>(3), 3, "missing");
+    assert_eq!(r.get::<_, i32>(4), 2);
+    assert_eq!(r.get::<_, i32>(5), 5);
+    assert!(r.get::<_, String>(6).contains("after 3 retries"));
+    assert_eq!(r.get::<_, Option<String>>(7), None, "no object");
+    assert_eq!(r.get::<_, i64>(8), 7);
+    assert!(objects.keys("device-observations/").await.is_empty());
+
+    // The device sends it again on a later wake and it completes.
+    let bytes = image_bytes(7, 500);
+    let mut cap = failed_capture(7, mac, "lost.jpg", 5, 5, 4);
+    cap.state = CaptureState::Complete;
+    cap.failed_reason = None;
+    let mut b = Batch::default();
+    b.capture(&cap);
+    for i in 0..5u32 {
+        b.chunk(
+            7,
+            i + 1,
+            bytes[(i * 100) as usize..((i + 1) * 100) as usize].to_vec(),
+        );
+    }
+    b.finalize.push(Finalize {
+        capture_id: 7,
+        chunk_ids: (1..=5).collect(),
+    });
+    assert!(store.commit(b, t0()).unwrap().failed.is_empty());
+    drain(&store, cfg, dir.path()).await;
+    let r = c.query_one(q, &[&mac]).await.unwrap();
+    assert_eq!(r.get::<_, String>(0), "complete");
+    assert_eq!(r.get::<_, i32>(1), 4);
+    assert_eq!(r.get::<_, i32>(2), 1, "it failed once");
+    assert_eq!(r.get::<_, i32>(3), 0);
+    assert!(r.get::<_, Option<String>>(7).is_some());
+    assert_eq!(count(&c, "SELECT count(*) FROM device_images").await, 1);
+}
+
+/// A device clock never set (1970) or far ahead used to pass through as
+/// `captured_at`; now the device's time is kept in `captured_at_device`,
+/// flagged, and `captured_at` is the gateway's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_clock_of_1970_is_flagged_and_captured_at_is_the_gateways() {
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+    let mac = "AABBCCDDEE23";
+    let epoch = Utc.with_ymd_and_hms(1970, 1, 1, 0, 0, 12).unwrap();
+    let ahead = t0() + CDuration::days(3);
+    for (id, at) in [(1u64, epoch), (2, ahead), (3, t0() - CDuration::days(4))] {
+        commit_image(
+            &store,
+            id,
+            mac,
+            &format!("c{id}.jpg"),
+            &image_bytes(id as u32, 300),
+            at,
+        );
+        // The gateway first saw each at t0.
+        let mut c = store.capture(id).unwrap().unwrap();
+        c.first_seen_at = t0();
+        let mut b = Batch::default();
+        b.capture(&c);
+        let mut t = telemetry(mac, id, at);
+        t.received_at = t0();
+        b.telemetry.push(t);
+        store.commit(b, t0()).unwrap();
+    }
+    drain(&store, upstream_config(&pg, &objects), dir.path()).await;
+    let c = pg.client().await;
+    for table in ["device_images", "device_telemetry"] {
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT captured_at, captured_at_device, device_time_valid FROM {table}
+                     WHERE device_mac = $1 ORDER BY gateway_capture_id"
+                ),
+                &[&mac],
+            )
+            .await
+            .unwrap();
+        let got: Vec<(DateTime<Utc>, Option<DateTime<Utc>>, bool)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (t0(), Some(epoch), false),
+                (t0(), Some(ahead), false),
+                // Days old (an offline backlog) is believable.
+                (
+                    t0() - CDuration::days(4),
+                    Some(t0() - CDuration::days(4)),
+                    true
+                ),
+            ],
+            "{table}"
+        );
+    }
+}
+
+/// What a device reports arrives in the column of its meaning: the HELLO's
+/// and METADATA's `battery` is a percent, a voltage only when one was sent;
+/// the hardware version, the Wi-Fi signal, the wake time and session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn battery_percent_lands_in_the_percent_column_and_wakes_are_recorded() {
+    use serde_json::json;
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config();
+    cfg.upstream = upstream_config(&pg, &objects);
+    let gw = start_gateway(dir.path(), cfg).await;
+    let store = gw.store.clone();
+    let mac = "B8F862F9CF31";
+    let mut d = Device::connect(gw.plain_addr.unwrap(), mac, false).await;
+    let hello = json!({"device_id": mac, "status": "alive", "pendingImg": 0,
+        "battery": 76.0, "battery_voltage": 3.91, "hardware_version": "ESP32-CAM rev2"});
+    d.publish("status", hello.to_string().into_bytes()).await;
+    d.expect("capture_image").await;
+    let img = image_bytes(31, 1500);
+    let mut m = d.metadata("a.jpg", &img, 500, "2026-03-01T08:00:00Z");
+    m["battery"] = json!(75.0);
+    m["wifi_rssi"] = json!(-61);
+    d.publish("data", m.to_string().into_bytes()).await;
+    d.expect("send_image").await;
+    d.send_chunks("a.jpg", &img, 500, &[0, 1, 2]).await;
+    d.expect("ACK_OK").await;
+    wait_until("delivered", LONG, || {
+        backlog(&store) == 0 && !store.images(Some(mac)).unwrap().is_empty()
+    })
+    .await;
+    let c = pg.client().await;
+    let r = c
+        .query_one(
+            "SELECT battery_percent, battery_voltage, hardware_version, last_wake_at
+             FROM devices WHERE device_mac = $1",
+            &[&mac],
+        )
+        .await
+        .unwrap();
+    let woke = store.sessions(mac).unwrap()[0].woke_at;
+    assert_eq!(r.get::<_, Option<f64>>(0), Some(75.0), "latest percent");
+    assert_eq!(
+        r.get::<_, Option<f64>>(1),
+        Some(3.91),
+        "the HELLO's voltage"
+    );
+    assert_eq!(
+        r.get::<_, Option<String>>(2).as_deref(),
+        Some("ESP32-CAM rev2")
+    );
+    let last_wake: Option<DateTime<Utc>> = r.get(3);
+    assert_eq!(
+        last_wake.map(|t| t.timestamp_millis()),
+        Some(woke.timestamp_millis())
+    );
+    let r = c
+        .query_one(
+            "SELECT battery_percent, battery_voltage, wifi_rssi, image_name, image_version
+             FROM device_telemetry WHERE device_mac = $1",
+            &[&mac],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, Option<f64>>(0), Some(75.0));
+    assert_eq!(
+        r.get::<_, Option<f64>>(1),
+        None,
+        "no voltage in this METADATA"
+    );
+    assert_eq!(r.get::<_, Option<i32>>(2), Some(-61));
+    assert_eq!(r.get::<_, Option<String>>(3).as_deref(), Some("a.jpg"));
+    assert_eq!(r.get::<_, Option<i32>>(4), Some(1));
+    let r = c
+        .query_one(
+            "SELECT gateway_session_id, wifi_ok, mqtt_ok FROM device_wake_sessions
+             WHERE device_mac = $1",
+            &[&mac],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.get::<_, String>(0),
+        format!("{mac}-{}", woke.timestamp_millis())
+    );
+    assert!(r.get::<_, bool>(1) && r.get::<_, bool>(2));
+    gw.shutdown().await.unwrap();
+}
+
+/// A connection to the test database that records the server's NOTICEs.
+async fn client_recording_notices(
+    pg: &Postgres,
+) -> (tokio_postgres::Client, Arc<std::sync::Mutex<Vec<String>>>) {
+    use futures_util::StreamExt;
+    let (client, mut conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let notices = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let n = notices.clone();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notice(e) = m {
+                n.lock().unwrap().push(e.message().to_string());
+            }
+        }
+    });
+    (client, notices)
+}
+
+/// A cloud created by the old `init-schema` (no version table), holding an
+/// old gateway's rows, is migrated in place: its rows are kept, the battery
+/// percent the old gateway wrote into `battery_voltage` moves to
+/// `battery_percent`, wake sessions get their ids, and new rows then go in
+/// beside the old ones. Re-running is a no-op; neither run prints NOTICEs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_cloud_schema_with_data_is_migrated_and_keeps_its_data() {
+    use barngate::upstream::pg;
+    let pg_server = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let mac = "AABBCCDDEE41";
+    let c = pg_server.client().await;
+    // Exactly what the old `init-schema` ran, then an old gateway's rows.
+    c.batch_execute(pg::MIGRATIONS[0].sql).await.unwrap();
+    c.batch_execute(&format!(
+        "INSERT INTO devices (device_mac, site_id, battery_voltage, firmware_version)
+           VALUES ('{mac}', 'site-1', 80, '1.0.0');
+         INSERT INTO device_telemetry (device_mac, site_id, captured_at, received_at,
+           temperature, battery_voltage)
+           VALUES ('{mac}', 'site-1', '2026-02-01T08:00:00Z', '2026-02-01T08:00:02Z', 19.5, 81);
+         INSERT INTO device_images (device_mac, site_id, image_name, image_version, object_key,
+           captured_at, status, sha256)
+           VALUES ('{mac}', 'site-1', 'old.jpg', 1, 'device-observations/site-1/{mac}/x_old.jpg',
+           '2026-02-01T08:00:00Z', 'complete', 'abc');
+         INSERT INTO device_wake_sessions (device_mac, site_id, woke_at, pending_reported)
+           VALUES ('{mac}', 'site-1', '2026-02-01T07:59:58.123Z', 0);
+         INSERT INTO device_alerts (device_mac, site_id, gateway_alert_id, alert_type, message)
+           VALUES ('{mac}', 'site-1', 1, 'low_battery', 'Battery 15 %');"
+    ))
+    .await
+    .unwrap();
+
+    let (mut client, notices) = client_recording_notices(&pg_server).await;
+    let r = pg::migrate(&mut client).await.unwrap();
+    assert_eq!(r.from, 0);
+    assert_eq!(r.to, pg::schema_version());
+    assert_eq!(
+        r.applied,
+        pg::MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>()
+    );
+    let again = pg::migrate(&mut client).await.unwrap();
+    assert!(again.applied.is_empty(), "{again:?}");
+    assert_eq!(again.from, pg::schema_version());
+    let cfg = upstream_config(&pg_server, &objects);
+    let r = upstream::migrate(&cfg).await.unwrap();
+    assert!(r.schema.applied.is_empty());
+    assert!(
+        notices.lock().unwrap().is_empty(),
+        "NOTICEs: {:?}",
+        notices.lock().unwrap()
+    );
+
+    // The old rows, with their meaning fixed.
+    let r = c
+        .query_one(
+            "SELECT battery_percent, battery_voltage, firmware_version, last_wake_at
+             FROM devices WHERE device_mac = $1",
+            &[&mac],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, Option<f64>>(0), Some(80.0));
+    assert_eq!(r.get::<_, Option<f64>>(1), None);
+    assert_eq!(r.get::<_, Option<String>>(2).as_deref(), Some("1.0.0"));
+    let woke = Utc.with_ymd_and_hms(2026, 2, 1, 7, 59, 58).unwrap() + CDuration::milliseconds(123);
+    assert_eq!(r.get::<_, Option<DateTime<Utc>>>(3), Some(woke));
+    let r = c
+        .query_one(
+            "SELECT battery_percent, battery_voltage, temperature FROM device_telemetry",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            r.get::<_, Option<f64>>(0),
+            r.get::<_, Option<f64>>(1),
+            r.get::<_, f64>(2)
+        ),
+        (Some(81.0), None, 19.5)
+    );
+    let id: String = c
+        .query_one("SELECT gateway_session_id FROM device_wake_sessions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(id, format!("{mac}-{}", woke.timestamp_millis()));
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM device_images WHERE image_name = 'old.jpg' AND sha256 = 'abc'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(count(&c, "SELECT count(*) FROM device_alerts").await, 1);
+
+    // A gateway of this version syncs into it beside the old rows.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+    commit_image(&store, 1, mac, "new.jpg", &image_bytes(41, 400), t0());
+    drain(&store, cfg, dir.path()).await;
+    assert_eq!(count(&c, "SELECT count(*) FROM device_images").await, 2);
+    assert_eq!(count(&c, "SELECT count(*) FROM device_telemetry").await, 2);
+    assert_eq!(count(&c, "SELECT count(*) FROM devices").await, 1);
+}
+
+/// A cloud migrated by a newer barngate is refused, with an error that says
+/// so in `sync status`, an alert, and the backlog kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_schema_newer_than_this_gateway_is_refused_with_a_clear_error() {
+    use barngate::upstream::{pg, ALERT_SCHEMA};
+    let pg_server = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let cfg = upstream_config(&pg_server, &objects);
+    upstream::migrate(&cfg).await.unwrap();
+    let c = pg_server.client().await;
+    let future = pg::schema_version() + 1;
+    c.execute(
+        "INSERT INTO barngate_schema_migrations (version, name) VALUES ($1, 'future')",
+        &[&future],
+    )
+    .await
+    .unwrap();
+    let e = upstream::migrate(&cfg).await.unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("version {future}, newer than this barngate knows")),
+        "{e}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+    commit_image(
+        &store,
+        1,
+        "AABBCCDDEE42",
+        "a.jpg",
+        &image_bytes(42, 400),
+        t0(),
+    );
+    let queued = backlog(&store);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(forwarder(&store, cfg, dir.path()).run(stop_rx));
+    wait_until("the schema alert", LONG, || {
+        store.open_gateway_alert(ALERT_SCHEMA).unwrap().is_some()
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    task.await.unwrap();
+    let st = upstream::status(&store, Utc::now()).unwrap();
+    let err = st.last_error.unwrap();
+    assert!(err.contains("upgrade barngate"), "{err}");
+    assert_eq!(
+        backlog(&store),
+        queued + 1,
+        "backlog kept (and the alert queued)"
+    );
+    assert_eq!(count(&c, "SELECT count(*) FROM device_images").await, 0);
+}
+
+/// Two gateways, two data directories, two site ids, one database and one
+/// bucket, syncing at once (both migrating a fresh database on connect).
+/// Their capture ids, alert ids and wake sessions are per-gateway counters
+/// and keys that coincide, and one device moved between them with the same
+/// image names: nothing collides, nothing is overwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sites_sync_concurrently_into_one_cloud_without_collisions() {
+    use barngate::store::{AlertRecord, SessionRecord};
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    const N: u64 = 15;
+    let moved = "AABBCCDDEE50";
+    let mut sites = Vec::new();
+    for (s, other) in [("site-a", "AABBCCDDEE51"), ("site-b", "AABBCCDDEE52")] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+        for i in 1..=N {
+            let mac = if i % 2 == 0 { moved } else { other };
+            let seed = if s == "site-a" {
+                i as u32
+            } else {
+                1000 + i as u32
+            };
+            commit_image(
+                &store,
+                i,
+                mac,
+                &format!("img_{i:03}.jpg"),
+                &image_bytes(seed, 300 + i as usize),
+                t0(),
+            );
+        }
+        let mut b = Batch::default();
+        b.capture(&failed_capture(N + 1, other, "lost.jpg", 4, 1, 3));
+        // The same wake (device and time) and the same alert id at both.
+        b.session(&SessionRecord {
+            mac: moved.into(),
+            woke_at: t0(),
+            pending_reported: 0,
+            next_wake_assigned: None,
+            capture_requested: true,
+            images_completed: 1,
+            images_failed: 0,
+        });
+        b.alert(&AlertRecord {
+            id: 1,
+            mac: moved.into(),
+            kind: "low_battery".into(),
+            severity: "warning".into(),
+            message: format!("Battery 15 % at {s}"),
+            triggered_at: t0(),
+            resolved_at: None,
+            capture_id: None,
+        });
+        store.commit(b, t0()).unwrap();
+        store
+            .raise_gateway_alert(upstream::ALERT_DISK, "critical", s, t0())
+            .unwrap();
+        sites.push((s, dir, store));
+    }
+    let mut tasks = Vec::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    for (s, dir, store) in &sites {
+        let f = Forwarder::new(
+            upstream_config(&pg, &objects),
+            s.to_string(),
+            store.clone(),
+            Arc::new(Metrics::default()),
+            Arc::new(SystemClock),
+            dir.path().to_path_buf(),
+        )
+        .unwrap();
+        tasks.push(tokio::spawn(f.run(stop_rx.clone())));
+    }
+    wait_until("both sites drained", LONG, || {
+        sites.iter().all(|(_, _, st)| backlog(st) == 0)
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for (_, _, st) in &sites {
+        let s = st.sync_state().unwrap();
+        assert!(
+            s.last_error.is_none() || s.consecutive_failures == 0,
+            "{s:?}"
+        );
+    }
+    let c = pg.client().await;
+    for site in ["site-a", "site-b"] {
+        let n = |table: &str| {
+            let c = &c;
+            let q = format!("SELECT count(*) FROM {table} WHERE site_id = '{site}'");
+            async move { count(c, &q).await }
+        };
+        assert_eq!(n("device_images").await, N as i64 + 1, "{site}");
+        assert_eq!(n("device_telemetry").await, N as i64, "{site}");
+        assert_eq!(n("device_wake_sessions").await, 1, "{site}");
+        assert_eq!(n("device_alerts").await, 2, "{site}");
+    }
+    assert_eq!(count(&c, "SELECT count(*) FROM devices").await, 3);
+    // Each site's image rows point at its own object, holding its bytes.
+    let keys = objects.keys("device-observations/").await;
+    assert_eq!(keys.len(), 2 * N as usize, "{keys:?}");
+    for (s, _, st) in &sites {
+        for img in st.images(None).unwrap() {
+            let key: String = c
+                .query_one(
+                    "SELECT object_key FROM device_images
+                     WHERE site_id = $1 AND gateway_capture_id = $2",
+                    &[s, &(img.id as i64)],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert!(
+                key.starts_with(&format!("device-observations/{s}/")),
+                "{key}"
+            );
+            assert_eq!(
+                objects.get(&key).await,
+                st.image_bytes(img.id).unwrap().unwrap()
+            );
+        }
+    }
+    let alert: String = c
+        .query_one(
+            "SELECT message FROM device_alerts WHERE site_id = 'site-b' AND gateway_alert_id = 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(alert, "Battery 15 % at site-b");
+    // The documented per-site query.
+    let rows = c
+        .query(
+            "SELECT site_id, complete, failed, success_rate_percent::float8
+             FROM site_success_rate ORDER BY site_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i64, i64, f64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let rate = (100.0 * N as f64 / (N + 1) as f64 * 100.0).round() / 100.0;
+    assert_eq!(
+        got,
+        vec![
+            ("site-a".to_string(), N as i64, 1, rate),
+            ("site-b".to_string(), N as i64, 1, rate)
+        ]
+    );
+}
+
+/// Wrong credentials show even while nothing is queued: the forwarder
+/// checks the connection now and then, raises the credentials alert, and a
+/// later success resolves it and clears `last error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_postgres_credentials_are_detected_with_nothing_queued() {
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+    assert_eq!(backlog(&store), 0);
+    let mut bad = upstream_config(&pg, &objects);
+    bad.postgres_url = pg.url_with("wrong-password");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(forwarder(&store, bad, dir.path()).run(stop_rx));
+    wait_until("the credentials alert with nothing queued", LONG, || {
+        store
+            .open_gateway_alert(ALERT_CREDENTIALS)
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    task.await.unwrap();
+    let err = upstream::status(&store, Utc::now())
+        .unwrap()
+        .last_error
+        .unwrap();
+    assert!(err.contains("rejected the credentials"), "{err}");
+
+    let mut good = upstream_config(&pg, &objects);
+    good.check_interval_s = 1;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(forwarder(&store, good, dir.path()).run(stop_rx));
+    wait_until("resolved and cleared", LONG, || {
+        store
+            .open_gateway_alert(ALERT_CREDENTIALS)
+            .unwrap()
+            .is_none()
+            && store.sync_state().unwrap().last_error.is_none()
+            && backlog(&store) == 0
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    task.await.unwrap();
+}
+
+/// `upstream.enabled = false` is said at start and by `sync status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_status_says_disabled_when_upstream_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(dir.path(), test_config()).await;
+    let out = cli(dir.path(), &["sync", "status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("upstream:         disabled (upstream.enabled = false)"),
+        "{text}"
+    );
+    let out = cli(dir.path(), &["sync", "status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["enabled"], false, "{v}");
+    gw.shutdown().await.unwrap();
+}
+
+/// PostgreSQL over TLS with a certificate from a private CA: trusted with
+/// `upstream.pg_ca`, refused without it (`pg_sslmode = verify-full`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tls_with_a_private_ca_needs_pg_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "barngate test database CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let mut srv = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    srv.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let srv_key = KeyPair::generate().unwrap();
+    let srv_cert = srv.signed_by(&srv_key, &ca, &ca_key).unwrap();
+
+    let pg = Postgres::start();
+    pg.enable_tls(&srv_cert.pem(), &srv_key.serialize_pem());
+    let objects = ObjectStore::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("db-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let mut cfg = upstream_config(&pg, &objects);
+    // The URL says disable; the key wins.
+    cfg.pg_sslmode = "verify-full".into();
+    let e = upstream::migrate(&cfg).await.unwrap_err().to_string();
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    cfg.pg_ca = ca_file.display().to_string();
+    cfg.validate().unwrap();
+    let r = upstream::migrate(&cfg).await.unwrap();
+    assert_eq!(r.schema.to, upstream::pg::schema_version());
+    // barngate's own connection is encrypted.
+    let c = upstream::pg::connect(&cfg).await.unwrap();
+    let tls: bool = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(tls, "the connection uses TLS");
+    // A bad pg_ca is a start-up error naming the key.
+    cfg.pg_ca = dir.path().join("missing.pem").display().to_string();
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("upstream.pg_ca"), "{e}");
+}
+
+/// `upstream.image_url`: `public` stores `public_base_url/key`, `presigned`
+/// a signed GET URL that fetches the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_url_public_and_presigned() {
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let mac = "AABBCCDDEE61";
+    for (mode, id) in [("public", 1u64), ("presigned", 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+        let bytes = image_bytes(60 + id as u32, 900);
+        commit_image(&store, id, mac, &format!("{mode}.jpg"), &bytes, t0());
+        let mut cfg = upstream_config(&pg, &objects);
+        cfg.image_url = mode.into();
+        cfg.public_base_url = "https://cdn.example/observations/".into();
+        cfg.validate().unwrap();
+        drain(&store, cfg, dir.path()).await;
+        let c = pg.client().await;
+        let r = c
+            .query_one(
+                "SELECT image_url, object_key FROM device_images WHERE gateway_capture_id = $1",
+                &[&(id as i64)],
+            )
+            .await
+            .unwrap();
+        let (url, key): (String, String) = (r.get(0), r.get(1));
+        if mode == "public" {
+            assert_eq!(url, format!("https://cdn.example/observations/{key}"));
+        } else {
+            assert!(
+                url.contains("X-Amz-Signature=") && url.contains("X-Amz-Expires=604800"),
+                "{url}"
+            );
+            let path = url.split_once(&objects.endpoint()).unwrap().1;
+            let resp = http_get(&objects.endpoint(), path).await;
+            assert!(resp.0 == 200, "{}", resp.0);
+            assert_eq!(resp.1, bytes);
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET: (status, body).
+async fn http_get(endpoint: &str, path: &str) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = endpoint.trim_start_matches("http://");
+    let mut c = tokio::net::TcpStream::connect(host).await.unwrap();
+    c.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).await.unwrap();
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&out[..split]).to_string();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut body = out[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut plain = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let nl = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let n = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).unwrap().trim(), 16)
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            plain.extend_from_slice(&rest[nl + 2..nl + 2 + n]);
+            rest = &rest[nl + 2 + n + 2..];
+        }
+        body = plain;
+    }
+    (status, body)
+}
+
+/// Against an S3 server that verifies SigV4 signatures (s3s-fs): a wrong
+/// secret or access key gives a clear error naming the object store's
+/// refusal, raises the credentials alert (also with nothing queued), writes
+/// nothing anywhere, and keeps the backlog; fixed, everything drains once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_object_store_credentials_give_a_clear_error_an_alert_and_keep_the_backlog() {
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    // Nothing queued: the connection check finds it.
+    for (what, key, secret) in [
+        ("secret", S3_KEY, "wrong-secret"),
+        ("access key", "NOT-THE-KEY", S3_SECRET),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+        let mut bad = upstream_config(&pg, &objects);
+        bad.access_key = key.into();
+        bad.secret_key = secret.into();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(forwarder(&store, bad, dir.path()).run(stop_rx));
+        wait_until(
+            &format!("alert for a wrong {what}, nothing queued"),
+            LONG,
+            || {
+                store
+                    .open_gateway_alert(ALERT_CREDENTIALS)
+                    .unwrap()
+                    .is_some()
+            },
+        )
+        .await;
+        let _ = stop_tx.send(true);
+        task.await.unwrap();
+        let err = store.sync_state().unwrap().last_error.unwrap();
+        assert!(
+            err.contains("object storage rejected the credentials") && err.contains("HTTP 403"),
+            "{what}: {err}"
+        );
+        assert!(!err.contains("wrong-secret"), "secret in the error: {err}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+    for i in 0..8u64 {
+        commit_image(
+            &store,
+            i + 1,
+            "AABBCCDDEE71",
+            &format!("s{i}.jpg"),
+            &image_bytes(70 + i as u32, 800),
+            t0() + CDuration::minutes(i as i64),
+        );
+    }
+    let queued = backlog(&store);
+    let mut bad = upstream_config(&pg, &objects);
+    bad.secret_key = "wrong-secret".into();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(forwarder(&store, bad, dir.path()).run(stop_rx));
+    wait_until("the credentials alert", LONG, || {
+        store
+            .open_gateway_alert(ALERT_CREDENTIALS)
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    task.await.unwrap();
+    let st = upstream::status(&store, Utc::now()).unwrap();
+    let err = st.last_error.clone().unwrap();
+    assert!(
+        err.contains("object storage rejected the credentials: HTTP 403: SignatureDoesNotMatch"),
+        "{err}"
+    );
+    assert_eq!(
+        backlog(&store),
+        queued + 1,
+        "backlog kept, the alert queued"
+    );
+    assert!(
+        objects.keys("device-observations/").await.is_empty(),
+        "nothing stored"
+    );
+    let c = pg.client().await;
+    assert_eq!(count(&c, "SELECT count(*) FROM device_images").await, 0);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task =
+        tokio::spawn(forwarder(&store, upstream_config(&pg, &objects), dir.path()).run(stop_rx));
+    wait_until("drained and resolved", LONG, || {
+        backlog(&store) == 0
+            && store
+                .open_gateway_alert(ALERT_CREDENTIALS)
+                .unwrap()
+                .is_none()
+            && store.sync_state().unwrap().last_error.is_none()
+    })
+    .await;
+    wait_until("resolution delivered", LONG, || backlog(&store) == 0).await;
+    let _ = stop_tx.send(true);
+    task.await.unwrap();
+    assert_images_upstream_once(&store, &pg, &objects).await;
+}
+
+/// A presigned `image_url` is accepted by a server that checks signatures,
+/// and the same URL altered is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presigned_image_url_is_honoured_by_a_signature_checking_server() {
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+    let bytes = image_bytes(81, 1200);
+    commit_image(&store, 1, "AABBCCDDEE81", "p.jpg", &bytes, t0());
+    let mut cfg = upstream_config(&pg, &objects);
+    cfg.image_url = "presigned".into();
+    cfg.presign_expiry_s = 3600;
+    drain(&store, cfg, dir.path()).await;
+    let c = pg.client().await;
+    let url: String = c
+        .query_one("SELECT image_url FROM device_images", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let path = url.split_once(&objects.endpoint()).unwrap().1.to_string();
+    let (status, body) = http_get(&objects.endpoint(), &path).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(body, bytes);
+    let tampered = path.replace("X-Amz-Expires=3600", "X-Amz-Expires=3601");
+    let (status, _) = http_get(&objects.endpoint(), &tampered).await;
+    assert_eq!(status, 403, "an altered URL is refused");
+    let unsigned = path.split('?').next().unwrap();
+    let (status, _) = http_get(&objects.endpoint(), unsigned).await;
+    assert_eq!(status, 403, "no signature, no object");
+}
+
+/// An upstream that stays unreachable (not a credentials problem) raises
+/// `upstream_unreachable` after `unreachable_alert_after_s`, resolved by the
+/// next success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_unreachable_for_long_raises_an_alert() {
+    use barngate::upstream::ALERT_UNREACHABLE;
+    let pg = Postgres::start();
+    let objects = ObjectStore::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db.redb")).unwrap());
+    let mut cfg = upstream_config(&pg, &objects);
+    cfg.unreachable_alert_after_s = 1;
+    cfg.check_interval_s = 1;
+    pg.down();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(forwarder(&store, cfg, dir.path()).run(stop_rx));
+    wait_until("the unreachable alert", LONG, || {
+        store
+            .open_gateway_alert(ALERT_UNREACHABLE)
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    assert!(store
+        .open_gateway_alert(ALERT_CREDENTIALS)
+        .unwrap()
+        .is_none());
+    let a = store
+        .open_gateway_alert(ALERT_UNREACHABLE)
+        .unwrap()
+        .unwrap();
+    assert!(a.message.contains("PostgreSQL"), "{}", a.message);
+    pg.up();
+    wait_until("resolved and delivered", LONG, || {
+        store
+            .open_gateway_alert(ALERT_UNREACHABLE)
+            .unwrap()
+            .is_none()
+            && backlog(&store) == 0
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    task.await.unwrap();
+    let c = pg.client().await;
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM device_alerts WHERE alert_type = 'upstream_unreachable' AND resolved_at IS NOT NULL").await,
+        1
+    );
 }

@@ -52,8 +52,14 @@ impl<S: Records> Engine<S> {
         if let Some(b) = h.battery {
             dev.rec.battery = Some(b);
         }
+        if let Some(v) = h.battery_voltage {
+            dev.rec.battery_voltage = Some(v);
+        }
         if let Some(v) = h.firmware_version.clone() {
             dev.rec.firmware_version = Some(v);
+        }
+        if let Some(v) = h.hardware_version.clone() {
+            dev.rec.hardware_version = Some(v);
         }
         if let Some(e) = h.error {
             // The alert rules resolve `device_error` from this field.

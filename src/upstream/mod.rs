@@ -17,7 +17,7 @@ pub mod pg;
 use crate::clock::SharedClock;
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
-use crate::store::{OutboxItem, Store, StoreError, UploadRecord};
+use crate::store::{CaptureState, OutboxItem, Store, StoreError, UploadRecord};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -29,6 +29,8 @@ use tracing::{debug, error, info, warn};
 /// Alert kinds the forwarder raises about itself.
 pub const ALERT_CREDENTIALS: &str = "upstream_credentials";
 pub const ALERT_DISK: &str = "disk_high_water";
+pub const ALERT_SCHEMA: &str = "upstream_schema_too_new";
+pub const ALERT_UNREACHABLE: &str = "upstream_unreachable";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -40,6 +42,14 @@ pub enum UpstreamError {
     Objects(String),
     #[error("object storage rejected the credentials: {0}")]
     ObjectsAuth(String),
+    #[error("the cloud schema is at version {found}, newer than this barngate knows ({supported}); upgrade barngate before it syncs to this database")]
+    SchemaTooNew { found: i32, supported: i32 },
+    #[error("cloud schema migration {version:04} ({name}) failed and was rolled back: {message}")]
+    Migration {
+        version: i32,
+        name: &'static str,
+        message: String,
+    },
     #[error("upload of {key} not verified: {message}")]
     Verify { key: String, message: String },
     #[error("{0}")]
@@ -58,6 +68,18 @@ impl UpstreamError {
             UpstreamError::PostgresAuth(_) | UpstreamError::ObjectsAuth(_)
         )
     }
+
+    /// The gateway alert this error raises, if it needs a person: wrong
+    /// credentials, or a cloud schema newer than this build.
+    pub fn alert_kind(&self) -> Option<&'static str> {
+        match self {
+            UpstreamError::PostgresAuth(_) | UpstreamError::ObjectsAuth(_) => {
+                Some(ALERT_CREDENTIALS)
+            }
+            UpstreamError::SchemaTooNew { .. } => Some(ALERT_SCHEMA),
+            _ => None,
+        }
+    }
 }
 
 /// `sync status` and the upstream metrics.
@@ -71,6 +93,9 @@ pub struct SyncStatus {
     pub last_error_at: Option<DateTime<Utc>>,
     pub consecutive_failures: u64,
     pub delivered_total: u64,
+    /// `upstream.enabled` as the gateway last started with (None: unknown).
+    #[serde(default)]
+    pub enabled: Option<bool>,
 }
 
 pub fn status(store: &Store, now: DateTime<Utc>) -> Result<SyncStatus, StoreError> {
@@ -85,6 +110,7 @@ pub fn status(store: &Store, now: DateTime<Utc>) -> Result<SyncStatus, StoreErro
         last_error_at: s.last_error_at,
         consecutive_failures: s.consecutive_failures,
         delivered_total: s.delivered_total,
+        enabled: s.enabled,
     })
 }
 
@@ -226,6 +252,8 @@ pub struct Forwarder {
     data_dir: PathBuf,
     pg: Option<pg::PgSink>,
     objects: objects::ObjectSink,
+    /// When the next connection check is due while nothing is queued.
+    next_check: DateTime<Utc>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -247,7 +275,9 @@ impl Forwarder {
         data_dir: PathBuf,
     ) -> Result<Forwarder, UpstreamError> {
         let objects = objects::ObjectSink::new(&cfg)?;
+        let next_check = clock.now();
         Ok(Forwarder {
+            next_check,
             cfg,
             site,
             store,
@@ -275,6 +305,13 @@ impl Forwarder {
         let limit = self.cfg.batch_size;
         let items = blocking(move || store.outbox(limit)).await?;
         if items.is_empty() {
+            // Nothing to deliver: check the connection (and so the
+            // credentials) now and then, so a fault shows before data waits.
+            if self.clock.now() >= self.next_check {
+                self.check().await?;
+                self.next_check =
+                    self.clock.now() + chrono::Duration::seconds(self.cfg.check_interval_s as i64);
+            }
             return Ok(Round::default());
         }
         // Load the rows; upload image bytes first (in order), stopping at the
@@ -294,6 +331,9 @@ impl Forwarder {
                 Ok(Loaded::Gone) => {
                     warn!(device = %item.mac, kind = %item.kind, key = %item.key, "outbox item refers to nothing stored; dropped");
                 }
+                Ok(Loaded::Superseded) => {
+                    debug!(device = %item.mac, kind = %item.kind, key = %item.key, "outbox item superseded by a later one");
+                }
                 Err(e) => {
                     error = Some(e);
                     break;
@@ -304,7 +344,7 @@ impl Forwarder {
         if !rows.is_empty() {
             if self.pg.as_ref().is_none_or(|p| p.is_closed()) {
                 self.pg = None;
-                self.pg = Some(pg::PgSink::connect(&self.cfg.postgres_url).await?);
+                self.pg = Some(pg::PgSink::connect(&self.cfg).await?);
                 info!("connected to upstream PostgreSQL");
             }
             let Some(sink) = self.pg.as_mut() else {
@@ -322,8 +362,14 @@ impl Forwarder {
             let now = self.clock.now();
             blocking(move || store.outbox_ack(&seqs, &uploads, now)).await?;
             for r in &rows {
-                if let pg::Row::Image(c, o) = r {
-                    info!(device = %c.mac, image = %c.image_name, key = %o.key, "image delivered upstream");
+                match r {
+                    pg::Row::Image(c, Some(o)) => {
+                        info!(device = %c.mac, image = %c.image_name, key = %o.key, "image delivered upstream");
+                    }
+                    pg::Row::Image(c, None) => {
+                        info!(device = %c.mac, image = %c.image_name, status = c.state.as_str(), retries = c.retries, "capture row delivered upstream");
+                    }
+                    _ => {}
                 }
             }
             debug!(items = delivered, "outbox items delivered");
@@ -331,36 +377,59 @@ impl Forwarder {
         Ok(Round { delivered, error })
     }
 
+    /// Connects to PostgreSQL (applying missing migrations) or pings the
+    /// open connection, and checks the object store's credentials.
+    async fn check(&mut self) -> Result<(), UpstreamError> {
+        match self.pg.as_ref().filter(|p| !p.is_closed()) {
+            Some(p) => {
+                if let Err(e) = p.ping().await {
+                    self.pg = None;
+                    return Err(e);
+                }
+            }
+            None => {
+                self.pg = None;
+                self.pg = Some(pg::PgSink::connect(&self.cfg).await?);
+                info!("connected to upstream PostgreSQL");
+            }
+        }
+        self.objects.check().await?;
+        debug!("upstream connection check passed");
+        Ok(())
+    }
+
     async fn load(&self, item: &OutboxItem) -> Result<Loaded, UpstreamError> {
         let store = self.store.clone();
         let it = item.clone();
         let row = blocking(move || -> Result<Option<pg::Row>, StoreError> {
             let ms = || it.key.parse::<i64>().ok();
+            let id = || it.key.parse::<u64>().ok();
             Ok(match it.kind.as_str() {
                 "device" => store.device(&it.key)?.map(pg::Row::Device),
-                "telemetry" => match ms() {
-                    Some(ms) => store.telemetry_at(&it.mac, ms)?.map(pg::Row::Telemetry),
+                "telemetry" => match id() {
+                    Some(id) => match store.telemetry_of(&it.mac, id)? {
+                        Some(t) => Some(pg::Row::Telemetry(pg::TelemetryRow {
+                            capture: store.capture(t.capture_id)?.map(Box::new),
+                            t,
+                        })),
+                        None => None,
+                    },
                     None => None,
                 },
                 "session" => match ms() {
                     Some(ms) => store.session_at(&it.mac, ms)?.map(pg::Row::Session),
                     None => None,
                 },
-                "alert" => match it.key.parse::<u64>() {
-                    Ok(id) => store.alert(id)?.map(pg::Row::Alert),
-                    Err(_) => None,
+                "alert" => match id() {
+                    Some(id) => store.alert(id)?.map(pg::Row::Alert),
+                    None => None,
                 },
-                "image" => match it.key.parse::<u64>() {
-                    Ok(id) => store.capture(id)?.map(|c| {
-                        pg::Row::Image(
-                            Box::new(c),
-                            pg::ImageObject {
-                                key: String::new(),
-                                url: String::new(),
-                            },
-                        )
-                    }),
-                    Err(_) => None,
+                // "capture": a capture that ended failed; "image": a complete one.
+                "image" | "capture" => match id() {
+                    Some(id) => store
+                        .capture(id)?
+                        .map(|c| pg::Row::Image(Box::new(c), None)),
+                    None => None,
                 },
                 _ => None,
             })
@@ -372,11 +441,19 @@ impl Forwarder {
         let pg::Row::Image(cap, _) = row else {
             return Ok(Loaded::Row(Box::new(row), None));
         };
+        if item.kind == "capture" {
+            // Completed since it failed: its "image" item, later in the
+            // outbox, carries the row with its object.
+            if cap.state == CaptureState::Complete {
+                return Ok(Loaded::Superseded);
+            }
+            return Ok(Loaded::Row(Box::new(pg::Row::Image(cap, None)), None));
+        }
         let key = objects::object_key(&self.site, &cap);
-        let obj = pg::ImageObject {
-            url: self.objects.url(&key),
+        let obj = Some(pg::ImageObject {
+            url: self.objects.url(&key).await?,
             key: key.clone(),
-        };
+        });
         let store = self.store.clone();
         let id = cap.id;
         let (done, bytes) =
@@ -408,6 +485,15 @@ impl Forwarder {
         let mut jitter = Jitter::new();
         let mut failures: u64 = 0;
         let mut resolved_once = false;
+        let mut failing_since: Option<DateTime<Utc>> = None;
+        // An error from a previous run stays shown until a success.
+        let mut error_shown = {
+            let store = self.store.clone();
+            blocking(move || store.sync_state())
+                .await
+                .map(|s| s.last_error.is_some())
+                .unwrap_or(true)
+        };
         let mut next_retention = self.clock.now();
         info!(bucket = %self.cfg.bucket, endpoint = %self.cfg.endpoint, "upstream forwarder running");
         loop {
@@ -449,17 +535,31 @@ impl Forwarder {
                 None => {
                     // After failures, or on this process's first success (an
                     // alert may be left open by a previous run): resolve.
-                    if failures > 0 || !resolved_once {
+                    if failures > 0 || !resolved_once || error_shown {
                         if failures > 0 {
                             info!(after_failures = failures, "upstream reachable again");
                         }
                         failures = 0;
+                        failing_since = None;
                         resolved_once = true;
                         let store = self.store.clone();
                         let now = self.clock.now();
-                        let _ =
-                            blocking(move || store.resolve_gateway_alert(ALERT_CREDENTIALS, now))
-                                .await;
+                        let cleared = blocking(move || {
+                            for kind in [ALERT_CREDENTIALS, ALERT_SCHEMA, ALERT_UNREACHABLE] {
+                                store.resolve_gateway_alert(kind, now)?;
+                            }
+                            // A success clears the last error.
+                            store.update_sync_state(|s| {
+                                s.last_error = None;
+                                s.last_error_at = None;
+                                s.consecutive_failures = 0;
+                                s.last_success_at = Some(now);
+                            })
+                        })
+                        .await;
+                        if cleared.is_ok() {
+                            error_shown = false;
+                        }
                     }
                     if round.delivered > 0 {
                         continue;
@@ -468,30 +568,54 @@ impl Forwarder {
                 }
                 Some(e) => {
                     failures += 1;
+                    error_shown = true;
                     Metrics::inc(&self.metrics.upstream_failures);
                     let msg = e.to_string();
                     let store = self.store.clone();
                     let now = self.clock.now();
-                    let credentials = e.is_credentials();
+                    let since = *failing_since.get_or_insert(now);
+                    let down_s = (now - since).num_seconds().max(0) as u64;
+                    let alert = e.alert_kind().or_else(|| {
+                        (down_s >= self.cfg.unreachable_alert_after_s).then_some(ALERT_UNREACHABLE)
+                    });
                     let m = msg.clone();
                     let _ = blocking(move || {
                         store.record_sync_error(&m, now)?;
-                        if credentials {
-                            store.raise_gateway_alert(
-                                ALERT_CREDENTIALS,
-                                "critical",
-                                &format!("Upstream rejected the gateway's credentials: {m}"),
-                                now,
-                            )?;
+                        match alert {
+                            Some(ALERT_CREDENTIALS) => {
+                                store.raise_gateway_alert(
+                                    ALERT_CREDENTIALS,
+                                    "critical",
+                                    &format!("Upstream rejected the gateway's credentials: {m}"),
+                                    now,
+                                )?;
+                            }
+                            Some(ALERT_UNREACHABLE) => {
+                                store.raise_gateway_alert(
+                                    ALERT_UNREACHABLE,
+                                    "error",
+                                    &format!(
+                                        "Upstream unreachable for {down_s} s; backlog kept: {m}"
+                                    ),
+                                    now,
+                                )?;
+                            }
+                            Some(kind) => {
+                                store.raise_gateway_alert(kind, "critical", &m, now)?;
+                            }
+                            None => {}
                         }
                         Ok(())
                     })
                     .await;
                     let wait = backoff(&self.cfg, failures, jitter.next());
-                    if credentials {
-                        error!(error = %msg, retry_in_ms = wait.as_millis() as u64, "upstream credentials rejected; backlog kept");
-                    } else {
-                        warn!(error = %msg, retry_in_ms = wait.as_millis() as u64, failures, "upstream delivery failed; backlog kept");
+                    match alert {
+                        Some(a) if a != ALERT_UNREACHABLE => {
+                            error!(error = %msg, alert = a, retry_in_ms = wait.as_millis() as u64, "upstream needs a person; backlog kept");
+                        }
+                        _ => {
+                            warn!(error = %msg, retry_in_ms = wait.as_millis() as u64, failures, down_s, "upstream delivery failed; backlog kept");
+                        }
                     }
                     wait
                 }
@@ -507,26 +631,30 @@ impl Forwarder {
 enum Loaded {
     Row(Box<pg::Row>, Option<UploadRecord>),
     Gone,
+    /// Nothing to write for this item: a later one carries its row.
+    Superseded,
 }
 
-/// What `init_schema` did.
+/// What `migrate` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitReport {
+    pub schema: pg::MigrateReport,
     /// The bucket was created (`false`: it was there already).
     pub bucket_created: bool,
 }
 
-/// `barngate upstream init-schema`: connects, creates the tables, and
-/// creates the object bucket unless it exists.
-pub async fn init_schema(cfg: &UpstreamConfig) -> Result<InitReport, UpstreamError> {
+/// `barngate upstream migrate` (alias `init-schema`): connects, applies the
+/// cloud schema migrations it lacks, and creates the object bucket unless
+/// it exists. Safe to re-run.
+pub async fn migrate(cfg: &UpstreamConfig) -> Result<InitReport, UpstreamError> {
     if cfg.postgres_url.trim().is_empty() {
         return Err(UpstreamError::Config(
             "upstream.postgres_url is empty (set it in the config or BARNGATE_UPSTREAM_POSTGRES_URL)"
                 .into(),
         ));
     }
-    let client = pg::connect(&cfg.postgres_url).await?;
-    pg::init_schema(&client).await?;
+    let mut client = pg::connect(cfg).await?;
+    let schema = pg::migrate(&mut client).await?;
     if cfg.bucket.trim().is_empty() {
         return Err(UpstreamError::Config(
             "upstream.bucket is empty: the tables are ready, but no bucket was created".into(),
@@ -535,7 +663,10 @@ pub async fn init_schema(cfg: &UpstreamConfig) -> Result<InitReport, UpstreamErr
     let bucket_created = objects::ObjectSink::new(cfg)?
         .ensure_bucket(&cfg.region)
         .await?;
-    Ok(InitReport { bucket_created })
+    Ok(InitReport {
+        schema,
+        bucket_created,
+    })
 }
 
 #[cfg(test)]

@@ -83,6 +83,9 @@ pub struct ObjectSink {
     bucket: Box<Bucket>,
     endpoint: String,
     name: String,
+    image_url: String,
+    public_base_url: String,
+    presign_expiry_s: u32,
 }
 
 impl ObjectSink {
@@ -108,12 +111,52 @@ impl ObjectSink {
             bucket,
             endpoint: cfg.endpoint.trim_end_matches('/').to_string(),
             name: cfg.bucket.clone(),
+            image_url: cfg.image_url.clone(),
+            public_base_url: cfg.public_base_url.trim_end_matches('/').to_string(),
+            presign_expiry_s: cfg.presign_expiry_s,
         })
     }
 
-    /// The object's URL (path-style), stored as `device_images.image_url`.
-    pub fn url(&self, key: &str) -> String {
-        format!("{}/{}/{key}", self.endpoint, self.name)
+    /// `device_images.image_url` per `upstream.image_url`: `path` (the
+    /// path-style object URL, which needs the store's credentials to read),
+    /// `public` (`public_base_url/key`, for a public bucket or a CDN) or
+    /// `presigned` (a signed GET URL that expires after `presign_expiry_s`;
+    /// the row keeps `object_key` to sign a new one later).
+    pub async fn url(&self, key: &str) -> Result<String, UpstreamError> {
+        match self.image_url.as_str() {
+            "public" => Ok(format!("{}/{key}", self.public_base_url)),
+            "presigned" => self
+                .bucket
+                .presign_get(format!("/{key}"), self.presign_expiry_s, None)
+                .await
+                .map_err(s3_error),
+            _ => Ok(format!("{}/{}/{key}", self.endpoint, self.name)),
+        }
+    }
+
+    /// Checks that the store answers and takes the credentials, without
+    /// writing: a GET of a key that does not exist answers 404 (NoSuchKey),
+    /// or 403 AccessDenied for a key without list permission; a wrong key
+    /// or secret answers InvalidAccessKeyId / SignatureDoesNotMatch.
+    pub async fn check(&self) -> Result<(), UpstreamError> {
+        match self.bucket.get_object(".barngate-connection-check").await {
+            Ok(_) => Ok(()),
+            Err(S3Error::HttpFailWithBody(404, body)) if body.contains("NoSuchBucket") => {
+                Err(UpstreamError::Objects(format!(
+                    "bucket {} does not exist (create it with `barngate upstream migrate`)",
+                    self.name
+                )))
+            }
+            Err(S3Error::HttpFailWithBody(404, _)) => Ok(()),
+            Err(S3Error::HttpFailWithBody(403, body))
+                if !body.contains("InvalidAccessKeyId")
+                    && !body.contains("SignatureDoesNotMatch")
+                    && body.contains("AccessDenied") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(s3_error(e)),
+        }
     }
 
     /// Creates the bucket unless it is already there (`upstream

@@ -1,8 +1,9 @@
 //! Real upstream servers for the tests, on loopback: PostgreSQL from the
 //! Debian packages (initdb + pg_ctl in a temp dir, as the `postgres` user when
-//! running as root) and moto's S3-compatible server, behind a TCP relay the
-//! test can cut to simulate an object-store outage (moto keeps objects in
-//! memory, so stopping it would lose what was uploaded).
+//! running as root) and `s3s-fs` from crates.io, an S3-compatible server
+//! that verifies every request's SigV4 signature against one access key /
+//! secret key pair (objects in a temp dir), behind a TCP relay the test can
+//! cut to simulate an object-store outage.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -106,6 +107,33 @@ impl Postgres {
         )
     }
 
+    /// Serves TLS with this certificate and key (PEM) from now on; restarts.
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let cert = self.data.join("server.crt");
+        let key = self.data.join("server.key");
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if is_root() {
+            for f in [&cert, &key] {
+                let ok = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(f)
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "chown to postgres");
+            }
+        }
+        let conf = self.data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).unwrap();
+        self.down();
+        self.up();
+    }
+
     /// Starts (again) on the same port.
     pub fn up(&self) {
         let out = pg_cmd("pg_ctl")
@@ -154,40 +182,62 @@ impl Drop for Postgres {
     }
 }
 
-/// moto_server on a free port, plus a relay in front of it that can be cut.
+/// s3s-fs on a free port, plus a relay in front of it that can be cut.
 pub struct ObjectStore {
     child: Child,
-    pub moto: SocketAddr,
+    /// The server's own address (behind the relay).
+    pub addr: SocketAddr,
     pub relay: Relay,
+    _dir: tempfile::TempDir,
+}
+
+/// The `s3s-fs` binary: `$BARNGATE_S3S_FS`, else on PATH, else in
+/// `$CARGO_HOME/bin` (`cargo install s3s-fs --features binary`; .ci/run does it).
+fn s3s_fs_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("BARNGATE_S3S_FS") {
+        return PathBuf::from(p);
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    dirs.extend(cargo_home.map(|h| h.join("bin")));
+    dirs.into_iter()
+        .map(|d| d.join("s3s-fs"))
+        .find(|p| p.is_file())
+        .expect("s3s-fs is installed (cargo install s3s-fs@0.14.1 --locked --features binary; .ci/run does it)")
 }
 
 impl ObjectStore {
+    /// s3s-fs: an S3 server that checks every request's SigV4 signature
+    /// against `S3_KEY` / `S3_SECRET`, with the bucket already there.
     pub async fn start() -> ObjectStore {
+        let dir = tempfile::Builder::new().prefix("bg-s3").tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(BUCKET)).unwrap();
         let port = free_port();
-        // `python3 -m` needs no console-script shim on PATH (pyenv, --user installs).
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
+        let child = Command::new(s3s_fs_bin())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3_KEY, "--secret-key", S3_SECRET])
+            .arg(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("moto_server is installed (pip install 'moto[server]'; .ci/run does it)");
-        let moto: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            .expect("s3s-fs starts");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let t0 = Instant::now();
-        while tokio::net::TcpStream::connect(moto).await.is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(30), "moto_server starts");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "s3s-fs starts");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let relay = Relay::start(moto).await;
-        let s = ObjectStore { child, moto, relay };
-        s.create_bucket().await;
-        s
+        let relay = Relay::start(addr).await;
+        ObjectStore {
+            child,
+            addr,
+            relay,
+            _dir: dir,
+        }
     }
 
     /// The endpoint the gateway uses (through the relay).
@@ -198,32 +248,13 @@ impl ObjectStore {
     fn bucket(&self) -> Box<s3::Bucket> {
         let region = s3::Region::Custom {
             region: "us-east-1".into(),
-            endpoint: format!("http://{}", self.moto),
+            endpoint: format!("http://{}", self.addr),
         };
         let creds =
             s3::creds::Credentials::new(Some(S3_KEY), Some(S3_SECRET), None, None, None).unwrap();
         s3::Bucket::new(BUCKET, region, creds)
             .unwrap()
             .with_path_style()
-    }
-
-    /// moto does not check signatures: a bare PUT creates the bucket (with no
-    /// location constraint, which moto rejects for us-east-1).
-    async fn create_bucket(&self) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut c = tokio::net::TcpStream::connect(self.moto).await.unwrap();
-        c.write_all(
-            format!(
-                "PUT /{BUCKET} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                self.moto
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut out = String::new();
-        c.read_to_string(&mut out).await.unwrap();
-        assert!(out.starts_with("HTTP/1.1 200"), "create bucket: {out}");
     }
 
     /// Every object key under `prefix`.
