@@ -4,6 +4,7 @@
 //! cargo build --release && cargo build --release --example ceiling
 //! cargo run --release --example bench -- run
 //! cargo run --release --example bench -- burst      # 1,000-device wake burst, 10,000 registered
+//! cargo run --release --example bench -- drain      # backlog drain: device awake time per image
 //! cargo run --release --example bench -- crash      # kill -9 trials
 //! cargo run --release --example bench -- load --addr 127.0.0.1:1883 --devices 10
 //! ```
@@ -208,6 +209,37 @@ enum Cmd {
         #[arg(long)]
         connect_only: bool,
     },
+    /// A backlog drain, gateway and ceiling side by side: every device
+    /// wakes with `--pending` images on its SD card and sends them one after
+    /// the other; reports the device's awake time per image (METADATA →
+    /// ACK_OK), chunk msgs/s and the stack's CPU, medians over `--repeat`
+    /// rounds (the stacks take turns).
+    #[command(
+        mut_arg("image_size", |a| a.default_value("49152")),
+        mut_arg("loss", |a| a.default_value("0.05"))
+    )]
+    Drain {
+        #[command(flatten)]
+        c: Common,
+        #[arg(long, default_value_t = 50)]
+        devices: usize,
+        /// Pending images per device (its HELLO's `pendingImg`).
+        #[arg(long, default_value_t = 16)]
+        pending: u32,
+        /// Stacks to run: `ceiling` is bare rumqttd as it comes (no
+        /// TCP_NODELAY on the connections it accepts), `ceiling-nodelay`
+        /// the same with TCP_NODELAY set, as the gateway's front sets it.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "gateway,ceiling,ceiling-nodelay"
+        )]
+        stacks: Vec<String>,
+        /// Rounds: every stack runs once per round, in turn; the summary
+        /// gives the medians.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
     /// kill -9 of the gateway at random moments during a device run.
     Crash {
         #[command(flatten)]
@@ -357,6 +389,7 @@ impl Images {
     fn total(&self) -> usize {
         self.base.len().div_ceil(self.chunk)
     }
+    /// Device `dev`'s image (a drain's k-th pending image: `dev | k << 32`).
     fn image(&self, dev: u64) -> Vec<u8> {
         let mut v = self.base.clone();
         let tag = dev.to_le_bytes();
@@ -420,8 +453,10 @@ struct Wake {
     id: String,
     name: String,
     sha256: String,
-    /// HELLO → ACK_OK.
+    /// HELLO → ACK_OK (a drain: HELLO → the last image's ACK_OK).
     latency: Option<Duration>,
+    /// A drain: METADATA → ACK_OK of every image ACKed.
+    acks: Vec<Duration>,
     error: Option<String>,
 }
 
@@ -754,6 +789,7 @@ async fn wake(
         name: name.clone(),
         sha256: sha,
         latency: None,
+        acks: Vec::new(),
         error: None,
     };
     let total = images.total();
@@ -836,6 +872,143 @@ async fn wake(
         } else if v.get("next_wake").is_some() {
             w.error = Some("told next_wake instead of capture".into());
             return w;
+        } else {
+            Ok(())
+        };
+        if let Err(e) = r {
+            w.error = Some(format!("publish: {e}"));
+            return w;
+        }
+    }
+}
+
+/// The name of device `idx`'s `k`-th pending image (0 = the oldest).
+fn pending_name(idx: u64, k: u32) -> String {
+    format!("img_{idx:05}_{k:03}.jpg")
+}
+
+/// One wake of device `idx` that drains `pending` images from its SD card,
+/// as the firmware does: HELLO with `pendingImg`; on ACK_OK (the first, with
+/// an empty image name, is the cue) the next pending image's METADATA; on
+/// `send_image` every chunk (each dropped with probability `cfg.loss`, on
+/// the image's first pass only); on `missing_chunks` exactly those ids; on
+/// the image's ACK_OK its METADATA → ACK_OK time is noted and the next image
+/// follows. Other messages (a `capture_image` once the backlog is drained,
+/// a `next_wake`) are not part of the drain and are ignored. Returns when
+/// the last image is ACKed (or on failure, or when one image takes longer
+/// than `cfg.timeout`).
+async fn drain(
+    conn: &mut Conn,
+    id: &str,
+    idx: u64,
+    pending: u32,
+    images: &Images,
+    cfg: &LoadCfg,
+    counters: &Counters,
+) -> Wake {
+    let mut w = Wake {
+        id: id.to_string(),
+        name: pending_name(idx, 0),
+        sha256: String::new(),
+        latency: None,
+        acks: Vec::with_capacity(pending as usize),
+        error: None,
+    };
+    let total = images.total();
+    let mut rng = Rng(cfg.seed ^ (idx.wrapping_mul(0x9E3779B97F4A7C15)) | 1);
+    let pubd = |ch: &str| format!("ESP32CAM/{id}/{ch}");
+    let data = pubd("data");
+    let hello = json!({"device_id": id, "status": "alive", "pendingImg": pending}).to_string();
+    // The backlog: one image per past wake, 12 h apart, the oldest first.
+    let oldest = chrono::Utc::now() - chrono::Duration::hours(12 * (pending as i64 + 1));
+    // The image being sent: k, name, first chunk's payload, METADATA sent at.
+    let mut k: u32 = 0;
+    let mut name = String::new();
+    let mut first = String::new();
+    let mut sent_at: Option<Instant> = None;
+    let mut first_pass = true;
+    let t0 = Instant::now();
+    if let Err(e) = conn.publish(&pubd("status"), hello.as_bytes()).await {
+        w.error = Some(format!("publish HELLO: {e}"));
+        return w;
+    }
+    let mut deadline = t0 + cfg.timeout;
+    loop {
+        let msg = tokio::time::timeout_at(deadline.into(), conn.recv()).await;
+        let (topic, v) = match msg {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                w.error = Some(format!("connection lost at image {k}"));
+                return w;
+            }
+            Err(_) => {
+                w.error = Some(format!("timeout at image {k}"));
+                return w;
+            }
+        };
+        let is_ack = topic.ends_with("/ack") && v.get("ACK_OK").is_some();
+        let cue = is_ack && sent_at.is_none() && v["image_name"] == "";
+        let acked = is_ack && sent_at.is_some() && v["image_name"] == name.as_str();
+        if acked {
+            w.acks.push(sent_at.take().unwrap_or(t0).elapsed());
+            k += 1;
+            if k == pending {
+                w.latency = Some(t0.elapsed());
+                return w;
+            }
+        }
+        let r = if cue || acked {
+            name = pending_name(idx, k);
+            let img = images.image(idx | (k as u64) << 32);
+            first = encode(images.enc, &img[..images.chunk.min(img.len())]);
+            let ts = oldest + chrono::Duration::hours(12 * k as i64);
+            let meta = json!({
+                "device_id": id,
+                "capture_timestamp": ts.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                "image_name": name, "image_size": img.len(), "max_chunk_size": images.chunk,
+                "total_chunks_count": total, "location": "bench", "error": 0,
+                "temperature": 21.5, "humidity": 50.0, "pressure": 1013.0, "gas_resistance": 100.0
+            })
+            .to_string();
+            first_pass = true;
+            deadline = Instant::now() + cfg.timeout;
+            sent_at = Some(Instant::now());
+            conn.publish(&data, meta.as_bytes()).await
+        } else if sent_at.is_some() && v.get("send_image").is_some() && first_pass {
+            let mut r = Ok(());
+            for i in 0..total {
+                if cfg.loss > 0.0 && rng.next() < cfg.loss {
+                    continue;
+                }
+                counters.chunk_msgs.fetch_add(1, Ordering::Relaxed);
+                r = conn
+                    .publish(&data, &images.chunk_msg(id, &name, &first, i))
+                    .await;
+                if r.is_err() {
+                    break;
+                }
+            }
+            first_pass = false;
+            r
+        } else if let Some(ids) = v.get("missing_chunks").and_then(|m| m.as_array()) {
+            counters.missing_rounds.fetch_add(1, Ordering::Relaxed);
+            first_pass = false;
+            let mut r = Ok(());
+            for cid in ids.iter().filter_map(|x| x.as_u64()) {
+                let i = (cid as usize).wrapping_sub(1);
+                if i >= total {
+                    continue;
+                }
+                counters.chunk_msgs.fetch_add(1, Ordering::Relaxed);
+                counters.resent.fetch_add(1, Ordering::Relaxed);
+                r = conn
+                    .publish(&data, &images.chunk_msg(id, &name, &first, i))
+                    .await;
+                if r.is_err() {
+                    break;
+                }
+            }
+            r
         } else {
             Ok(())
         };
@@ -964,7 +1137,8 @@ fn provision_tls(data_dir: &Path, ids: &[String]) -> (Vec<u8>, PathBuf) {
     (ca, out)
 }
 
-/// Connects `n` devices, then wakes them all at once (a wake burst).
+/// Connects `n` devices, then wakes them all at once (a wake burst); with
+/// `pending` > 0 every device drains that many pending images instead.
 async fn run_load(
     addr: SocketAddr,
     base: u32,
@@ -996,8 +1170,10 @@ async fn run_load(
             // overflow the listen backlog.
             tokio::time::sleep(Duration::from_millis((d / 50) as u64 * 20)).await;
             let conn = connect_retry(addr, &id, &cfg).await;
-            // (Not for `connect_only`, which never wakes.)
-            let prepared = (!cfg.connect_only).then(|| images.prepare(&id, d as u64));
+            // (Not for `connect_only`, which never wakes, nor for a drain,
+            // which builds each image's chunks when it sends them.)
+            let prepared =
+                (!cfg.connect_only && pending == 0).then(|| images.prepare(&id, d as u64));
             barrier.wait().await;
             go.wait().await;
             if cfg.connect_only {
@@ -1009,6 +1185,7 @@ async fn run_load(
                     name: String::new(),
                     sha256: String::new(),
                     latency: None,
+                    acks: Vec::new(),
                     error: None,
                 };
             }
@@ -1020,21 +1197,26 @@ async fn run_load(
                         name: String::new(),
                         sha256: String::new(),
                         latency: None,
+                        acks: Vec::new(),
                         error: Some(e),
                     }
                 }
             };
-            let w = wake(
-                &mut conn,
-                &id,
-                d as u64,
-                pending,
-                &images,
-                &cfg,
-                &counters,
-                prepared.unwrap_or_else(|| images.prepare(&id, d as u64)),
-            )
-            .await;
+            let w = if pending > 0 {
+                drain(&mut conn, &id, d as u64, pending, &images, &cfg, &counters).await
+            } else {
+                wake(
+                    &mut conn,
+                    &id,
+                    d as u64,
+                    pending,
+                    &images,
+                    &cfg,
+                    &counters,
+                    prepared.unwrap_or_else(|| images.prepare(&id, d as u64)),
+                )
+                .await
+            };
             conn.disconnect().await;
             w
         }));
@@ -1297,10 +1479,16 @@ fn stack_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     }
 }
 
-fn start_ceiling() -> (Proc, SocketAddr) {
+/// Starts the `ceiling` example; it asks for the missing ids of a round
+/// whose last chunk never came after `c.quiet_gap_ms`, as the gateway does.
+/// With `nodelay`, it sets TCP_NODELAY on the connections rumqttd accepted
+/// (as the gateway's front does on its own).
+fn start_ceiling(c: &Common, nodelay: bool) -> (Proc, SocketAddr) {
     // A sibling example, so it keeps the system allocator the gateway has.
     let exe = std::env::current_exe().unwrap().with_file_name("ceiling");
     let mut child = stack_command(&exe)
+        .args(["--quiet-gap-ms", &c.quiet_gap_ms.to_string()])
+        .args(nodelay.then_some("--nodelay"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -1524,7 +1712,7 @@ async fn scenario_run(
             let r = match stack.as_str() {
                 "gateway" => gateway_once(&c, &cfg, n).await.0,
                 "ceiling" => {
-                    let (mut p, addr) = start_ceiling();
+                    let (mut p, addr) = start_ceiling(&c, false);
                     let cpu0 = cpu_secs(p.pid());
                     let r = run_load(addr, RUN_BASE, n, 0, &plain, None, Some(p.pid())).await;
                     let cpu = cpu_secs(p.pid()) - cpu0;
@@ -1690,6 +1878,197 @@ async fn scenario_ab(c: Common, baseline: PathBuf, n: usize, rounds: usize) {
         "the candidate was faster in {wins} of {} rounds",
         runs[0].len()
     );
+}
+
+/// One drain run of one stack.
+#[derive(Clone)]
+struct DrainRow {
+    stack: String,
+    images: usize,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    chunk_msgs: u64,
+    resent: u64,
+    elapsed_s: f64,
+    chunk_msgs_per_s: f64,
+    /// The stack's CPU seconds from the first HELLO to the last ACK_OK.
+    cpu_s: f64,
+    peak_rss_mib: f64,
+}
+
+fn drain_row(stack: &str, r: &LoadResult, rss: f64) -> DrainRow {
+    let mut l: Vec<f64> = r
+        .wakes
+        .iter()
+        .flat_map(|w| w.acks.iter().map(|d| d.as_secs_f64() * 1000.0))
+        .collect();
+    l.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        if l.is_empty() {
+            return f64::NAN;
+        }
+        l[((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1]
+    };
+    DrainRow {
+        stack: stack.into(),
+        images: l.len(),
+        p50_ms: pct(0.5),
+        p90_ms: pct(0.9),
+        p99_ms: pct(0.99),
+        chunk_msgs: r.chunk_msgs,
+        resent: r.resent,
+        elapsed_s: r.elapsed,
+        chunk_msgs_per_s: r.chunk_msgs as f64 / r.elapsed,
+        cpu_s: r.stack_wake.map_or(f64::NAN, |w| w.0),
+        peak_rss_mib: rss,
+    }
+}
+
+fn print_drain(rows: &[DrainRow]) {
+    println!(
+        "{:<16} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10} {:>7} {:>8}",
+        "stack",
+        "images",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "chunks",
+        "resent",
+        "chunks/s",
+        "cpu s",
+        "rss MiB"
+    );
+    for r in rows {
+        println!(
+            "{:<16} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>9} {:>8} {:>10.0} {:>7.2} {:>8.1}",
+            r.stack,
+            r.images,
+            r.p50_ms,
+            r.p90_ms,
+            r.p99_ms,
+            r.chunk_msgs,
+            r.resent,
+            r.chunk_msgs_per_s,
+            r.cpu_s,
+            r.peak_rss_mib
+        );
+    }
+}
+
+/// `bench drain`: `devices` devices each drain `pending` images, gateway
+/// (mutual TLS, certificates issued as for `run`) and ceiling (plaintext)
+/// taking turns for `repeat` rounds.
+async fn scenario_drain(
+    c: Common,
+    devices: usize,
+    pending: u32,
+    stacks: Vec<String>,
+    repeat: usize,
+) {
+    let cfg = LoadCfg::from(&c);
+    let plain = LoadCfg {
+        tls: None,
+        ..cfg.clone()
+    };
+    let n = devices;
+    println!(
+        "drain: {n} devices x {pending} pending images x {} B ({} B chunks, {} chunks), loss {:.0} % (first pass), QoS 1, {:?}; gateway over mTLS, ceiling plaintext",
+        c.image_size,
+        c.chunk,
+        c.image_size.div_ceil(c.chunk),
+        c.loss * 100.0,
+        c.encoding
+    );
+    let mut rows: Vec<DrainRow> = Vec::new();
+    for stack in (0..repeat.max(1)).flat_map(|_| stacks.iter()) {
+        let row = match stack.as_str() {
+            "gateway" => {
+                let dir = tmpdir(&format!("drain{n}"));
+                let ids: Vec<String> = (0..n).map(|d| mac(RUN_BASE, d)).collect();
+                let cfg = LoadCfg {
+                    tls: gateway_tls(&c, &dir, &ids),
+                    ..cfg.clone()
+                };
+                let (mut p, addr) = start_gateway(&c, &dir);
+                let r = run_load(addr, RUN_BASE, n, pending, &cfg, None, Some(p.pid())).await;
+                let rss = peak_rss_mib(p.pid());
+                p.term();
+                report_errors(&r);
+                let _ = std::fs::remove_dir_all(&dir);
+                drain_row("gateway", &r, rss)
+            }
+            "ceiling" | "ceiling-nodelay" => {
+                let (mut p, addr) = start_ceiling(&c, stack == "ceiling-nodelay");
+                let r = run_load(addr, RUN_BASE, n, pending, &plain, None, Some(p.pid())).await;
+                let rss = peak_rss_mib(p.pid());
+                p.kill9();
+                report_errors(&r);
+                drain_row(stack, &r, rss)
+            }
+            other => panic!("unknown stack {other}"),
+        };
+        print_drain(std::slice::from_ref(&row));
+        rows.push(row);
+    }
+    let median = |s: &str, f: fn(&DrainRow) -> f64| {
+        let mut v: Vec<f64> = rows.iter().filter(|r| r.stack == s).map(f).collect();
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| v[v.len() / 2])
+    };
+    println!("\nmedians of {} rounds:", repeat.max(1));
+    let med: Vec<DrainRow> = stacks
+        .iter()
+        .filter_map(|s| {
+            let r = rows.iter().find(|r| &r.stack == s)?;
+            let m = |f: fn(&DrainRow) -> f64| median(s, f).unwrap_or(f64::NAN);
+            Some(DrainRow {
+                // The fewest images any round ACKed.
+                images: rows
+                    .iter()
+                    .filter(|r| &r.stack == s)
+                    .map(|r| r.images)
+                    .min()
+                    .unwrap_or(0),
+                p50_ms: m(|r| r.p50_ms),
+                p90_ms: m(|r| r.p90_ms),
+                p99_ms: m(|r| r.p99_ms),
+                chunk_msgs: m(|r| r.chunk_msgs as f64) as u64,
+                resent: m(|r| r.resent as f64) as u64,
+                elapsed_s: m(|r| r.elapsed_s),
+                chunk_msgs_per_s: m(|r| r.chunk_msgs_per_s),
+                cpu_s: m(|r| r.cpu_s),
+                peak_rss_mib: m(|r| r.peak_rss_mib),
+                ..r.clone()
+            })
+        })
+        .collect();
+    print_drain(&med);
+    let expect = n * pending as usize;
+    for r in &med {
+        println!(
+            "{}: {} of {expect} images ACKed in every round{}",
+            r.stack,
+            r.images,
+            if r.images == expect { "" } else { " (SHORT)" }
+        );
+    }
+    for other in stacks.iter().filter(|s| s.starts_with("ceiling")) {
+        let ratio = |f: fn(&DrainRow) -> f64| Some(median("gateway", f)? / median(other, f)?);
+        if let (Some(p50), Some(p90), Some(p99), Some(tput), Some(cpu)) = (
+            ratio(|r| r.p50_ms),
+            ratio(|r| r.p90_ms),
+            ratio(|r| r.p99_ms),
+            ratio(|r| r.chunk_msgs_per_s),
+            ratio(|r| r.cpu_s),
+        ) {
+            println!(
+                "gateway/{other}: p50 {p50:.2}x (target <= 1.30x, {}), p90 {p90:.2}x, p99 {p99:.2}x, chunk msgs/s {tput:.2} (target >= 0.75, {}), CPU s {cpu:.2}x",
+                if p50 <= 1.3 { "met" } else { "NOT met" },
+                if tput >= 0.75 { "met" } else { "NOT met" },
+            );
+        }
+    }
 }
 
 fn verify_images(dir: &Path, expect: &[Wake]) -> (usize, Vec<String>) {
@@ -2053,6 +2432,7 @@ fn main() {
         | Cmd::Ab { c, .. }
         | Cmd::Burst { c, .. }
         | Cmd::Crash { c, .. }
+        | Cmd::Drain { c, .. }
         | Cmd::Load { c, .. } => c.pin,
         Cmd::Ciphers {
             size,
@@ -2108,6 +2488,13 @@ fn main() {
                 trials,
                 seed,
             } => scenario_crash(c, devices, trials, seed).await,
+            Cmd::Drain {
+                c,
+                devices,
+                pending,
+                stacks,
+                repeat,
+            } => scenario_drain(c, devices, pending, stacks, repeat).await,
             Cmd::Ciphers { .. } => unreachable!("handled before the runtime starts"),
             Cmd::Load {
                 c,
