@@ -906,13 +906,11 @@ impl Store {
             }
             let keep = self.max_commands.load(std::sync::atomic::Ordering::Relaxed);
             let over = t.len().map_err(db)?.saturating_sub(keep);
-            if over > 0 {
-                let mut n = 0;
-                t.retain(|_, _| {
-                    n += 1;
-                    n > over
-                })
-                .map_err(db)?;
+            // Oldest first; usually as many as this batch added.
+            for _ in 0..over {
+                if t.pop_first().map_err(db)?.is_none() {
+                    break;
+                }
             }
             let mut t = tx.open_table(ALERTS).map_err(db)?;
             for a in batch.alerts.values() {

@@ -569,3 +569,124 @@ fn resumed_failed_capture_keeps_its_failure_and_rounds() {
     assert_eq!((t.images_complete, t.failures, t.in_progress), (1, 1, 0));
     assert!(t.retries >= 3);
 }
+
+/// The awake time a device spends per image is mostly commits: only a
+/// reply that promises something stored (ACK_OK: the image; a next wake:
+/// the registry's copy) waits for a durable commit; `capture_image`,
+/// `send_image` and `missing_chunks` go out after one without an fsync.
+#[test]
+fn only_replies_that_promise_a_stored_fact_wait_for_an_fsync() {
+    use barngate::ingest::Records;
+    use barngate::store::{
+        AlertRecord, Batch, CaptureRecord, CommitReport, DeviceRecord, StoreError,
+    };
+    use std::sync::Mutex;
+
+    /// The store, noting whether each commit was relaxed.
+    struct Noting {
+        inner: Store,
+        relaxed: Mutex<Vec<bool>>,
+    }
+    impl Records for Noting {
+        fn start(&self, n: u64) -> Result<u64, StoreError> {
+            self.inner.start(n)
+        }
+        fn device(&self, mac: &str) -> Result<Option<DeviceRecord>, StoreError> {
+            self.inner.device(mac)
+        }
+        fn for_each_device(&self, f: &mut dyn FnMut(DeviceRecord)) -> Result<(), StoreError> {
+            Records::for_each_device(&self.inner, f)
+        }
+        fn device_count(&self) -> Result<u64, StoreError> {
+            self.inner.device_count()
+        }
+        fn capture(&self, id: u64) -> Result<Option<CaptureRecord>, StoreError> {
+            self.inner.capture(id)
+        }
+        fn latest_capture(
+            &self,
+            mac: &str,
+            name: &str,
+        ) -> Result<Option<CaptureRecord>, StoreError> {
+            self.inner.latest_capture(mac, name)
+        }
+        fn open_captures(&self, mac: &str) -> Result<Vec<CaptureRecord>, StoreError> {
+            self.inner.open_captures(mac)
+        }
+        fn chunk_lengths(&self, id: u64) -> Result<Vec<(u32, u32)>, StoreError> {
+            self.inner.chunk_lengths(id)
+        }
+        fn open_alerts(&self) -> Result<Vec<AlertRecord>, StoreError> {
+            Records::open_alerts(&self.inner)
+        }
+        fn next_ids(&self) -> Result<(u64, u64), StoreError> {
+            self.inner.next_ids()
+        }
+        fn commit(
+            &self,
+            batch: Batch,
+            now: chrono::DateTime<Utc>,
+        ) -> Result<CommitReport, StoreError> {
+            self.relaxed.lock().unwrap().push(batch.relaxed);
+            self.inner.commit(batch, now)
+        }
+    }
+
+    let cfg = Config::default();
+    let store = Arc::new(Noting {
+        inner: Store::open_in_memory().unwrap(),
+        relaxed: Mutex::new(Vec::new()),
+    });
+    let mut e = Engine::new(
+        cfg.ingest.clone(),
+        cfg.site.clone(),
+        Schedule::new(&cfg.schedule, chrono_tz::Tz::UTC),
+        store.clone(),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    let now = Utc.with_ymd_and_hms(2026, 3, 2, 8, 10, 0).unwrap();
+    let mut step = |topic: String, v: Value| -> (Vec<String>, bool) {
+        e.handle(&topic, v.to_string().as_bytes(), now);
+        let sent = e.commit(now).unwrap();
+        let kinds = sent
+            .iter()
+            .map(|p| {
+                let v: Value = serde_json::from_slice(&p.payload).unwrap();
+                v.as_object()
+                    .unwrap()
+                    .keys()
+                    .find(|k| *k != "device_id" && *k != "image_name")
+                    .cloned()
+                    .unwrap()
+            })
+            .collect();
+        (kinds, *store.relaxed.lock().unwrap().last().unwrap())
+    };
+    let (kinds, relaxed) = step(
+        format!("ESP32CAM/{A}/status"),
+        json!({"device_id": A, "status": "alive", "pendingImg": 0}),
+    );
+    assert_eq!((kinds, relaxed), (vec!["capture_image".to_string()], true));
+    let img = image(1, 200);
+    let (kinds, relaxed) = step(
+        format!("ESP32CAM/{A}/data"),
+        json!({"device_id": A, "capture_timestamp": "2026-03-02T08:00:00Z", "image_name": "r.jpg",
+               "image_size": 200, "max_chunk_size": 100, "total_chunks_count": 2, "error": 0}),
+    );
+    assert_eq!((kinds, relaxed), (vec!["send_image".to_string()], true));
+    let (kinds, relaxed) = step(
+        format!("ESP32CAM/{A}/data"),
+        json!({"image_name": "r.jpg", "chunk_id": 1, "payload": &img[..100]}),
+    );
+    assert_eq!((kinds, relaxed), (vec![], true));
+    let (kinds, relaxed) = step(
+        format!("ESP32CAM/{A}/data"),
+        json!({"image_name": "r.jpg", "chunk_id": 2, "payload": &img[100..]}),
+    );
+    assert_eq!(kinds, vec!["ACK_OK".to_string(), "next_wake".to_string()]);
+    assert!(
+        !relaxed,
+        "the image and the next wake are durable before ACK_OK"
+    );
+}

@@ -56,6 +56,14 @@ pub struct Publish {
     pub payload: Vec<u8>,
     /// Send only if this capture's finalisation committed.
     pub requires_image: Option<u64>,
+    /// The message promises something the database must hold first (an
+    /// ACK_OK: the image; a next wake: the registry's copy of it), so its
+    /// batch is committed durably. The others (`send_image`,
+    /// `missing_chunks`, `capture_image`) promise nothing a crash could
+    /// break (the device asks again, or is asked again), and go out after
+    /// a commit without an fsync, which is most of a device's awake time
+    /// per image otherwise.
+    pub durable: bool,
 }
 
 struct Session {
@@ -219,8 +227,8 @@ impl<S: Records> Engine<S> {
             }
             return Ok(out);
         }
-        // Only what is acknowledged must be on disk before the message goes out.
-        batch.relaxed = !durable && out.is_empty();
+        // Only what a message promises must be on disk before it goes out.
+        batch.relaxed = !durable && !out.iter().any(|p| p.durable);
         let report = self.store.commit(batch, now)?;
         Metrics::inc(&self.metrics.commits);
         if !report.failed.is_empty() {
@@ -479,11 +487,13 @@ impl<S: Records> Engine<S> {
             topic: topic.clone(),
             payload: String::from_utf8_lossy(&payload).into_owned(),
         });
+        let durable = matches!(msg, Outbound::AckOk { .. } | Outbound::NextWake { .. });
         self.outbound.push(Publish {
             mac: mac.to_string(),
             topic,
             payload,
             requires_image,
+            durable,
         });
     }
 

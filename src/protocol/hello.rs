@@ -18,6 +18,8 @@ pub struct Hello {
     #[serde(default)]
     pub firmware_version: Option<String>,
     #[serde(default)]
+    pub hardware_version: Option<String>,
+    #[serde(default)]
     pub error: Option<i64>,
 }
 
