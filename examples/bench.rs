@@ -29,7 +29,7 @@
 //! external broker with certificates from `DIR`.
 
 use barngate::pki::{CaInitOptions, Pki};
-use barngate::store::{DeviceRecord, Store};
+use barngate::store::Store;
 use base64::Engine as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
@@ -2103,30 +2103,14 @@ async fn scenario_burst(c: Common, devices: usize, registered: usize, connect_on
         let now = chrono::Utc::now();
         for i in 0..registered {
             let id = mac(BURST_BASE, i);
-            let rec = DeviceRecord {
-                mac: id.clone(),
-                wire_id: id,
-                dialect: barngate::protocol::Dialect::Firmware,
-                dialect_pinned: false,
-                chunk_base: None,
-                site: Some("site-1".into()),
-                location: None,
-                firmware_version: None,
-                hardware_version: None,
-                registered_at: now,
-                last_seen: None,
-                next_wake: None,
-                battery: None,
-                battery_voltage: None,
-                status: "active".into(),
-                cert_serial: None,
-                registration_index: i as u64,
-                stagger_slot: (i % 3600) as u32,
-                schedule: None,
-                last_current_capture_at: None,
-                pending_reported: 0,
-                last_error: None,
-            };
+            let rec = barngate::registry::new_record(
+                &id,
+                barngate::protocol::Dialect::Firmware,
+                "site-1",
+                i as u64,
+                (i % 3600) as u32,
+                now,
+            );
             store.put_device(&rec, now).unwrap();
         }
     }
