@@ -410,7 +410,11 @@ pub struct AckLog {
     // Committed acks per connection. First pkid, last pkid, data
     committed: VecDeque<Ack>,
     // Recorded qos 2 publishes
-    recorded: VecDeque<(Publish, Option<PublishProperties>)>,
+    // barngate patch: keyed by packet id (was a queue whose front any
+    // PUBREL released), so that a PUBREL releases the message with its
+    // packet id and a resend before the PUBREL is not recorded twice
+    // (MQTT-4.3.3-2).
+    recorded: HashMap<u16, (Publish, Option<PublishProperties>)>,
 }
 
 impl AckLog {
@@ -419,7 +423,7 @@ impl AckLog {
         AckLog {
             // barngate patch: grow on demand (was with_capacity(100) each).
             committed: VecDeque::new(),
-            recorded: VecDeque::new(),
+            recorded: HashMap::new(),
         }
     }
 
@@ -439,8 +443,11 @@ impl AckLog {
     }
 
     pub fn pubrec(&mut self, publish: Publish, props: Option<PublishProperties>, ack: PubRec) {
+        // barngate patch: a resend of a publish not yet released (same
+        // packet id, DUP set) is answered again but not recorded again: it
+        // must not be delivered twice (MQTT-4.3.3-2). The first copy is kept.
+        self.recorded.entry(ack.pkid).or_insert((publish, props));
         let ack = Ack::PubRec(ack);
-        self.recorded.push_back((publish, props));
         self.committed.push_back(ack);
     }
 
@@ -450,9 +457,12 @@ impl AckLog {
     }
 
     pub fn pubcomp(&mut self, ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
+        // barngate patch: release the publish with this packet id (was the
+        // oldest one recorded, whatever its id).
+        let publish = self.recorded.remove(&ack.pkid);
         let ack = Ack::PubComp(ack);
         self.committed.push_back(ack);
-        self.recorded.pop_front()
+        publish
     }
 
     pub fn pingresp(&mut self, ack: PingResp) {

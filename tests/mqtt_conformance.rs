@@ -1,0 +1,396 @@
+//! MQTT 3.1.1 conformance of the sessions that go through the embedded
+//! broker (rumqttd, vendored with the fixes in `vendor/rumqttd/PATCHES.md`)
+//! and of the front, checked over real mutual TLS with raw MQTT packets: a
+//! device certificate issued by the gateway's CLI, the gateway's own TLS
+//! listener, and packets written and read byte by byte. Mosquitto 2.0's
+//! behaviour is the reference where MQTT 3.1.1 leaves a choice.
+//!
+//! A session goes through the broker when it is persistent
+//! (`clean_session = 0`), or for every session with
+//! `mqtt.local_sessions = false`. A device may publish only to its own
+//! `…/status` and `…/data` and subscribe only to its own `…/cmd` and
+//! `…/ack`; the ingest answers a HELLO with `capture_image` and a METADATA
+//! with `send_image`, on `…/cmd`: those answers show which publishes the
+//! broker delivered, and when.
+
+#![allow(dead_code, unused_imports)]
+
+mod common;
+
+use barngate::server::Gateway;
+use bytes::BytesMut;
+use common::*;
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::{
+    Connect, Filter, Packet, Protocol, QoS, RetainForwardRule, Subscribe, Unsubscribe,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+const CONNACK: u8 = 2;
+const PUBLISH: u8 = 3;
+const PUBACK: u8 = 4;
+const PUBREC: u8 = 5;
+const PUBCOMP: u8 = 7;
+const SUBACK: u8 = 9;
+const UNSUBACK: u8 = 11;
+const PINGRESP: u8 = 13;
+
+/// A gateway (TLS listener only) and a device certificate for `mac`.
+struct Site {
+    gw: Gateway,
+    certs: DeviceCerts,
+    _data: tempfile::TempDir,
+    _out: tempfile::TempDir,
+}
+
+async fn site(mac: &str, local_sessions: bool) -> Site {
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = test_config();
+    cfg.mqtt.local_sessions = local_sessions;
+    let gw = start_gateway_exact(data.path(), cfg).await;
+    cli(
+        data.path(),
+        &[
+            "device",
+            "issue",
+            mac,
+            "--out",
+            out.path().to_str().unwrap(),
+        ],
+    );
+    let certs = DeviceCerts::load(out.path(), mac);
+    Site {
+        gw,
+        certs,
+        _data: data,
+        _out: out,
+    }
+}
+
+impl Site {
+    async fn open(&self) -> Raw {
+        Raw::open(self.gw.mqtt_addr, &self.certs).await
+    }
+
+    /// Waits until the gateway has no device connected (a reconnect must
+    /// find the previous session saved, not still closing).
+    async fn all_disconnected(&self) {
+        let deadline = Instant::now() + WAIT;
+        while self.gw.metrics.connections.load(Ordering::Relaxed) > 0 {
+            assert!(Instant::now() < deadline, "still connected");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// A raw MQTT 3.1.1 client over mutual TLS.
+struct Raw {
+    tls: TlsStream<TcpStream>,
+    buf: BytesMut,
+}
+
+impl Raw {
+    async fn open(addr: SocketAddr, certs: &DeviceCerts) -> Raw {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&certs.ca) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&certs.cert)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(&certs.key).unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+            .await
+            .expect("TLS handshake with a device certificate");
+        Raw {
+            tls,
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.tls.write_all(bytes).await.unwrap();
+        self.tls.flush().await.unwrap();
+    }
+
+    async fn send_packet(&mut self, p: Packet) {
+        let mut out = BytesMut::new();
+        V4.write(p, &mut out).unwrap();
+        self.send(&out).await;
+    }
+
+    /// The next packet, (type, whole frame); `None` when the gateway closed
+    /// the connection. Panics after [`WAIT`].
+    async fn next(&mut self) -> Option<(u8, BytesMut)> {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match rumqttd::protocol::v4::check(self.buf.iter(), 1 << 20) {
+                    Ok(h) => {
+                        let frame = self.buf.split_to(h.frame_length());
+                        return Some((frame[0] >> 4, frame));
+                    }
+                    Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {}
+                    Err(e) => panic!("bad packet from the gateway: {e}"),
+                }
+                self.buf.reserve(4096);
+                match self.tls.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("a packet or a close in time")
+    }
+
+    /// The next packet, which must be of type `kind`.
+    async fn expect(&mut self, kind: u8) -> BytesMut {
+        let (t, f) = self.next().await.expect("connection open");
+        assert_eq!(t, kind, "expected packet type {kind}, got {t}: {f:02X?}");
+        f
+    }
+
+    /// The next packet, which must be `frame` exactly.
+    async fn expect_frame(&mut self, frame: &[u8]) {
+        let (_, f) = self.next().await.expect("connection open");
+        assert_eq!(&f[..], frame, "expected {frame:02X?}");
+    }
+
+    /// The next PUBLISH from the gateway: (first byte, packet id, payload).
+    async fn publish(&mut self) -> (u8, Option<u16>, Value) {
+        let f = self.expect(PUBLISH).await;
+        parse_publish(&f)
+    }
+
+    /// PINGREQ, and the PINGRESP must be the very next packet: nothing else
+    /// was pending, and the session is still open.
+    async fn ping(&mut self) {
+        self.send(&[0xC0, 0x00]).await;
+        self.expect_frame(&[PINGRESP << 4, 0x00]).await;
+    }
+
+    /// CONNECT (keep-alive 60 s) and its CONNACK; returns the session-present flag.
+    async fn connect(&mut self, mac: &str, clean: bool) -> bool {
+        self.send_packet(Packet::Connect(
+            Connect {
+                keep_alive: 60,
+                client_id: mac.into(),
+                clean_session: clean,
+            },
+            None,
+            None,
+            None,
+            None,
+        ))
+        .await;
+        let f = self.expect(CONNACK).await;
+        assert_eq!(f[3], 0, "CONNECT accepted: {f:02X?}");
+        f[2] & 1 == 1
+    }
+
+    async fn subscribe(&mut self, pkid: u16, filters: &[(&str, QoS)]) -> Vec<u8> {
+        let filters = filters
+            .iter()
+            .map(|(path, qos)| Filter {
+                path: path.to_string(),
+                qos: *qos,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+            })
+            .collect();
+        self.send_packet(Packet::Subscribe(Subscribe { pkid, filters }, None))
+            .await;
+        let f = self.expect(SUBACK).await;
+        assert_eq!(f[2..4], pkid.to_be_bytes(), "SUBACK's packet id");
+        f[4..].to_vec()
+    }
+}
+
+/// (first byte, packet id, payload as JSON) of a PUBLISH frame.
+fn parse_publish(frame: &[u8]) -> (u8, Option<u16>, Value) {
+    let mut i = 1;
+    while frame[i] & 0x80 != 0 {
+        i += 1;
+    }
+    let topic_len = u16::from_be_bytes([frame[i + 1], frame[i + 2]]) as usize;
+    let mut at = i + 3 + topic_len;
+    let qos = (frame[0] >> 1) & 3;
+    let pkid = (qos > 0).then(|| {
+        at += 2;
+        u16::from_be_bytes([frame[at - 2], frame[at - 1]])
+    });
+    let payload = serde_json::from_slice(&frame[at..]).unwrap_or(Value::Null);
+    (frame[0], pkid, payload)
+}
+
+/// A PUBLISH encoded by hand (rumqttd's `Publish` keeps QoS, packet id and
+/// DUP crate-private).
+fn publish(topic: &str, payload: &[u8], qos: u8, dup: bool, pkid: u16) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(&pkid.to_be_bytes());
+    }
+    body.extend_from_slice(payload);
+    let mut out = vec![(PUBLISH << 4) | (u8::from(dup) << 3) | (qos << 1)];
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&body);
+    out
+}
+
+/// PUBREL (fixed header flags 0b0010), PUBACK and the like: a packet id only.
+fn id_packet(first: u8, pkid: u16) -> [u8; 4] {
+    let [hi, lo] = pkid.to_be_bytes();
+    [first, 0x02, hi, lo]
+}
+
+fn pubrel(pkid: u16) -> [u8; 4] {
+    id_packet(0x62, pkid)
+}
+
+fn hello(mac: &str) -> Vec<u8> {
+    json!({"device_id": mac, "status": "alive", "pendingImg": 0})
+        .to_string()
+        .into_bytes()
+}
+
+/// A METADATA announcing image `name`; the ingest answers `send_image`.
+fn metadata(mac: &str, name: &str) -> Vec<u8> {
+    json!({
+        "device_id": mac,
+        "capture_timestamp": "2026-01-01T00:00:00Z",
+        "image_name": name,
+        "image_size": 4000,
+        "max_chunk_size": 1000,
+        "total_chunks_count": 4,
+        "location": "Barn 1",
+        "error": 0,
+        "temperature": 22.5,
+        "humidity": 50.2,
+        "pressure": 1013.2,
+        "gas_resistance": 120.5
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn status(mac: &str) -> String {
+    format!("ESP32CAM/{mac}/status")
+}
+
+fn data(mac: &str) -> String {
+    format!("ESP32CAM/{mac}/data")
+}
+
+fn cmd(mac: &str) -> String {
+    format!("ESP32CAM/{mac}/cmd")
+}
+
+/// A persistent session through the broker, subscribed to its `…/cmd` at
+/// QoS 0, after its first HELLO was answered (so that the ingest knows the
+/// device and answers its METADATA).
+async fn persistent_device(site: &Site, mac: &str) -> Raw {
+    let mut d = site.open().await;
+    d.connect(mac, false).await;
+    assert_eq!(d.subscribe(1, &[(&cmd(mac), QoS::AtMostOnce)]).await, [0]);
+    d.send(&publish(&status(mac), &hello(mac), 0, false, 0))
+        .await;
+    let (_, _, v) = d.publish().await;
+    assert!(v.get("capture_image").is_some(), "HELLO answered: {v}");
+    d
+}
+
+/// The image the next `send_image` on `…/cmd` asks for.
+async fn send_image(d: &mut Raw) -> String {
+    let (_, _, v) = d.publish().await;
+    v["send_image"]
+        .as_str()
+        .unwrap_or_else(|| panic!("expected send_image, got {v}"))
+        .to_string()
+}
+
+/// Finding: a QoS 2 PUBLISH re-sent with DUP before the PUBREL was
+/// recorded twice by rumqttd, so that the copy was delivered by the next
+/// PUBREL: twice in all. MQTT-4.3.3-2: the receiver stores the packet id
+/// until the PUBREL and must not deliver the message again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_publish_resent_with_dup_before_pubrel_is_delivered_once() {
+    let mac = "AABBCCEE0101";
+    let site = site(mac, true).await;
+    let mut d = persistent_device(&site, mac).await;
+    d.send(&publish(&data(mac), &metadata(mac, "a.jpg"), 2, false, 7))
+        .await;
+    d.expect_frame(&id_packet(PUBREC << 4, 7)).await;
+    d.send(&publish(&data(mac), &metadata(mac, "a.jpg"), 2, true, 7))
+        .await;
+    d.expect_frame(&id_packet(PUBREC << 4, 7)).await;
+    d.send(&pubrel(7)).await;
+    d.expect_frame(&id_packet(PUBCOMP << 4, 7)).await;
+    assert_eq!(send_image(&mut d).await, "a.jpg");
+    // The next QoS 2 message is the one its PUBREL delivers, not the copy.
+    d.send(&publish(&data(mac), &metadata(mac, "b.jpg"), 2, false, 8))
+        .await;
+    d.expect_frame(&id_packet(PUBREC << 4, 8)).await;
+    d.send(&pubrel(8)).await;
+    d.expect_frame(&id_packet(PUBCOMP << 4, 8)).await;
+    assert_eq!(send_image(&mut d).await, "b.jpg");
+    assert_eq!(site.gw.metrics.metadata.load(Ordering::Relaxed), 2);
+    d.ping().await;
+    site.gw.shutdown().await.unwrap();
+}
+
+/// Finding: rumqttd kept the QoS 2 messages waiting for their PUBREL in one
+/// queue, and any PUBREL released the oldest. MQTT-4.3.3-2: a PUBREL
+/// releases the message with its packet id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_pubrel_releases_the_message_with_its_packet_id() {
+    let mac = "AABBCCEE0201";
+    let site = site(mac, true).await;
+    let mut d = persistent_device(&site, mac).await;
+    for (name, pkid) in [("a.jpg", 7), ("b.jpg", 8)] {
+        d.send(&publish(&data(mac), &metadata(mac, name), 2, false, pkid))
+            .await;
+        d.expect_frame(&id_packet(PUBREC << 4, pkid)).await;
+    }
+    d.send(&pubrel(8)).await;
+    d.expect_frame(&id_packet(PUBCOMP << 4, 8)).await;
+    assert_eq!(send_image(&mut d).await, "b.jpg");
+    d.send(&pubrel(7)).await;
+    d.expect_frame(&id_packet(PUBCOMP << 4, 7)).await;
+    assert_eq!(send_image(&mut d).await, "a.jpg");
+    d.ping().await;
+    site.gw.shutdown().await.unwrap();
+}
