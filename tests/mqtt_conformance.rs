@@ -394,3 +394,54 @@ async fn qos2_pubrel_releases_the_message_with_its_packet_id() {
     d.ping().await;
     site.gw.shutdown().await.unwrap();
 }
+
+/// Finding: rumqttd closed the connection on a PUBREL with no message
+/// waiting for it. MQTT-3.6.4-1: the answer to a PUBREL is a PUBCOMP with
+/// its packet id, whether or not a message was waiting (the PUBREL may be a
+/// resend of one already completed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubrel_with_nothing_pending_is_answered_with_pubcomp() {
+    let mac = "AABBCCEE0301";
+    let site = site(mac, true).await;
+    let mut d = persistent_device(&site, mac).await;
+    d.send(&pubrel(42)).await;
+    d.expect_frame(&id_packet(PUBCOMP << 4, 42)).await;
+    // Completed, then released again: PUBCOMP again, nothing delivered twice.
+    d.send(&publish(&data(mac), &metadata(mac, "a.jpg"), 2, false, 9))
+        .await;
+    d.expect_frame(&id_packet(PUBREC << 4, 9)).await;
+    d.send(&pubrel(9)).await;
+    d.expect_frame(&id_packet(PUBCOMP << 4, 9)).await;
+    assert_eq!(send_image(&mut d).await, "a.jpg");
+    d.send(&pubrel(9)).await;
+    d.expect_frame(&id_packet(PUBCOMP << 4, 9)).await;
+    d.ping().await;
+    assert_eq!(site.gw.metrics.metadata.load(Ordering::Relaxed), 1);
+    site.gw.shutdown().await.unwrap();
+}
+
+/// Finding: after a reconnect, the PUBREL a client must re-send for a QoS 2
+/// publish it had sent before (MQTT-4.4.0-1) made rumqttd close the
+/// connection, every time, and the message was lost with the connection.
+/// A persistent session keeps the QoS 2 messages received and not yet
+/// released (MQTT 3.1.1 §3.1.2.4), and the re-sent PUBREL completes the
+/// delivery (MQTT-3.6.4-1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubrel_resent_after_reconnect_completes_the_qos2_delivery() {
+    let mac = "AABBCCEE0401";
+    let site = site(mac, true).await;
+    let mut d = persistent_device(&site, mac).await;
+    d.send(&publish(&data(mac), &metadata(mac, "a.jpg"), 2, false, 5))
+        .await;
+    d.expect_frame(&id_packet(PUBREC << 4, 5)).await;
+    drop(d);
+    site.all_disconnected().await;
+
+    let mut d = site.open().await;
+    assert!(d.connect(mac, false).await, "session present");
+    d.send(&pubrel(5)).await;
+    d.expect_frame(&id_packet(PUBCOMP << 4, 5)).await;
+    assert_eq!(send_image(&mut d).await, "a.jpg");
+    d.ping().await;
+    site.gw.shutdown().await.unwrap();
+}

@@ -465,6 +465,21 @@ impl AckLog {
         publish
     }
 
+    /// barngate patch: the QoS 2 publishes received and not yet released,
+    /// which a persistent session keeps across a reconnect (MQTT 3.1.1
+    /// §3.1.2.4).
+    pub fn take_recorded(&mut self) -> HashMap<u16, (Publish, Option<PublishProperties>)> {
+        std::mem::take(&mut self.recorded)
+    }
+
+    /// barngate patch: restores what [`AckLog::take_recorded`] took.
+    pub fn restore_recorded(
+        &mut self,
+        recorded: HashMap<u16, (Publish, Option<PublishProperties>)>,
+    ) {
+        self.recorded = recorded;
+    }
+
     pub fn pingresp(&mut self, ack: PingResp) {
         let ack = Ack::PingResp(ack);
         self.committed.push_back(ack);

@@ -306,6 +306,8 @@ impl Router {
         let previous_session = saved.as_ref().is_some_and(|s| s.session_state.is_some());
         // for qos2 pending pubrels
         let mut pending_acks = VecDeque::new();
+        // barngate patch: qos2 publishes received and not yet released
+        let mut pending_releases = HashMap::new();
 
         let tracker = if !clean_session {
             // if there was some saved state, restore the metrics
@@ -324,6 +326,7 @@ impl Router {
                     // for using in acklog
                     pending_acks.clone_from(&session_state.unacked_pubrels);
                     outgoing.unacked_pubrels = session_state.unacked_pubrels;
+                    pending_releases = session_state.pending_releases;
                     session_state.tracker
                 },
             )
@@ -333,7 +336,8 @@ impl Router {
             Tracker::new(client_id.clone())
         };
 
-        let ackslog = AckLog::new();
+        let mut ackslog = AckLog::new();
+        ackslog.restore_recorded(pending_releases);
 
         let time = match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
             Ok(v) => v.as_millis().to_string(),
@@ -460,7 +464,7 @@ impl Router {
         let outgoing = self.obufs.remove(id);
         let mut tracker = self.scheduler.remove(id);
         self.connection_map.remove(&client_id);
-        self.ackslog.remove(id);
+        let mut ackslog = self.ackslog.remove(id);
 
         // Don't remove connection id from readyqueue with index. This will
         // remove wrong connection from readyqueue. Instead just leave disconnected
@@ -524,6 +528,9 @@ impl Router {
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
+                // barngate patch: the QoS 2 publishes awaiting their PUBREL
+                // are session state too (MQTT 3.1.1 §3.1.2.4).
+                ackslog.take_recorded(),
             );
         } else {
             tracker.pause(PauseReason::Busy);
@@ -817,8 +824,12 @@ impl Router {
                     let (publish, props) = match ackslog.pubcomp(pubcomp) {
                         Some(v) => v,
                         None => {
-                            disconnect = true;
-                            break;
+                            // barngate patch: nothing waits for this PUBREL (a
+                            // resend, also the one a client must resend after a
+                            // reconnect, MQTT-4.4.0-1): answer the PUBCOMP
+                            // queued above (MQTT-3.6.4-1) instead of closing.
+                            force_ack = true;
+                            continue;
                         }
                     };
 
