@@ -445,3 +445,29 @@ async fn pubrel_resent_after_reconnect_completes_the_qos2_delivery() {
     d.ping().await;
     site.gw.shutdown().await.unwrap();
 }
+
+/// Finding: rumqttd acknowledged a SUBSCRIBE to a filter the session was
+/// already subscribed to with the new QoS, yet kept delivering at the old
+/// one. MQTT-3.8.4-3: the new subscription replaces the old, at its QoS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscribe_at_another_qos_replaces_the_subscription() {
+    let mac = "AABBCCEE0501";
+    let site = site(mac, true).await;
+    let mut d = persistent_device(&site, mac).await;
+    let mut pkid = 2;
+    for qos in [QoS::AtLeastOnce, QoS::AtMostOnce, QoS::AtLeastOnce] {
+        let granted = d.subscribe(pkid, &[(&cmd(mac), qos)]).await;
+        assert_eq!(granted, [qos as u8]);
+        d.send(&publish(&status(mac), &hello(mac), 0, false, 0))
+            .await;
+        let (first, id, v) = d.publish().await;
+        assert!(v.get("capture_image").is_some(), "{v}");
+        assert_eq!((first >> 1) & 3, qos as u8, "delivered at the new QoS");
+        if let Some(id) = id {
+            d.send(&id_packet(PUBACK << 4, id)).await;
+        }
+        pkid += 1;
+    }
+    d.ping().await;
+    site.gw.shutdown().await.unwrap();
+}

@@ -995,6 +995,26 @@ impl Router {
             self.scheduler.track(id, request);
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
             debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
+        } else {
+            // barngate patch: a SUBSCRIBE to a filter already subscribed to
+            // replaces the subscription, with the new QoS (MQTT-3.8.4-3);
+            // the data request was left at the old QoS. It is in the
+            // tracker, parked on the filter, or about to be woken.
+            let qos = filter.qos as u8;
+            let same = |cid: ConnectionId, r: &DataRequest| cid == id && r.filter == *filter_path;
+            self.scheduler.set_qos(id, filter_path, qos);
+            if let Some(data) = self.datalog.native.get_mut(filter_idx) {
+                for (cid, r) in data.waiters.get_mut().iter_mut() {
+                    if same(*cid, r) {
+                        r.qos = qos;
+                    }
+                }
+            }
+            for (cid, r) in self.notifications.iter_mut() {
+                if same(*cid, r) {
+                    r.qos = qos;
+                }
+            }
         }
 
         // TODO: figure out how we can update existing DataRequest
