@@ -471,3 +471,44 @@ async fn resubscribe_at_another_qos_replaces_the_subscription() {
     d.ping().await;
     site.gw.shutdown().await.unwrap();
 }
+
+/// Finding: rumqttd answered an UNSUBSCRIBE of two filters with two
+/// UNSUBACKs, and one of a filter not subscribed to with none.
+/// MQTT-3.10.4-4/-5: exactly one UNSUBACK per UNSUBSCRIBE, even if no
+/// filter matched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribe_gets_exactly_one_unsuback_even_for_unknown_filters() {
+    let mac = "AABBCCEE0601";
+    // Every session through the broker: a clean one too.
+    let site = site(mac, false).await;
+    let ack = format!("ESP32CAM/{mac}/ack");
+    for clean in [true, false] {
+        let mut d = site.open().await;
+        d.connect(mac, clean).await;
+        d.subscribe(1, &[(&cmd(mac), QoS::AtLeastOnce), (&ack, QoS::AtMostOnce)])
+            .await;
+        let unsubscribe = |pkid: u16, filters: &[&String]| {
+            Packet::Unsubscribe(
+                Unsubscribe {
+                    pkid,
+                    filters: filters.iter().map(|f| f.to_string()).collect(),
+                },
+                None,
+            )
+        };
+        // Two filters: one UNSUBACK (the PINGRESP comes right after it).
+        d.send_packet(unsubscribe(2, &[&cmd(mac), &ack])).await;
+        d.expect_frame(&id_packet(UNSUBACK << 4, 2)).await;
+        d.ping().await;
+        // Neither is subscribed any more: still one UNSUBACK.
+        d.send_packet(unsubscribe(3, &[&cmd(mac)])).await;
+        d.expect_frame(&id_packet(UNSUBACK << 4, 3)).await;
+        d.send_packet(unsubscribe(4, &[&cmd(mac), &ack])).await;
+        d.expect_frame(&id_packet(UNSUBACK << 4, 4)).await;
+        d.ping().await;
+        d.send(&[0xE0, 0x00]).await;
+        assert!(d.next().await.is_none(), "closed after DISCONNECT");
+        site.all_disconnected().await;
+    }
+    site.gw.shutdown().await.unwrap();
+}
