@@ -512,3 +512,51 @@ async fn unsubscribe_gets_exactly_one_unsuback_even_for_unknown_filters() {
     }
     site.gw.shutdown().await.unwrap();
 }
+
+/// Finding: when a device came back to its persistent session, rumqttd
+/// re-sent the QoS 1 messages it had not acknowledged with DUP = 0.
+/// MQTT-3.3.1-1: DUP is 1 when the server re-delivers a PUBLISH (and, set
+/// by the server for each delivery, 0 on a first one: MQTT-3.3.1-3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_session_redelivers_unacknowledged_qos1_publish_with_dup() {
+    let mac = "AABBCCEE0701";
+    let site = site(mac, true).await;
+    let mut d = site.open().await;
+    d.connect(mac, false).await;
+    d.subscribe(1, &[(&cmd(mac), QoS::AtLeastOnce)]).await;
+    d.send(&publish(&status(mac), &hello(mac), 0, false, 0))
+        .await;
+    let (first, id, v) = d.publish().await;
+    assert!(v.get("capture_image").is_some(), "{v}");
+    assert_eq!(first, 0x32, "QoS 1, DUP 0 on the first delivery");
+    assert!(id.is_some());
+    // Gone without the PUBACK.
+    drop(d);
+    site.all_disconnected().await;
+
+    // Twice: still not acknowledged after the first re-delivery.
+    let mut resumed = 0;
+    let mut d = loop {
+        resumed += 1;
+        let mut d = site.open().await;
+        assert!(d.connect(mac, false).await, "session present");
+        let (first, again, v2) = d.publish().await;
+        assert_eq!(v2, v, "the same message");
+        assert_eq!(first, 0x3A, "QoS 1 with DUP 1 on the re-delivery");
+        if resumed == 2 {
+            d.send(&id_packet(PUBACK << 4, again.unwrap())).await;
+            break d;
+        }
+        drop(d);
+        site.all_disconnected().await;
+    };
+    d.ping().await;
+    // A new message after it is a first delivery again.
+    d.send(&publish(&status(mac), &hello(mac), 0, false, 0))
+        .await;
+    let (first, id2, _) = d.publish().await;
+    assert_eq!(first, 0x32, "DUP 0 on a first delivery");
+    d.send(&id_packet(PUBACK << 4, id2.unwrap())).await;
+    d.ping().await;
+    site.gw.shutdown().await.unwrap();
+}

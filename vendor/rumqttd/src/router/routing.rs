@@ -511,6 +511,14 @@ impl Router {
 
             for request in tracker.data_requests.iter_mut() {
                 if let Some(cursor) = retransmissions.get(&request.filter_idx) {
+                    // barngate patch: what lies between the first
+                    // unacknowledged publish and the read cursor was sent
+                    // and is re-sent as a duplicate (up to the furthest
+                    // cursor, if it was still being re-sent).
+                    let until = request
+                        .redeliver_until
+                        .map_or(request.cursor, |u| u.max(request.cursor));
+                    request.redeliver_until = Some(until);
                     request.cursor = *cursor;
                     // reset the group cursor
                     if let Some(group_name) = &request.group {
@@ -994,6 +1002,7 @@ impl Router {
                 // set true for new subscriptions
                 forward_retained,
                 group,
+                redeliver_until: None,
             };
 
             self.scheduler.track(id, request);
@@ -1574,6 +1583,11 @@ fn forward_device_data(
     let filter_idx = request.filter_idx;
     request.read_count += publishes.len();
     request.cursor = next;
+    // barngate patch: publishes before `redeliver_until` are re-deliveries.
+    let redeliver_until = request.redeliver_until;
+    if redeliver_until.is_some_and(|until| next >= until) {
+        request.redeliver_until = None;
+    }
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
     if publishes.is_empty() {
@@ -1601,6 +1615,11 @@ fn forward_device_data(
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
             publish.qos = protocol::qos(qos).unwrap();
+            // barngate patch: DUP is set by the server for each delivery,
+            // not copied from the incoming publish (MQTT-3.3.1-3): 1 on a
+            // QoS 1/2 re-delivery (MQTT-3.3.1-1), else 0.
+            publish.dup =
+                qos > 0 && matches!((offset, redeliver_until), (Some(o), Some(until)) if o < until);
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
