@@ -13,8 +13,6 @@
 //! with `send_image`, on `…/cmd`: those answers show which publishes the
 //! broker delivered, and when.
 
-#![allow(dead_code, unused_imports)]
-
 mod common;
 
 use barngate::server::Gateway;
@@ -558,5 +556,67 @@ async fn persistent_session_redelivers_unacknowledged_qos1_publish_with_dup() {
     assert_eq!(first, 0x32, "DUP 0 on a first delivery");
     d.send(&id_packet(PUBACK << 4, id2.unwrap())).await;
     d.ping().await;
+    site.gw.shutdown().await.unwrap();
+}
+
+/// Finding: a SUBSCRIBE whose fixed header flags were not the reserved
+/// 0b0010 was accepted. MQTT-3.8.1-1 (and MQTT-3.10.1-1 for UNSUBSCRIBE,
+/// MQTT-3.6.1-1 for PUBREL, MQTT-2.2.2-2): the server treats it as
+/// malformed and closes the connection. On both paths: a local session (the
+/// front alone) and a persistent one (through the broker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_with_wrong_reserved_flags_close_the_connection() {
+    let mac = "AABBCCEE0801";
+    let site = site(mac, true).await;
+    let filter = cmd(mac);
+    let mut sub = vec![0x80, (2 + 2 + filter.len() + 1) as u8, 0x00, 0x01];
+    sub.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    sub.extend_from_slice(filter.as_bytes());
+    sub.push(0x01);
+    let mut unsub = vec![0xA0, (2 + 2 + filter.len()) as u8, 0x00, 0x02];
+    unsub.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    unsub.extend_from_slice(filter.as_bytes());
+    let mut closed = 0u64;
+    for clean in [true, false] {
+        for (what, bad) in [
+            ("SUBSCRIBE 0x80", sub.clone()),
+            ("SUBSCRIBE 0x83", [&[0x83][..], &sub[1..]].concat()),
+            ("UNSUBSCRIBE 0xA0", unsub.clone()),
+            ("PUBREL 0x60", id_packet(0x60, 3).to_vec()),
+        ] {
+            let mut d = site.open().await;
+            d.connect(mac, clean).await;
+            d.send(&bad).await;
+            match d.next().await {
+                None => {}
+                Some((t, f)) => panic!("{what} (clean {clean}): answered {t} {f:02X?}"),
+            }
+            closed += 1;
+            site.all_disconnected().await;
+        }
+    }
+    assert_eq!(site.gw.metrics.rejected("malformed_mqtt"), closed);
+    assert_eq!(
+        site.gw.metrics.identity_violations.load(Ordering::Relaxed),
+        0,
+        "a malformed packet is no identity violation"
+    );
+    // The correct flags are accepted on both paths.
+    for clean in [true, false] {
+        let mut d = site.open().await;
+        d.connect(mac, clean).await;
+        let mut good = sub.clone();
+        good[0] = 0x82;
+        d.send(&good).await;
+        d.expect(SUBACK).await;
+        d.send(&pubrel(3)).await;
+        d.expect_frame(&id_packet(PUBCOMP << 4, 3)).await;
+        let mut good = unsub.clone();
+        good[0] = 0xA2;
+        d.send(&good).await;
+        d.expect_frame(&id_packet(UNSUBACK << 4, 2)).await;
+        drop(d);
+        site.all_disconnected().await;
+    }
     site.gw.shutdown().await.unwrap();
 }
