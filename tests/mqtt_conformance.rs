@@ -189,9 +189,13 @@ impl Raw {
 
     /// CONNECT (keep-alive 60 s) and its CONNACK; returns the session-present flag.
     async fn connect(&mut self, mac: &str, clean: bool) -> bool {
+        self.connect_keep_alive(mac, clean, 60).await
+    }
+
+    async fn connect_keep_alive(&mut self, mac: &str, clean: bool, keep_alive: u16) -> bool {
         self.send_packet(Packet::Connect(
             Connect {
-                keep_alive: 60,
+                keep_alive,
                 client_id: mac.into(),
                 clean_session: clean,
             },
@@ -618,5 +622,89 @@ async fn packets_with_wrong_reserved_flags_close_the_connection() {
         drop(d);
         site.all_disconnected().await;
     }
+    site.gw.shutdown().await.unwrap();
+}
+
+/// The gateway's WARN and ERROR lines (of all tests of this binary, from
+/// the first call on), for the tests that check what a close is logged as.
+/// The gateway logs from its own tasks and threads, so the subscriber is
+/// the process's global one: a binary may install only one.
+fn captured_log() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOG: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || LogWriter(writer.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other global tracing subscriber in this test binary");
+        buf
+    })
+    .clone()
+}
+
+struct LogWriter(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Finding (fixed in the front before these tests, pinned here over mutual
+/// TLS on both paths): a keep-alive expiry and a malformed packet were
+/// logged as identity violations. Each is logged and counted as what it is
+/// (`keepalive_timeout`, `malformed_mqtt`), and neither is an identity
+/// violation (MQTT 3.1.1 §3.1.2.10, §4.8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_expiry_and_malformed_packets_are_logged_as_what_they_are() {
+    let log = captured_log();
+    let mac = "AABBCCEE0901";
+    let site = site(mac, true).await;
+    for clean in [true, false] {
+        // Silent past 1.5 × a keep-alive of 1 s.
+        let mut d = site.open().await;
+        d.connect_keep_alive(mac, clean, 1).await;
+        assert!(d.next().await.is_none(), "closed on keep-alive expiry");
+        site.all_disconnected().await;
+        // A remaining length of five bytes.
+        let mut d = site.open().await;
+        d.connect(mac, clean).await;
+        d.send(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]).await;
+        assert!(d.next().await.is_none(), "closed on a malformed packet");
+        site.all_disconnected().await;
+    }
+    let m = &site.gw.metrics;
+    assert_eq!(m.rejected("keepalive_timeout"), 2);
+    assert_eq!(m.rejected("malformed_mqtt"), 2);
+    assert_eq!(m.identity_violations.load(Ordering::Relaxed), 0);
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    let closes: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("barngate::front: connection closed") && l.contains(mac))
+        .collect();
+    assert_eq!(closes.len(), 4, "{closes:#?}");
+    let expired = closes
+        .iter()
+        .filter(|l| l.contains("keep-alive expired") && l.contains("keepalive_timeout"))
+        .count();
+    let malformed = closes
+        .iter()
+        .filter(|l| l.contains("MQTT protocol error") && l.contains("malformed_mqtt"))
+        .count();
+    assert_eq!((expired, malformed), (2, 2), "{closes:#?}");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains(mac) && l.contains("identity violation")),
+        "{text}"
+    );
     site.gw.shutdown().await.unwrap();
 }
