@@ -497,9 +497,47 @@ impl AckLog {
 
 #[cfg(test)]
 mod test {
-    use super::DataLog;
+    use super::{AckLog, DataLog};
+    use crate::protocol::{PubComp, PubCompReason, PubRec, PubRecReason, Publish, QoS};
     use crate::router::shared_subs::Strategy;
     use crate::RouterConfig;
+
+    // barngate patch: QoS 2 publishes are released by their own PUBREL,
+    // once (MQTT-4.3.3-2).
+    #[test]
+    fn qos2_publishes_are_released_once_by_their_own_packet_id() {
+        let publish = |pkid: u16, payload: &'static str| {
+            let mut p = Publish::new("t", payload, false);
+            p.qos = QoS::ExactlyOnce;
+            p.pkid = pkid;
+            p
+        };
+        let pubrec = |pkid| PubRec {
+            pkid,
+            reason: PubRecReason::Success,
+        };
+        let pubcomp = |pkid| PubComp {
+            pkid,
+            reason: PubCompReason::Success,
+        };
+        let mut log = AckLog::new();
+        log.pubrec(publish(1, "a"), None, pubrec(1));
+        log.pubrec(publish(2, "b"), None, pubrec(2));
+        let mut resent = publish(1, "a");
+        resent.dup = true;
+        log.pubrec(resent, None, pubrec(1));
+        assert_eq!(log.readv().drain(..).count(), 3, "a PUBREC for each");
+
+        let released = |log: &mut AckLog, pkid| log.pubcomp(pubcomp(pkid)).map(|(p, _)| p.payload);
+        assert_eq!(released(&mut log, 2).as_deref(), Some(&b"b"[..]));
+        assert_eq!(released(&mut log, 1).as_deref(), Some(&b"a"[..]));
+        assert_eq!(released(&mut log, 1), None, "released once");
+        assert_eq!(
+            log.readv().drain(..).count(),
+            3,
+            "a PUBCOMP for each PUBREL"
+        );
+    }
 
     #[test]
     fn publish_filters_updating_correctly_on_new_topic_subscription() {

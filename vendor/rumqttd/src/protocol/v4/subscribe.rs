@@ -82,3 +82,35 @@ mod filter {
         buffer.put_u8(options);
     }
 }
+
+// barngate patch
+#[cfg(test)]
+mod test {
+    use super::super::V4;
+    use crate::protocol::{Error, Protocol};
+    use bytes::BytesMut;
+
+    /// SUBSCRIBE, UNSUBSCRIBE and PUBREL with reserved flags other than
+    /// 0b0010 are malformed (MQTT-3.8.1-1, MQTT-3.10.1-1, MQTT-3.6.1-1).
+    #[test]
+    fn reserved_flags_other_than_0010_are_malformed() {
+        let subscribe = [0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x01];
+        let unsubscribe = [0xA2, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'];
+        let pubrel = [0x62, 0x02, 0x00, 0x01];
+        for frame in [&subscribe[..], &unsubscribe[..], &pubrel[..]] {
+            let read = |first: u8| {
+                let mut b = BytesMut::from(frame);
+                b[0] = first;
+                V4.read_mut(&mut b, 1024)
+            };
+            assert!(read(frame[0]).is_ok(), "{frame:02X?}");
+            for flags in [0x0, 0x1, 0x3, 0x8] {
+                let first = (frame[0] & 0xF0) | flags;
+                assert!(
+                    matches!(read(first), Err(Error::MalformedPacket)),
+                    "{first:02X}"
+                );
+            }
+        }
+    }
+}
