@@ -4,6 +4,9 @@ use super::{
     scheduler::{PauseReason, Tracker},
     ConnectionEvents,
 };
+use crate::protocol::{Publish, PublishProperties};
+
+type PubWithProp = (Publish, Option<PublishProperties>);
 
 pub struct Graveyard {
     connections: HashMap<String, SavedState>,
@@ -29,6 +32,7 @@ impl Graveyard {
         subscriptions: HashSet<String>,
         metrics: ConnectionEvents,
         unacked_pubrels: VecDeque<u16>,
+        pending_releases: HashMap<u16, PubWithProp>,
     ) {
         tracker.pause(PauseReason::Busy);
         let id = tracker.id.clone();
@@ -37,6 +41,7 @@ impl Graveyard {
             tracker,
             subscriptions,
             unacked_pubrels,
+            pending_releases,
         };
 
         self.connections.insert(
@@ -72,4 +77,7 @@ pub struct SessionState {
     pub subscriptions: HashSet<String>,
     // used for pubrel in qos2
     pub unacked_pubrels: VecDeque<u16>,
+    /// barngate patch: qos2 publishes received and not yet released by
+    /// their PUBREL, by packet id.
+    pub pending_releases: HashMap<u16, PubWithProp>,
 }

@@ -410,7 +410,11 @@ pub struct AckLog {
     // Committed acks per connection. First pkid, last pkid, data
     committed: VecDeque<Ack>,
     // Recorded qos 2 publishes
-    recorded: VecDeque<(Publish, Option<PublishProperties>)>,
+    // barngate patch: keyed by packet id (was a queue whose front any
+    // PUBREL released), so that a PUBREL releases the message with its
+    // packet id and a resend before the PUBREL is not recorded twice
+    // (MQTT-4.3.3-2).
+    recorded: HashMap<u16, (Publish, Option<PublishProperties>)>,
 }
 
 impl AckLog {
@@ -419,7 +423,7 @@ impl AckLog {
         AckLog {
             // barngate patch: grow on demand (was with_capacity(100) each).
             committed: VecDeque::new(),
-            recorded: VecDeque::new(),
+            recorded: HashMap::new(),
         }
     }
 
@@ -439,8 +443,11 @@ impl AckLog {
     }
 
     pub fn pubrec(&mut self, publish: Publish, props: Option<PublishProperties>, ack: PubRec) {
+        // barngate patch: a resend of a publish not yet released (same
+        // packet id, DUP set) is answered again but not recorded again: it
+        // must not be delivered twice (MQTT-4.3.3-2). The first copy is kept.
+        self.recorded.entry(ack.pkid).or_insert((publish, props));
         let ack = Ack::PubRec(ack);
-        self.recorded.push_back((publish, props));
         self.committed.push_back(ack);
     }
 
@@ -450,9 +457,27 @@ impl AckLog {
     }
 
     pub fn pubcomp(&mut self, ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
+        // barngate patch: release the publish with this packet id (was the
+        // oldest one recorded, whatever its id).
+        let publish = self.recorded.remove(&ack.pkid);
         let ack = Ack::PubComp(ack);
         self.committed.push_back(ack);
-        self.recorded.pop_front()
+        publish
+    }
+
+    /// barngate patch: the QoS 2 publishes received and not yet released,
+    /// which a persistent session keeps across a reconnect (MQTT 3.1.1
+    /// §3.1.2.4).
+    pub fn take_recorded(&mut self) -> HashMap<u16, (Publish, Option<PublishProperties>)> {
+        std::mem::take(&mut self.recorded)
+    }
+
+    /// barngate patch: restores what [`AckLog::take_recorded`] took.
+    pub fn restore_recorded(
+        &mut self,
+        recorded: HashMap<u16, (Publish, Option<PublishProperties>)>,
+    ) {
+        self.recorded = recorded;
     }
 
     pub fn pingresp(&mut self, ack: PingResp) {
@@ -472,9 +497,47 @@ impl AckLog {
 
 #[cfg(test)]
 mod test {
-    use super::DataLog;
+    use super::{AckLog, DataLog};
+    use crate::protocol::{PubComp, PubCompReason, PubRec, PubRecReason, Publish, QoS};
     use crate::router::shared_subs::Strategy;
     use crate::RouterConfig;
+
+    // barngate patch: QoS 2 publishes are released by their own PUBREL,
+    // once (MQTT-4.3.3-2).
+    #[test]
+    fn qos2_publishes_are_released_once_by_their_own_packet_id() {
+        let publish = |pkid: u16, payload: &'static str| {
+            let mut p = Publish::new("t", payload, false);
+            p.qos = QoS::ExactlyOnce;
+            p.pkid = pkid;
+            p
+        };
+        let pubrec = |pkid| PubRec {
+            pkid,
+            reason: PubRecReason::Success,
+        };
+        let pubcomp = |pkid| PubComp {
+            pkid,
+            reason: PubCompReason::Success,
+        };
+        let mut log = AckLog::new();
+        log.pubrec(publish(1, "a"), None, pubrec(1));
+        log.pubrec(publish(2, "b"), None, pubrec(2));
+        let mut resent = publish(1, "a");
+        resent.dup = true;
+        log.pubrec(resent, None, pubrec(1));
+        assert_eq!(log.readv().drain(..).count(), 3, "a PUBREC for each");
+
+        let released = |log: &mut AckLog, pkid| log.pubcomp(pubcomp(pkid)).map(|(p, _)| p.payload);
+        assert_eq!(released(&mut log, 2).as_deref(), Some(&b"b"[..]));
+        assert_eq!(released(&mut log, 1).as_deref(), Some(&b"a"[..]));
+        assert_eq!(released(&mut log, 1), None, "released once");
+        assert_eq!(
+            log.readv().drain(..).count(),
+            3,
+            "a PUBCOMP for each PUBREL"
+        );
+    }
 
     #[test]
     fn publish_filters_updating_correctly_on_new_topic_subscription() {

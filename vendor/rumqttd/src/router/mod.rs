@@ -196,6 +196,11 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    /// barngate patch: after a persistent session resumes, the publishes
+    /// before this cursor were sent before and not acknowledged: they are
+    /// re-delivered with DUP set (MQTT-3.3.1-1).
+    #[serde(default)]
+    pub(crate) redeliver_until: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -306,6 +306,8 @@ impl Router {
         let previous_session = saved.as_ref().is_some_and(|s| s.session_state.is_some());
         // for qos2 pending pubrels
         let mut pending_acks = VecDeque::new();
+        // barngate patch: qos2 publishes received and not yet released
+        let mut pending_releases = HashMap::new();
 
         let tracker = if !clean_session {
             // if there was some saved state, restore the metrics
@@ -324,6 +326,7 @@ impl Router {
                     // for using in acklog
                     pending_acks.clone_from(&session_state.unacked_pubrels);
                     outgoing.unacked_pubrels = session_state.unacked_pubrels;
+                    pending_releases = session_state.pending_releases;
                     session_state.tracker
                 },
             )
@@ -333,7 +336,8 @@ impl Router {
             Tracker::new(client_id.clone())
         };
 
-        let ackslog = AckLog::new();
+        let mut ackslog = AckLog::new();
+        ackslog.restore_recorded(pending_releases);
 
         let time = match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
             Ok(v) => v.as_millis().to_string(),
@@ -460,7 +464,7 @@ impl Router {
         let outgoing = self.obufs.remove(id);
         let mut tracker = self.scheduler.remove(id);
         self.connection_map.remove(&client_id);
-        self.ackslog.remove(id);
+        let mut ackslog = self.ackslog.remove(id);
 
         // Don't remove connection id from readyqueue with index. This will
         // remove wrong connection from readyqueue. Instead just leave disconnected
@@ -507,6 +511,14 @@ impl Router {
 
             for request in tracker.data_requests.iter_mut() {
                 if let Some(cursor) = retransmissions.get(&request.filter_idx) {
+                    // barngate patch: what lies between the first
+                    // unacknowledged publish and the read cursor was sent
+                    // and is re-sent as a duplicate (up to the furthest
+                    // cursor, if it was still being re-sent).
+                    let until = request
+                        .redeliver_until
+                        .map_or(request.cursor, |u| u.max(request.cursor));
+                    request.redeliver_until = Some(until);
                     request.cursor = *cursor;
                     // reset the group cursor
                     if let Some(group_name) = &request.group {
@@ -524,6 +536,9 @@ impl Router {
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
+                // barngate patch: the QoS 2 publishes awaiting their PUBREL
+                // are session state too (MQTT 3.1.1 §3.1.2.4).
+                ackslog.take_recorded(),
             );
         } else {
             tracker.pause(PauseReason::Busy);
@@ -714,11 +729,17 @@ impl Router {
                 Packet::Unsubscribe(unsubscribe, _) => {
                     let connection = self.connections.get_mut(id).unwrap();
                     let pkid = unsubscribe.pkid;
+                    // barngate patch: one UNSUBACK per UNSUBSCRIBE, sent
+                    // after all its filters, even if none was subscribed
+                    // (MQTT-3.10.4-4/-5); was one per filter removed, so
+                    // none for an unknown filter and two for two filters.
+                    let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
                     for filter in &unsubscribe.filters {
                         let span = tracing::info_span!("unsubscribe", topic = filter, pkid);
                         let _guard = span.enter();
 
                         debug!("Removing subscription on filter {}", filter);
+                        reasons.push(UnsubAckReason::NoSubscriptionExisted);
                         if let Some(connection_ids) = self.subscription_map.get_mut(filter) {
                             let removed = connection_ids.remove(&id);
                             if !removed {
@@ -751,18 +772,16 @@ impl Router {
                             // remove the subscription id
                             connection.subscription_ids.remove(filter);
 
-                            let unsuback = UnsubAck {
-                                pkid,
-                                // reasons are used in MQTTv5
-                                reasons: vec![UnsubAckReason::Success],
-                            };
-                            let ackslog = self.ackslog.get_mut(id).unwrap();
-                            ackslog.unsuback(unsuback);
+                            // reasons are used in MQTTv5
+                            *reasons.last_mut().unwrap() = UnsubAckReason::Success;
                             self.scheduler.untrack(id, filter);
                             self.datalog.remove_waiters_for_id(id, filter);
-                            force_ack = true;
                         }
                     }
+                    let unsuback = UnsubAck { pkid, reasons };
+                    let ackslog = self.ackslog.get_mut(id).unwrap();
+                    ackslog.unsuback(unsuback);
+                    force_ack = true;
                 }
                 Packet::PubAck(puback, _) => {
                     let span = tracing::info_span!("puback", pkid = puback.pkid);
@@ -817,8 +836,12 @@ impl Router {
                     let (publish, props) = match ackslog.pubcomp(pubcomp) {
                         Some(v) => v,
                         None => {
-                            disconnect = true;
-                            break;
+                            // barngate patch: nothing waits for this PUBREL (a
+                            // resend, also the one a client must resend after a
+                            // reconnect, MQTT-4.4.0-1): answer the PUBCOMP
+                            // queued above (MQTT-3.6.4-1) instead of closing.
+                            force_ack = true;
+                            continue;
                         }
                     };
 
@@ -979,11 +1002,32 @@ impl Router {
                 // set true for new subscriptions
                 forward_retained,
                 group,
+                redeliver_until: None,
             };
 
             self.scheduler.track(id, request);
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
             debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
+        } else {
+            // barngate patch: a SUBSCRIBE to a filter already subscribed to
+            // replaces the subscription, with the new QoS (MQTT-3.8.4-3);
+            // the data request was left at the old QoS. It is in the
+            // tracker, parked on the filter, or about to be woken.
+            let qos = filter.qos as u8;
+            let same = |cid: ConnectionId, r: &DataRequest| cid == id && r.filter == *filter_path;
+            self.scheduler.set_qos(id, filter_path, qos);
+            if let Some(data) = self.datalog.native.get_mut(filter_idx) {
+                for (cid, r) in data.waiters.get_mut().iter_mut() {
+                    if same(*cid, r) {
+                        r.qos = qos;
+                    }
+                }
+            }
+            for (cid, r) in self.notifications.iter_mut() {
+                if same(*cid, r) {
+                    r.qos = qos;
+                }
+            }
         }
 
         // TODO: figure out how we can update existing DataRequest
@@ -1539,6 +1583,11 @@ fn forward_device_data(
     let filter_idx = request.filter_idx;
     request.read_count += publishes.len();
     request.cursor = next;
+    // barngate patch: publishes before `redeliver_until` are re-deliveries.
+    let redeliver_until = request.redeliver_until;
+    if redeliver_until.is_some_and(|until| next >= until) {
+        request.redeliver_until = None;
+    }
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
     if publishes.is_empty() {
@@ -1566,6 +1615,11 @@ fn forward_device_data(
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
             publish.qos = protocol::qos(qos).unwrap();
+            // barngate patch: DUP is set by the server for each delivery,
+            // not copied from the incoming publish (MQTT-3.3.1-3): 1 on a
+            // QoS 1/2 re-delivery (MQTT-3.3.1-1), else 0.
+            publish.dup =
+                qos > 0 && matches!((offset, redeliver_until), (Some(o), Some(until)) if o < until);
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {

@@ -7,6 +7,12 @@ fn len() -> usize {
 }
 
 pub fn read(fixed_header: FixedHeader, mut bytes: Bytes) -> Result<PubRel, Error> {
+    // barngate patch: the reserved flags of a PUBREL fixed header are
+    // 0b0010; any other value is a malformed packet, on which the
+    // connection must be closed (MQTT-3.6.1-1, MQTT-2.2.2-2).
+    if fixed_header.byte1 & 0x0F != 0b0010 {
+        return Err(Error::MalformedPacket);
+    }
     let variable_header_index = fixed_header.fixed_header_len;
     bytes.advance(variable_header_index);
     let pkid = read_u16(&mut bytes)?;

@@ -7,6 +7,12 @@ fn len(subscribe: &Subscribe) -> usize {
 }
 
 pub fn read(fixed_header: FixedHeader, mut bytes: Bytes) -> Result<Subscribe, Error> {
+    // barngate patch: the reserved flags of a SUBSCRIBE fixed header are
+    // 0b0010; any other value is a malformed packet, on which the
+    // connection must be closed (MQTT-3.8.1-1, MQTT-2.2.2-2).
+    if fixed_header.byte1 & 0x0F != 0b0010 {
+        return Err(Error::MalformedPacket);
+    }
     let variable_header_index = fixed_header.fixed_header_len;
     bytes.advance(variable_header_index);
 
@@ -74,5 +80,37 @@ mod filter {
 
         write_mqtt_string(buffer, filter.path.as_str());
         buffer.put_u8(options);
+    }
+}
+
+// barngate patch
+#[cfg(test)]
+mod test {
+    use super::super::V4;
+    use crate::protocol::{Error, Protocol};
+    use bytes::BytesMut;
+
+    /// SUBSCRIBE, UNSUBSCRIBE and PUBREL with reserved flags other than
+    /// 0b0010 are malformed (MQTT-3.8.1-1, MQTT-3.10.1-1, MQTT-3.6.1-1).
+    #[test]
+    fn reserved_flags_other_than_0010_are_malformed() {
+        let subscribe = [0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x01];
+        let unsubscribe = [0xA2, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'];
+        let pubrel = [0x62, 0x02, 0x00, 0x01];
+        for frame in [&subscribe[..], &unsubscribe[..], &pubrel[..]] {
+            let read = |first: u8| {
+                let mut b = BytesMut::from(frame);
+                b[0] = first;
+                V4.read_mut(&mut b, 1024)
+            };
+            assert!(read(frame[0]).is_ok(), "{frame:02X?}");
+            for flags in [0x0, 0x1, 0x3, 0x8] {
+                let first = (frame[0] & 0xF0) | flags;
+                assert!(
+                    matches!(read(first), Err(Error::MalformedPacket)),
+                    "{first:02X}"
+                );
+            }
+        }
     }
 }
