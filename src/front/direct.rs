@@ -289,7 +289,8 @@ mod tests {
             encode_publish(topic, &payload, qos, pkid, &mut out);
             let header = rumqttd::protocol::v4::check(out.iter(), 4 << 20).unwrap();
             assert_eq!(header.frame_length(), out.len(), "one whole packet");
-            let Ok(Packet::Publish(p, _)) = crate::front::parse(BytesMut::from(&out[..]), 4 << 20)
+            let Ok(Packet::Publish(p, _)) =
+                crate::front::frame::parse(BytesMut::from(&out[..]), 4 << 20)
             else {
                 panic!("not a PUBLISH");
             };

@@ -1,0 +1,263 @@
+//! One device connection after its handshake: the CONNECT (and a password
+//! login's check), the session's registration, then its [`uplink`] and
+//! [`downlink`] until either ends, the gateway closes it or a newer
+//! connection of the same device replaces it.
+//!
+//! [`uplink`]: super::uplink
+//! [`downlink`]: super::downlink
+
+use super::direct;
+use super::downlink::{downlink, Replies};
+use super::frame::{connack_refusal, next_frame, CONNACK};
+use super::identity::{Auth, Connect, Refusal};
+use super::listen::HandshakeSlot;
+use super::uplink::{Uplink, Upstream};
+use super::violation::{Violation, CONNACK_NOT_AUTHORIZED};
+use super::{Front, LOG_TARGET};
+use crate::ingest::queue::{Inbound, Payload};
+use crate::metrics::Metrics;
+use bytes::BytesMut;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tracing::{debug, info, warn};
+
+impl Front {
+    /// One device connection after the handshake: CONNECT, then the relay.
+    ///
+    /// The stream comes already split (its halves share it through an
+    /// `Arc`): an async fn keeps its arguments for its whole life, and a TLS
+    /// stream passed whole would take ≈ 1.3 KB in every session's task
+    /// after it has moved on.
+    pub(super) async fn session<S>(
+        &self,
+        (mut dev_r, mut dev_w): (tokio::io::ReadHalf<S>, tokio::io::WriteHalf<S>),
+        peer: SocketAddr,
+        auth: Auth,
+        permit: OwnedSemaphorePermit,
+        handshake: Option<HandshakeSlot>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let metrics = self.inner.metrics.clone();
+        let cfg = &self.inner.cfg;
+        let password = matches!(auth, Auth::Password);
+        let mut ident = match auth {
+            Auth::Certificate(id) => Some(id),
+            Auth::Password | Auth::Trusted => None,
+        };
+        let shown = ident
+            .as_ref()
+            .map(|c| c.mac.clone())
+            .unwrap_or_else(|| "-".into());
+        let mut buf = BytesMut::with_capacity(512);
+
+        // The CONNECT, within the handshake timeout.
+        let first = tokio::time::timeout(
+            cfg.handshake_timeout,
+            next_frame(&mut dev_r, &mut buf, cfg.max_packet_size),
+        )
+        .await;
+        let frame = match first {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => return,
+            Ok(Err(Violation::Io(e))) => {
+                debug!(target: LOG_TARGET, %peer, device = %shown, error = %e, "connection closed before CONNECT");
+                return;
+            }
+            Ok(Err(e)) => {
+                metrics.reject(e.reason());
+                warn!(target: LOG_TARGET, %peer, device = %shown, error = %e, "connection closed");
+                return;
+            }
+            Err(_) => {
+                metrics.reject("connect_timeout");
+                warn!(target: LOG_TARGET, %peer, device = %shown, "connection closed: no CONNECT in time");
+                return;
+            }
+        };
+        if password {
+            // Bounded like the CONNECT itself: a queue of slow argon2
+            // checks must not hold a connection open forever.
+            let checked =
+                tokio::time::timeout(cfg.handshake_timeout, self.password_identity(&frame)).await;
+            let refusal = match checked {
+                Ok(Ok(id)) => {
+                    ident = Some(id);
+                    None
+                }
+                Ok(Err(r)) => Some(r),
+                Err(_) => Some(Refusal {
+                    reason: "password_check_timeout",
+                    code: Some(CONNACK_NOT_AUTHORIZED),
+                    device: "-".into(),
+                    detail: "password check did not finish in time".into(),
+                }),
+            };
+            if let Some(r) = refusal {
+                self.refuse(r.reason);
+                warn!(target: LOG_TARGET, %peer, device = %r.device, reason = r.reason, error = %r.detail, "password login refused");
+                if let Some(code) = r.code {
+                    let _ = dev_w.write_all(&connack_refusal(code)).await;
+                }
+                let _ = dev_w.shutdown().await;
+                return;
+            }
+        }
+        drop(handshake);
+        let id_mac = ident.as_ref().map(|c| c.mac.clone());
+        let shown = id_mac.clone().unwrap_or(shown);
+        let connect = match self.check_connect(frame, id_mac.as_deref()) {
+            Ok(v) => v,
+            Err(v) => {
+                self.count(&v);
+                let code = v.connack_code();
+                warn!(target: LOG_TARGET, %peer, device = %shown, reason = v.reason(), connack = code, violation = %v, "CONNECT refused: {}", v.class());
+                if let Some(code) = code {
+                    let _ = dev_w.write_all(&connack_refusal(code)).await;
+                }
+                let _ = dev_w.shutdown().await;
+                return;
+            }
+        };
+        let Connect {
+            device,
+            keep_alive,
+            clean,
+            will,
+            bytes: connect_bytes,
+        } = connect;
+
+        let (kill_tx, mut kill_rx) = watch::channel(false);
+        let conn_id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let local = self.local_session(&device, clean);
+        // A persistent session keeps the broker path: rumqttd resends its
+        // unacknowledged QoS 1 messages when the device comes back.
+        let direct = clean.then(|| Arc::new(direct::Direct::new(local)));
+        if !self
+            .take_over(&device, conn_id, ident.as_ref(), kill_tx, direct.clone())
+            .await
+        {
+            // Revoked after the credentials were checked, before the session
+            // was registered: `Front::revoke` could not see it.
+            let reason = if password {
+                "password_revoked"
+            } else {
+                "tls_revoked"
+            };
+            self.refuse(reason);
+            warn!(target: LOG_TARGET, %peer, device = %device, reason, "connection refused: credentials revoked before the session started");
+            let _ = dev_w
+                .write_all(&connack_refusal(CONNACK_NOT_AUTHORIZED))
+                .await;
+            let _ = dev_w.shutdown().await;
+            return;
+        }
+
+        let disconnected = AtomicBool::new(false);
+        let replies = Replies::default();
+        let result = async {
+            let mut broker = None;
+            if local {
+                // CONNACK: accepted, no session present (it is clean).
+                dev_w.write_all(&[CONNACK << 4, 0x02, 0x00, 0x00]).await?;
+                dev_w.flush().await?;
+            } else {
+                let mut up = TcpStream::connect(cfg.upstream).await?;
+                up.set_nodelay(true)?;
+                up.write_all(&connect_bytes).await?;
+                broker = Some(up.into_split());
+            }
+            Metrics::inc(&metrics.connections);
+            if local {
+                Metrics::inc(&metrics.connections_local);
+            }
+            let via = ident.as_ref().map_or("plaintext", |i| i.via);
+            let path = if local { "local" } else { "broker" };
+            info!(target: LOG_TARGET, %peer, device = %device, auth = via, keep_alive_s = keep_alive, session = path, "device connected");
+            let (acks_tx, acks_rx) = watch::channel(0u64);
+            let up = Uplink {
+                device: &device,
+                max_packet: cfg.max_packet_size,
+                keep_alive,
+                ack_wait: cfg.handshake_timeout,
+                max_filters_per_subscribe: cfg.max_filters_per_subscribe,
+                max_filters_per_session: cfg.max_filters_per_session,
+                ingest: &cfg.ingest,
+                direct: direct.as_deref(),
+                disconnected: &disconnected,
+            };
+            let (up_r, upstream) = match broker.as_mut() {
+                Some((r, w)) => (Some(r), Upstream::Broker { w, acks: acks_rx }),
+                None => (None, Upstream::Local),
+            };
+            let to_broker = up.run(&mut dev_r, &mut buf, upstream, &replies);
+            let to_device = downlink(up_r, &mut dev_w, &replies, acks_tx, direct.as_deref());
+            let r: Result<(), Violation> = tokio::select! {
+                r = to_broker => r,
+                _ = to_device => Ok(()),
+                _ = kill_rx.wait_for(|k| *k) => {
+                    debug!(target: LOG_TARGET, device = %device, "session closed by the gateway");
+                    Ok(())
+                }
+            };
+            metrics.connections.fetch_sub(1, Ordering::Relaxed);
+            if local {
+                metrics.connections_local.fetch_sub(1, Ordering::Relaxed);
+            }
+            if let Some(d) = &direct {
+                d.close();
+            }
+            match r {
+                Ok(()) => {}
+                Err(Violation::Io(e)) => debug!(target: LOG_TARGET, %peer, device = %device, error = %e, "connection closed"),
+                Err(v) => {
+                    self.count(&v);
+                    warn!(target: LOG_TARGET, %peer, device = %device, identity = %shown, reason = v.reason(), violation = %v, "connection closed: {}", v.class());
+                }
+            }
+            let _ = dev_w.shutdown().await;
+            Ok::<(), std::io::Error>(())
+        }
+        .await;
+        let connected = result.is_ok();
+        match result {
+            Err(e) if local => {
+                debug!(target: LOG_TARGET, %peer, device = %device, error = %e, "connection closed before CONNACK")
+            }
+            Err(e) => {
+                warn!(target: LOG_TARGET, %peer, device = %device, error = %e, "cannot reach the embedded broker")
+            }
+            Ok(()) => {}
+        }
+        // A local session's will: the broker would publish it now, to the
+        // ingest (its topic was checked with the CONNECT).
+        if let Some(w) =
+            will.filter(|_| local && connected && !disconnected.load(Ordering::Relaxed))
+        {
+            info!(target: LOG_TARGET, device = %device, topic = %String::from_utf8_lossy(&w.topic), "will published: the connection closed without DISCONNECT");
+            let _ = cfg
+                .ingest
+                .send_async(Inbound {
+                    topic: w.topic,
+                    payload: Payload::Raw(w.message),
+                })
+                .await;
+        }
+        if self.release(&device, conn_id) {
+            // A session replaced by a newer one of the same device ends silently.
+            let _ = cfg
+                .ingest
+                .send_async(Inbound {
+                    topic: bytes::Bytes::from(device.clone()),
+                    payload: Payload::SessionEnded,
+                })
+                .await;
+        }
+        info!(target: LOG_TARGET, %peer, device = %device, "device disconnected");
+        drop(permit);
+    }
+}
