@@ -8,9 +8,10 @@
 
 use super::direct;
 use super::downlink::{downlink, Replies};
-use super::frame::{connack_refusal, next_frame, CONNACK};
+use super::frame::{connack_refusal, next_frame};
 use super::identity::{Auth, Connect, Refusal};
 use super::listen::HandshakeSlot;
+use super::local::{publish_will, CONNACK_ACCEPTED};
 use super::uplink::{Uplink, Upstream};
 use super::violation::{Violation, CONNACK_NOT_AUTHORIZED};
 use super::{Front, LOG_TARGET};
@@ -162,8 +163,7 @@ impl Front {
         let result = async {
             let mut broker = None;
             if local {
-                // CONNACK: accepted, no session present (it is clean).
-                dev_w.write_all(&[CONNACK << 4, 0x02, 0x00, 0x00]).await?;
+                dev_w.write_all(&CONNACK_ACCEPTED).await?;
                 dev_w.flush().await?;
             } else {
                 let mut up = TcpStream::connect(cfg.upstream).await?;
@@ -233,19 +233,11 @@ impl Front {
             }
             Ok(()) => {}
         }
-        // A local session's will: the broker would publish it now, to the
-        // ingest (its topic was checked with the CONNECT).
+        // A local session's will: the broker would publish it now.
         if let Some(w) =
             will.filter(|_| local && connected && !disconnected.load(Ordering::Relaxed))
         {
-            info!(target: LOG_TARGET, device = %device, topic = %String::from_utf8_lossy(&w.topic), "will published: the connection closed without DISCONNECT");
-            let _ = cfg
-                .ingest
-                .send_async(Inbound {
-                    topic: w.topic,
-                    payload: Payload::Raw(w.message),
-                })
-                .await;
+            publish_will(&cfg.ingest, &device, w).await;
         }
         if self.release(&device, conn_id) {
             // A session replaced by a newer one of the same device ends silently.

@@ -6,13 +6,19 @@
 //! session in the broker goes through the broker on its next clean CONNECT.
 
 use super::direct;
-use super::frame::{short_packet, PINGRESP, PUBCOMP, UNSUBACK};
+use super::frame::{short_packet, CONNACK, PINGRESP, PUBCOMP, UNSUBACK};
 use super::route::Control;
-use super::Front;
+use super::{Front, LOG_TARGET};
+use crate::ingest::queue::{Inbound, Payload};
 use bytes::BytesMut;
 use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::{Packet, Protocol, QoS, SubAck, SubscribeReasonCode};
+use rumqttd::protocol::{LastWill, Packet, Protocol, QoS, SubAck, SubscribeReasonCode};
 use std::collections::HashSet;
+use tracing::info;
+
+/// The CONNACK of a local session: accepted, no session present (it is
+/// clean).
+pub(super) const CONNACK_ACCEPTED: [u8; 4] = [CONNACK << 4, 0x02, 0x00, 0x00];
 
 impl Front {
     /// Whether a CONNECT of `device` can be a local session; remembers a
@@ -79,4 +85,17 @@ pub(super) fn answer(
         }
         Control::Disconnect | Control::Other => {}
     }
+}
+
+/// Publishes a local session's will, as the broker would have on a close
+/// without DISCONNECT: to the ingest (its topic was checked with the
+/// CONNECT).
+pub(super) async fn publish_will(ingest: &flume::Sender<Inbound>, device: &str, w: LastWill) {
+    info!(target: LOG_TARGET, device = %device, topic = %String::from_utf8_lossy(&w.topic), "will published: the connection closed without DISCONNECT");
+    let _ = ingest
+        .send_async(Inbound {
+            topic: w.topic,
+            payload: Payload::Raw(w.message),
+        })
+        .await;
 }

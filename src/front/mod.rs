@@ -55,7 +55,8 @@
 //!   CONNACK return code;
 //! - `frame`: reading whole MQTT frames, parsing them, and the short
 //!   packets the front writes itself;
-//! - `topics`: the topic rules for publish, will and subscribe;
+//! - `topics`: the topic rules for publish, will and subscribe, and the
+//!   topic filter caps;
 //! - `route`: where each device packet goes, the publishes intercepted
 //!   for the ingest among them;
 //! - `connection`: one connection from its CONNECT to its close;

@@ -5,10 +5,10 @@
 
 use super::direct;
 use super::frame::{parse, PUBACK, PUBLISH};
-use super::topics::{check_publish_topic, own_topic};
-use super::violation::{truncate, Violation};
+use super::topics::{check_publish_topic, check_subscribe_filter};
+use super::violation::Violation;
 use crate::ingest::queue::{Inbound, Payload};
-use crate::protocol::{Channel, DataMessage};
+use crate::protocol::DataMessage;
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{Packet, Protocol, QoS};
@@ -141,11 +141,7 @@ fn check_packet(frame: &BytesMut, device: &str, max: usize) -> Result<Control, V
         Packet::Publish(p, _) => check_publish_topic(&p.topic, device).map(|()| Control::Other),
         Packet::Subscribe(s, _) => {
             for f in &s.filters {
-                if !own_topic(&f.path, device, &[Channel::Cmd, Channel::Ack]) {
-                    return Err(Violation::Subscribe {
-                        filter: truncate(&f.path),
-                    });
-                }
+                check_subscribe_filter(&f.path, device)?;
             }
             Ok(Control::Subscribe {
                 pkid: s.pkid,

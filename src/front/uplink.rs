@@ -7,10 +7,10 @@ use super::downlink::Replies;
 use super::frame::{next_frame, puback_packet, read_now, ready_frame, short_packet, PUBREC};
 use super::local::answer;
 use super::route::{route, Ack, Control, Route};
+use super::topics::count_filters;
 use super::violation::Violation;
 use crate::ingest::queue::Inbound;
 use bytes::{Bytes, BytesMut};
-use rumqttd::protocol::QoS;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -52,37 +52,6 @@ pub(super) enum Upstream<'a, W> {
 }
 
 impl Uplink<'_> {
-    /// Counts a SUBSCRIBE's filters against the limits. `seen` is every
-    /// distinct filter the connection has subscribed to: an UNSUBSCRIBE
-    /// gives none back (the broker never frees a filter's memory, and a
-    /// device needs two).
-    fn count_filters(
-        &self,
-        seen: &mut HashSet<String>,
-        filters: &[(String, QoS)],
-    ) -> Result<(), Violation> {
-        if filters.len() > self.max_filters_per_subscribe {
-            return Err(Violation::TooManyFilters {
-                count: filters.len(),
-                max: self.max_filters_per_subscribe,
-                per: "SUBSCRIBE",
-            });
-        }
-        for (f, _) in filters {
-            if !seen.contains(f) {
-                if seen.len() == self.max_filters_per_session {
-                    return Err(Violation::TooManyFilters {
-                        count: seen.len() + 1,
-                        max: self.max_filters_per_session,
-                        per: "session",
-                    });
-                }
-                seen.insert(f.clone());
-            }
-        }
-        Ok(())
-    }
-
     /// Reads the device's packets until it closes: checks each, hands
     /// publishes to the ingest and forwards the rest to the broker (or, in
     /// a local session, answers them).
@@ -172,7 +141,13 @@ impl Uplink<'_> {
                         Route::Control {
                             control: Control::Subscribe { filters, .. },
                             ..
-                        } => self.count_filters(&mut filters_seen, filters).map(|()| r),
+                        } => count_filters(
+                            &mut filters_seen,
+                            filters,
+                            self.max_filters_per_subscribe,
+                            self.max_filters_per_session,
+                        )
+                        .map(|()| r),
                         _ => Ok(r),
                     });
                 match routed {
