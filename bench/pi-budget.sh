@@ -13,7 +13,9 @@
 # Environment:
 #   PI_CPU_QUOTA=N      percent of one core (default 33)
 #   PI_MEMORY_MAX=SIZE  memory limit (default 256M)
-#   BARNGATE_BIN=PATH   the gateway (default: <target dir>/release/barngate)
+#   BARNGATE_BIN=PATH   the gateway (default: <target dir>/release/barngate; the
+#                       shipped build: cargo build --release --no-default-features
+#                       --features mimalloc)
 #   BENCH_BIN=PATH      the load generator (default: <target dir>/release/examples/bench,
 #                       else .../debug/examples/bench)
 #
@@ -36,7 +38,7 @@ if [ -z "$bench" ]; then
   bench=$tdir/release/examples/bench
   [ -x "$bench" ] || bench=$tdir/debug/examples/bench
 fi
-[ -x "$bin" ] || { echo "pi-budget: no gateway at $bin (cargo build --release)" >&2; exit 1; }
+[ -x "$bin" ] || { echo "pi-budget: no gateway at $bin (cargo build --release --no-default-features --features mimalloc)" >&2; exit 1; }
 [ -x "$bench" ] || { echo "pi-budget: no load generator at $bench (cargo build --release --example bench)" >&2; exit 1; }
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--devices 100 --registered 1000 --loss 0.05)

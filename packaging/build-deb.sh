@@ -3,8 +3,9 @@
 #
 #   packaging/build-deb.sh [amd64|arm64|all]      (default: amd64)
 #
-# amd64: `cargo build --release` with the toolchain on PATH; arm64: the same
-# release build cross-compiled with Debian's own toolchain
+# amd64: `cargo build --release --no-default-features --features mimalloc`
+# (the shipped features: mimalloc, no device simulator) with the toolchain on
+# PATH; arm64: the same release build cross-compiled with Debian's own toolchain
 # (packaging/install-cross-toolchain.sh installs it, packaging/cross-env.sh
 # sets it up). The packages land in target/debian/ (or $BARNGATE_DEB_OUT):
 #   barngate_<version>_<arch>.deb
@@ -67,6 +68,10 @@ if ! command -v help2man >/dev/null; then
   fi
 fi
 
+# The shipped features: the mimalloc allocator, without the `simulator`
+# feature (a developer tool).
+features=(--no-default-features --features mimalloc)
+
 # The binary for one architecture: built here unless BARNGATE_BIN names it.
 binary_for() {
   local arch=$1
@@ -76,8 +81,8 @@ binary_for() {
   fi
   case "$arch" in
     amd64)
-      echo "build-deb: cargo build --profile $profile (amd64)" >&2
-      cargo build --locked --profile "$profile" --bin barngate >&2
+      echo "build-deb: cargo build --profile $profile ${features[*]} (amd64)" >&2
+      cargo build --locked --profile "$profile" "${features[@]}" --bin barngate >&2
       echo "$native_target_dir/$profile/barngate"
       ;;
     arm64)
@@ -85,8 +90,8 @@ binary_for() {
       (
         # shellcheck source=packaging/cross-env.sh
         . packaging/cross-env.sh
-        echo "build-deb: $CROSS_CARGO build --profile $profile --target $CROSS_TARGET (arm64)" >&2
-        "$CROSS_CARGO" build --locked --profile "$profile" --target "$CROSS_TARGET" --bin barngate >&2
+        echo "build-deb: $CROSS_CARGO build --profile $profile ${features[*]} --target $CROSS_TARGET (arm64)" >&2
+        "$CROSS_CARGO" build --locked --profile "$profile" "${features[@]}" --target "$CROSS_TARGET" --bin barngate >&2
         echo "$CARGO_TARGET_DIR/$CROSS_TARGET/$profile/barngate"
       )
       ;;

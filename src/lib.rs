@@ -19,6 +19,7 @@ pub mod provision;
 pub mod registry;
 pub mod schedule;
 pub mod server;
+#[cfg(feature = "simulator")]
 pub mod sim;
 pub mod store;
 pub mod upstream;

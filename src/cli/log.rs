@@ -1,4 +1,5 @@
-//! Logging of the subcommands that log (`serve`, `upstream`, `simulate`).
+//! Logging of the subcommands that log (`serve`, `upstream` and, with the
+//! `simulator` feature, `simulate`).
 
 /// Logs to stderr through a writer thread: a wake of a thousand devices
 /// logs ~10,000 lines a second, and one `write` each on the ingest and

@@ -9,6 +9,7 @@ mod image;
 mod log;
 mod query;
 mod serve;
+#[cfg(feature = "simulator")]
 mod simulate;
 mod sync;
 mod upstream;
@@ -22,6 +23,7 @@ use admin::AdminCmd;
 use ca::CaCmd;
 use device::DeviceCmd;
 use image::ImageCmd;
+#[cfg(feature = "simulator")]
 use simulate::SimulateArgs;
 use sync::SyncCmd;
 use upstream::UpstreamCmd;
@@ -90,6 +92,7 @@ enum Cmd {
     },
     /// Run simulated ESP32-CAM nodes: in simulated time against an
     /// in-process gateway (default), or in real time against `--gateway`.
+    #[cfg(feature = "simulator")]
     Simulate(SimulateArgs),
 }
 
@@ -110,6 +113,7 @@ pub async fn run() -> Result<()> {
         Cmd::Upstream { cmd } => upstream::run(data_dir, config, cmd).await,
         Cmd::Configfile => configfile::run(),
         Cmd::Admin { cmd } => admin::run(data_dir, cmd),
+        #[cfg(feature = "simulator")]
         Cmd::Simulate(args) => simulate::run(data_dir, config, args).await,
     }
 }

@@ -1,4 +1,4 @@
-//! `barngate simulate`: simulated ESP32-CAM nodes.
+//! `barngate simulate`: simulated ESP32-CAM nodes (the `simulator` feature).
 
 use anyhow::{bail, Context, Result};
 use barngate::server;

@@ -12,6 +12,9 @@
 //!
 //! [`SimDevice`] is transport-agnostic: it is fed wakes, messages, timer
 //! firings and disconnects and answers with [`Action`]s stamped in true time.
+//!
+//! A developer tool: built with the `simulator` feature (a default one), left
+//! out of the Debian packages.
 
 mod base;
 mod device;
