@@ -202,6 +202,10 @@ pub struct IngestConfig {
     /// Images a device may stream chunks for without their METADATA at once;
     /// chunks for a further image are refused.
     pub max_unannounced_per_device: usize,
+    /// Unfinished (announced, neither complete nor failed) captures a device
+    /// may have stored; announcing one more fails its oldest, whose chunks
+    /// are dropped (the device still holds the image and may send it again).
+    pub max_open_captures_per_device: usize,
     /// Wakes on which a METADATA that cannot be accepted is refused (the
     /// device keeps the image and sleeps) before it is released with ACK_OK,
     /// so one bad image cannot stop a device's backlog forever.
@@ -223,6 +227,7 @@ impl Default for IngestConfig {
             max_chunks_per_image: 16_384,
             max_missing_ids: 256,
             max_unannounced_per_device: 2,
+            max_open_captures_per_device: 16,
             release_after_refusals: 3,
             max_stored_commands: 100_000,
         }
@@ -574,6 +579,12 @@ impl Config {
         if self.ingest.max_unannounced_per_device == 0 {
             return Err(invalid(
                 "ingest.max_unannounced_per_device",
+                "must be at least 1",
+            ));
+        }
+        if self.ingest.max_open_captures_per_device == 0 {
+            return Err(invalid(
+                "ingest.max_open_captures_per_device",
                 "must be at least 1",
             ));
         }

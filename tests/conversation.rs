@@ -499,6 +499,45 @@ fn unannounced_captures_per_device_are_bounded() {
     assert_eq!(g.e.active_captures(), 0);
 }
 
+/// Finding 7: announced images left unfinished are bounded per device;
+/// the oldest fails (alerted once) and its chunks go.
+#[test]
+fn unfinished_captures_per_device_are_bounded() {
+    let mut cfg = Config::default();
+    cfg.ingest.max_open_captures_per_device = 3;
+    let mut g = Gw::new(cfg);
+    g.hello(A, 0);
+    for i in 0..10 {
+        let name = format!("u{i}.jpg");
+        let img = image(i as u8, 300);
+        g.meta(A, &name, &img, 100);
+        g.chunks(A, &name, &img, 100, [0]);
+        assert!(g.store.open_captures(A).unwrap().len() <= 3);
+    }
+    g.e.session_ended(A, g.clock.now());
+    g.commit();
+    let open: Vec<String> = g
+        .store
+        .open_captures(A)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.image_name)
+        .collect();
+    assert_eq!(open, ["u7.jpg", "u8.jpg", "u9.jpg"]);
+    assert_eq!(g.metrics.rejected("too_many_open_captures"), 7);
+    assert_eq!(g.open_alerts(A, "image_failed"), 7);
+    let u0 = g.store.latest_capture(A, "u0.jpg").unwrap().unwrap();
+    assert_eq!(u0.state, CaptureState::Failed);
+    assert!(g.store.chunk_lengths(u0.id).unwrap().is_empty());
+    // Announced again, the image is received whole.
+    g.hello(A, 1);
+    let img = image(0, 300);
+    g.meta(A, "u0.jpg", &img, 100);
+    assert!(has(&g.chunks(A, "u0.jpg", &img, 100, 0..3), A, "ACK_OK"));
+    assert_eq!(g.stored_image(A, "u0.jpg").unwrap(), img);
+    assert_eq!(g.store.open_captures(A).unwrap().len(), 2);
+}
+
 /// Finding 8: the missing ids are asked for as soon as the round's last
 /// chunk arrives, with no clock time passing.
 #[test]

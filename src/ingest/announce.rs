@@ -9,6 +9,10 @@ use crate::store::{CaptureRecord, CaptureState, TelemetryRecord};
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 
+fn is_open(c: &CaptureRecord) -> bool {
+    !matches!(c.state, CaptureState::Complete | CaptureState::Failed)
+}
+
 impl<S: Records> Engine<S> {
     pub(super) fn on_metadata(
         &mut self,
@@ -84,6 +88,11 @@ impl<S: Records> Engine<S> {
             }
             None => self.new_capture(mac, &name, 1, now),
         };
+        // A capture opens (first announced, or a failed one resumed): the
+        // device's unfinished ones stay bounded.
+        if rec.metadata.is_none() || rec.state == CaptureState::Failed {
+            self.make_room_for_open_capture(mac, now);
+        }
         if rec.metadata.is_none() {
             self.record_metadata(mac, &mut rec, &meta, raw, now);
         }
@@ -287,6 +296,66 @@ impl<S: Records> Engine<S> {
             warn!(device = %mac, image = %name, refusals = rec.refusals, %reason, next_wake = %next,
                   "METADATA refused: device told its next wake; the image stays pending on it");
             self.send(mac, Outbound::NextWake { at: next }, None, now);
+        }
+    }
+
+    /// Keeps the device's unfinished captures under
+    /// `ingest.max_open_captures_per_device` before a new one is opened: the
+    /// oldest fail (one `image_failed` each) and their chunks are dropped.
+    /// The device still holds those images; announced again, they resume as
+    /// failed captures do.
+    fn make_room_for_open_capture(&mut self, mac: &str, now: DateTime<Utc>) {
+        let limit = self.cfg.max_open_captures_per_device;
+        let mut open: std::collections::BTreeMap<u64, CaptureRecord> = match self
+            .store
+            .open_captures(mac)
+        {
+            Ok(v) => v.into_iter().map(|c| (c.id, c)).collect(),
+            Err(e) => {
+                warn!(device = %mac, error = %e, "cannot read unfinished captures; not bounded this time");
+                return;
+            }
+        };
+        // The uncommitted batch is newer than the database.
+        for c in self.batch.captures.values().filter(|c| c.mac == mac) {
+            if is_open(c) {
+                open.insert(c.id, c.clone());
+            } else {
+                open.remove(&c.id);
+            }
+        }
+        // Captures in memory (another image still streaming) are not evicted.
+        open.retain(|_, c| {
+            !self
+                .active
+                .contains_key(&(mac.to_string(), c.image_name.clone()))
+        });
+        let over = (open.len() + 1).saturating_sub(limit);
+        for (_, mut rec) in open.into_iter().take(over) {
+            self.metrics.reject("too_many_open_captures");
+            Metrics::inc(&self.metrics.images_failed);
+            let reason = format!(
+                "superseded: the device announced more than {limit} unfinished images (ingest.max_open_captures_per_device)"
+            );
+            warn!(device = %mac, image = %rec.image_name, capture = rec.id, %reason, "oldest unfinished capture failed");
+            rec.state = CaptureState::Failed;
+            rec.failures += 1;
+            rec.failed_reason = Some(reason.clone());
+            rec.updated_at = now;
+            self.batch.chunks.retain(|(cid, _, _)| *cid != rec.id);
+            self.batch.drop_chunks.push(rec.id);
+            self.batch.capture(&rec);
+            self.raise_alert(
+                mac,
+                "image_failed",
+                "error",
+                format!(
+                    "Device {mac} left image {} unfinished: {reason}",
+                    rec.image_name
+                ),
+                Some(rec.id),
+                now,
+            );
         }
     }
 }

@@ -498,6 +498,14 @@ impl World {
         }
         let held = self.g.metrics.held_chunk_bytes.load(Ordering::Relaxed) as usize;
         prop_assert!(held <= self.g.cfg.ingest.held_chunk_bytes, "held {held}");
+        for d in &self.devs {
+            let open = self.g.store.open_captures(&d.mac).unwrap().len();
+            prop_assert!(
+                open <= self.g.cfg.ingest.max_open_captures_per_device,
+                "{} has {open} unfinished captures stored",
+                d.mac
+            );
+        }
         let per_device = 1 + self.g.cfg.ingest.max_unannounced_per_device;
         prop_assert!(
             e.active_captures() <= connected.len() * per_device,
@@ -599,6 +607,7 @@ fn config(held: usize, streaming: usize, page: usize) -> Config {
     cfg.ingest.max_streaming = streaming;
     cfg.ingest.max_missing_ids = page;
     cfg.ingest.max_chunks_per_image = 10_000;
+    cfg.ingest.max_open_captures_per_device = 2;
     cfg
 }
 
