@@ -3,8 +3,9 @@
 //! and stored, records written, and the outbox items for them queued.
 
 use super::partials::{append_partial, parse_run, remove_partial};
+use super::totals::{Counted, Totals};
 use super::{
-    db, dec, enc, totals, AlertRecord, CaptureRecord, CaptureState, CommandRecord, DeviceRecord,
+    db, dec, enc, AlertRecord, CaptureRecord, CaptureState, CommandRecord, DeviceRecord,
     OutboxItem, SessionRecord, Store, StoreError, TelemetryRecord, ALERTS, CAPTURES, CAPTURE_NAMES,
     COMMANDS, DEVICES, DEVICE_CAPTURES, IMAGES, META, NEXT_CAPTURE_ID, OUTBOX, PARTIALS, SESSIONS,
     TELEMETRY,
@@ -249,16 +250,17 @@ impl Store {
             let mut t = tx.open_table(CAPTURES).map_err(db)?;
             let mut names = tx.open_table(CAPTURE_NAMES).map_err(db)?;
             let mut by_dev = tx.open_table(DEVICE_CAPTURES).map_err(db)?;
+            let mut totals = Totals::open(&tx)?;
             for c in captures.values() {
                 let old = match t.get(c.id).map_err(db)? {
-                    Some(v) => Some(dec::<CaptureRecord>("captures", v.value())?),
+                    Some(v) => Some(dec::<Counted>("captures", v.value())?),
                     None => None,
                 };
-                totals::capture_changed(&tx, old.as_ref(), c)?;
+                totals.capture_changed(old, c)?;
                 // A capture that ended failed (again) goes upstream as a row
                 // with its rounds and reason; a complete one goes as "image".
                 let newly_failed = c.state == CaptureState::Failed
-                    && old.as_ref().is_none_or(|o| {
+                    && old.is_none_or(|o| {
                         o.state != CaptureState::Failed || o.failures != c.failures
                     });
                 if newly_failed {
@@ -302,7 +304,7 @@ impl Store {
                 .unwrap_or(1);
             for (seq, c) in (first..).zip(&batch.commands) {
                 t.insert(seq, enc(c).as_slice()).map_err(db)?;
-                totals::command_sent(&tx, &c.mac, &c.kind, &c.payload)?;
+                totals.command_sent(&c.mac, &c.kind, &c.payload);
             }
             let keep = self.max_commands.load(std::sync::atomic::Ordering::Relaxed);
             let over = t.len().map_err(db)?.saturating_sub(keep);
@@ -317,6 +319,7 @@ impl Store {
                 t.insert(a.id, enc(a).as_slice()).map_err(db)?;
                 queue("alert", &a.mac, a.id.to_string())?;
             }
+            totals.finish()?;
         }
         tx.commit().map_err(db)?;
         Ok(report)

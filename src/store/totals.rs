@@ -4,8 +4,9 @@
 
 use super::{db, dec, enc, CaptureRecord, CaptureState, StoreError, CAPTURES, COMMANDS};
 use chrono::{DateTime, Utc};
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 /// MAC → [`CaptureTotals`].
 pub(super) const DEVICE_TOTALS: TableDefinition<&str, &[u8]> =
@@ -34,92 +35,156 @@ pub struct CaptureTotals {
     pub chunks_rerequested: u64,
 }
 
-fn open(c: &CaptureRecord) -> bool {
-    !matches!(c.state, CaptureState::Complete | CaptureState::Failed)
+/// The fields of a capture the totals count, as written before: read
+/// from its stored JSON without decoding the rest of the record.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub(super) struct Counted {
+    pub state: CaptureState,
+    pub retries: u32,
+    #[serde(default)]
+    pub failures: u32,
+    #[serde(default, rename = "metadata", deserialize_with = "chunks_announced")]
+    pub total_chunks: u32,
 }
 
-/// What one capture adds to its device's totals.
-fn contribution(c: &CaptureRecord) -> [i64; 5] {
-    [
-        (c.state == CaptureState::Complete) as i64,
-        c.failures as i64,
-        open(c) as i64,
-        c.retries as i64,
-        c.total_chunks().unwrap_or(0) as i64,
-    ]
+fn chunks_announced<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    #[derive(Deserialize)]
+    struct M {
+        total_chunks_count: u32,
+    }
+    Ok(Option::<M>::deserialize(d)?.map_or(0, |m| m.total_chunks_count))
+}
+
+impl From<&CaptureRecord> for Counted {
+    fn from(c: &CaptureRecord) -> Counted {
+        Counted {
+            state: c.state,
+            retries: c.retries,
+            failures: c.failures,
+            total_chunks: c.total_chunks().unwrap_or(0),
+        }
+    }
+}
+
+impl Counted {
+    pub fn is_open(&self) -> bool {
+        !matches!(self.state, CaptureState::Complete | CaptureState::Failed)
+    }
+
+    /// What the capture adds to its device's totals.
+    fn contribution(&self) -> [i64; 5] {
+        [
+            (self.state == CaptureState::Complete) as i64,
+            self.failures as i64,
+            self.is_open() as i64,
+            self.retries as i64,
+            self.total_chunks as i64,
+        ]
+    }
 }
 
 fn hour(t: DateTime<Utc>) -> i64 {
     t.timestamp().div_euclid(3600)
 }
 
-fn update(
-    tx: &WriteTransaction,
-    mac: &str,
-    f: impl FnOnce(&mut CaptureTotals),
-) -> Result<(), StoreError> {
-    let mut t = tx.open_table(DEVICE_TOTALS).map_err(db)?;
-    let mut totals: CaptureTotals = match t.get(mac).map_err(db)? {
-        Some(v) => dec("device_totals", v.value())?,
-        None => CaptureTotals::default(),
-    };
-    f(&mut totals);
-    t.insert(mac, enc(&totals).as_slice()).map_err(db)?;
-    Ok(())
+/// The totals and indexes of one write transaction: each table opened
+/// once, each device's row read and written once, at [`Totals::finish`].
+pub(super) struct Totals<'tx> {
+    devices: Table<'tx, &'static str, &'static [u8]>,
+    open: Table<'tx, (&'static str, u64), i64>,
+    by_hour: Table<'tx, i64, u64>,
+    /// Per device: the five capture columns, then chunks re-requested.
+    deltas: HashMap<String, [i64; 6]>,
 }
 
-/// Applies a capture's change (`old` → `new`) to the totals and indexes.
-pub(super) fn capture_changed(
-    tx: &WriteTransaction,
-    old: Option<&CaptureRecord>,
-    new: &CaptureRecord,
-) -> Result<(), StoreError> {
-    let before = old.map(contribution).unwrap_or_default();
-    let after = contribution(new);
-    if before != after {
-        let d: Vec<i64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+impl<'tx> Totals<'tx> {
+    pub fn open(tx: &'tx WriteTransaction) -> Result<Totals<'tx>, StoreError> {
+        Ok(Totals {
+            devices: tx.open_table(DEVICE_TOTALS).map_err(db)?,
+            open: tx.open_table(OPEN_CAPTURES).map_err(db)?,
+            by_hour: tx.open_table(COMPLETED_BY_HOUR).map_err(db)?,
+            deltas: HashMap::new(),
+        })
+    }
+
+    fn delta(&mut self, mac: &str) -> &mut [i64; 6] {
+        if !self.deltas.contains_key(mac) {
+            self.deltas.insert(mac.to_string(), [0; 6]);
+        }
+        self.deltas.get_mut(mac).expect("just inserted")
+    }
+
+    /// A capture's change (`old` → `new`).
+    pub fn capture_changed(
+        &mut self,
+        old: Option<Counted>,
+        new: &CaptureRecord,
+    ) -> Result<(), StoreError> {
+        let now = Counted::from(new);
+        let before = old.map(|o| o.contribution()).unwrap_or_default();
+        let after = now.contribution();
+        if before != after {
+            let d = self.delta(&new.mac);
+            for i in 0..5 {
+                d[i] += after[i] - before[i];
+            }
+        }
+        if now.is_open() {
+            let at = new
+                .device_time
+                .unwrap_or(new.first_seen_at)
+                .timestamp_millis();
+            self.open
+                .insert((new.mac.as_str(), new.id), at)
+                .map_err(db)?;
+        } else if old.is_none_or(|o| o.is_open()) {
+            self.open.remove((new.mac.as_str(), new.id)).map_err(db)?;
+        }
+        let completed_now = new.state == CaptureState::Complete
+            && old.is_none_or(|o| o.state != CaptureState::Complete);
+        if completed_now {
+            let h = hour(new.assembled_at.unwrap_or(new.updated_at));
+            let n = self
+                .by_hour
+                .get(h)
+                .map_err(db)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            self.by_hour.insert(h, n + 1).map_err(db)?;
+        }
+        Ok(())
+    }
+
+    /// A command sent to `mac`: the ids of a `missing_chunks` are counted.
+    pub fn command_sent(&mut self, mac: &str, kind: &str, payload: &str) {
+        if kind == "missing_chunks" {
+            self.delta(mac)[5] += missing_ids(payload) as i64;
+        }
+    }
+
+    /// Writes each changed device's totals.
+    pub fn finish(mut self) -> Result<(), StoreError> {
         let add = |v: &mut u64, by: i64| *v = v.saturating_add_signed(by);
-        update(tx, &new.mac, |t| {
+        for (mac, d) in std::mem::take(&mut self.deltas) {
+            if d == [0; 6] {
+                continue;
+            }
+            let mut t: CaptureTotals = match self.devices.get(mac.as_str()).map_err(db)? {
+                Some(v) => dec("device_totals", v.value())?,
+                None => CaptureTotals::default(),
+            };
             add(&mut t.images_complete, d[0]);
             add(&mut t.failures, d[1]);
             add(&mut t.in_progress, d[2]);
             add(&mut t.retries, d[3]);
             add(&mut t.chunks_announced, d[4]);
-        })?;
+            add(&mut t.chunks_rerequested, d[5]);
+            self.devices
+                .insert(mac.as_str(), enc(&t).as_slice())
+                .map_err(db)?;
+        }
+        Ok(())
     }
-    let mut idx = tx.open_table(OPEN_CAPTURES).map_err(db)?;
-    if open(new) {
-        let at = new
-            .device_time
-            .unwrap_or(new.first_seen_at)
-            .timestamp_millis();
-        idx.insert((new.mac.as_str(), new.id), at).map_err(db)?;
-    } else if old.is_none_or(open) {
-        idx.remove((new.mac.as_str(), new.id)).map_err(db)?;
-    }
-    let completed_now = new.state == CaptureState::Complete
-        && old.is_none_or(|o| o.state != CaptureState::Complete);
-    if completed_now {
-        let h = hour(new.assembled_at.unwrap_or(new.updated_at));
-        let mut by_hour = tx.open_table(COMPLETED_BY_HOUR).map_err(db)?;
-        let n = by_hour.get(h).map_err(db)?.map(|v| v.value()).unwrap_or(0);
-        by_hour.insert(h, n + 1).map_err(db)?;
-    }
-    Ok(())
-}
-
-/// Counts the chunk ids of a `missing_chunks` command sent to `mac`.
-pub(super) fn command_sent(
-    tx: &WriteTransaction,
-    mac: &str,
-    kind: &str,
-    payload: &str,
-) -> Result<(), StoreError> {
-    if kind != "missing_chunks" {
-        return Ok(());
-    }
-    let n = missing_ids(payload);
-    update(tx, mac, |t| t.chunks_rerequested += n)
 }
 
 fn missing_ids(payload: &str) -> u64 {
@@ -132,31 +197,19 @@ fn missing_ids(payload: &str) -> u64 {
 /// Builds the totals and indexes from every capture and command (opening a
 /// database of an earlier schema).
 pub(super) fn rebuild(tx: &WriteTransaction) -> Result<(), StoreError> {
-    let captures: Vec<CaptureRecord> = {
-        let t = tx.open_table(CAPTURES).map_err(db)?;
-        let mut out = Vec::new();
-        for r in t.iter().map_err(db)? {
-            let (_, v) = r.map_err(db)?;
-            out.push(dec("captures", v.value())?);
-        }
-        out
-    };
-    for c in &captures {
-        capture_changed(tx, None, c)?;
+    let mut totals = Totals::open(tx)?;
+    let t = tx.open_table(CAPTURES).map_err(db)?;
+    for r in t.iter().map_err(db)? {
+        let (_, v) = r.map_err(db)?;
+        totals.capture_changed(None, &dec("captures", v.value())?)?;
     }
-    let commands: Vec<super::CommandRecord> = {
-        let t = tx.open_table(COMMANDS).map_err(db)?;
-        let mut out = Vec::new();
-        for r in t.iter().map_err(db)? {
-            let (_, v) = r.map_err(db)?;
-            out.push(dec("commands", v.value())?);
-        }
-        out
-    };
-    for c in &commands {
-        command_sent(tx, &c.mac, &c.kind, &c.payload)?;
+    let t = tx.open_table(COMMANDS).map_err(db)?;
+    for r in t.iter().map_err(db)? {
+        let (_, v) = r.map_err(db)?;
+        let c: super::CommandRecord = dec("commands", v.value())?;
+        totals.command_sent(&c.mac, &c.kind, &c.payload);
     }
-    Ok(())
+    totals.finish()
 }
 
 impl super::Store {
