@@ -4,10 +4,8 @@
 //! sink, a 10,000-item backlog, cloud schema migrations and two sites
 //! syncing into one cloud.
 
-#[path = "common/cloud.rs"]
-mod cloud;
-mod common;
-
+use crate::support::cloud::*;
+use crate::support::*;
 use barngate::clock::SystemClock;
 use barngate::metrics::Metrics;
 use barngate::protocol::Metadata;
@@ -16,8 +14,6 @@ use barngate::store::{
 };
 use barngate::upstream::{self, Forwarder, ALERT_CREDENTIALS};
 use chrono::{DateTime, Duration as CDuration, TimeZone, Utc};
-use cloud::*;
-use common::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,11 +2,9 @@
 //! clients (rumqttc and mosquitto_pub over TLS with server authentication
 //! only), and revocation by editing `certs/revoked.json` by hand.
 
-mod common;
-
+use crate::support::*;
 use barngate::config::Config;
 use barngate::server::Gateway;
-use common::*;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::Path;

@@ -1,6 +1,10 @@
-//! Shared helpers for the end-to-end tests: an in-process gateway on
-//! loopback ports and a device driven by a real MQTT client (rumqttc).
+//! Shared helpers for the integration tests: an in-process gateway on
+//! loopback ports and a device driven by a real MQTT client (rumqttc) (here),
+//! the simulator harness (`sim`) and real upstream servers (`cloud`).
 #![allow(dead_code)]
+
+pub mod cloud;
+pub mod sim;
 
 use barngate::clock::SystemClock;
 use barngate::config::Config;

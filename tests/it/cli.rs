@@ -1,9 +1,7 @@
 //! The real binary: `serve` as a child process, a real mosquitto client, and
 //! the admin commands both through the running gateway and on the database.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;

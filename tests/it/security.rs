@@ -3,10 +3,8 @@
 //! mosquitto_pub/mosquitto_sub), identity-bound topics, live revocation and
 //! the loopback broker's secret.
 
-mod common;
-
+use crate::support::*;
 use barngate::server::Gateway;
-use common::*;
 use serde_json::json;
 use std::path::Path;
 use std::process::{Command, Output};

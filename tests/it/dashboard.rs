@@ -3,16 +3,14 @@
 //! Prometheus text-format parser; the login when HTTP is not on loopback.
 //! Screenshots are saved under `target/test-artifacts/`.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const DISH: &[u8] = include_bytes!("fixtures/dish.jpg");
+const DISH: &[u8] = include_bytes!("../fixtures/dish.jpg");
 
 fn artifacts() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
