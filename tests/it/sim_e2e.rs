@@ -1,12 +1,10 @@
 //! End-to-end in simulated time: simulated ESP32-CAM fleets against the real
 //! ingest engine and store (GATEWAY.md §7 test plan).
 
-mod sim_common;
-
+use crate::support::sim::*;
 use barngate::sim::{DialectMix, Outage, RestartKind};
 use barngate::store::Origin;
 use chrono::Duration;
-use sim_common::*;
 
 #[test]
 fn clean_online_both_dialects() {

@@ -2,11 +2,8 @@
 //! clients (rumqttc and mosquitto_pub over TLS with server authentication
 //! only), and revocation by editing `certs/revoked.json` by hand.
 
-mod common;
-
+use crate::support::*;
 use barngate::config::Config;
-use barngate::server::Gateway;
-use common::*;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -27,13 +24,8 @@ fn issue_password(data_dir: &Path, mac: &str, out: &Path) -> (String, String) {
             out.to_str().unwrap(),
         ],
     );
+    let serial = issued_serial(&o.stdout);
     let text = String::from_utf8_lossy(&o.stdout).to_string();
-    let serial = text
-        .split("(serial ")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .unwrap_or_else(|| panic!("no serial in {text}"))
-        .to_string();
     let password = text
         .lines()
         .find_map(|l| l.strip_prefix("MQTT password:"))
@@ -47,26 +39,6 @@ fn password_cfg() -> Config {
     let mut c = test_config();
     c.mqtt.password_listen = Some("127.0.0.1:0".parse().unwrap());
     c
-}
-
-fn hello(mac: &str) -> String {
-    json!({"device_id": mac, "status": "alive", "pendingImg": 0}).to_string()
-}
-
-async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn rejected(gw: &Gateway, reason: &str, at_least: u64) {
-    let m = gw.metrics.clone();
-    eventually(WAIT, &format!("metric {reason} >= {at_least}"), || {
-        m.rejected(reason) >= at_least
-    })
-    .await;
 }
 
 /// mosquitto_pub -u/-P over TLS (server authentication only), QoS 1.

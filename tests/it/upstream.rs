@@ -4,10 +4,8 @@
 //! sink, a 10,000-item backlog, cloud schema migrations and two sites
 //! syncing into one cloud.
 
-#[path = "common/cloud.rs"]
-mod cloud;
-mod common;
-
+use crate::support::cloud::*;
+use crate::support::*;
 use barngate::clock::SystemClock;
 use barngate::metrics::Metrics;
 use barngate::protocol::Metadata;
@@ -16,8 +14,6 @@ use barngate::store::{
 };
 use barngate::upstream::{self, Forwarder, ALERT_CREDENTIALS};
 use chrono::{DateTime, Duration as CDuration, TimeZone, Utc};
-use cloud::*;
-use common::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -182,7 +178,7 @@ async fn outages_of_postgres_and_object_store_lose_and_duplicate_nothing() {
     // Online: delivered as they come.
     n += 1;
     deliver_round(&mut devs, n).await;
-    wait_until("first images upstream", LONG, || backlog(&store) == 0).await;
+    eventually(LONG, "first images upstream", || backlog(&store) == 0).await;
 
     // PostgreSQL down: the ingest goes on, the backlog grows and is kept.
     pg.down();
@@ -190,7 +186,7 @@ async fn outages_of_postgres_and_object_store_lose_and_duplicate_nothing() {
     deliver_round(&mut devs, n).await;
     n += 1;
     deliver_round(&mut devs, n).await;
-    wait_until("a failed attempt while PostgreSQL is down", LONG, || {
+    eventually(LONG, "a failed attempt while PostgreSQL is down", || {
         store.sync_state().unwrap().consecutive_failures > 0
     })
     .await;
@@ -201,7 +197,7 @@ async fn outages_of_postgres_and_object_store_lose_and_duplicate_nothing() {
         "{st:?}"
     );
     pg.up();
-    wait_until("backlog drained after PostgreSQL returns", LONG, || {
+    eventually(LONG, "backlog drained after PostgreSQL returns", || {
         backlog(&store) == 0
     })
     .await;
@@ -212,9 +208,9 @@ async fn outages_of_postgres_and_object_store_lose_and_duplicate_nothing() {
     deliver_round(&mut devs, n).await;
     n += 1;
     deliver_round(&mut devs, n).await;
-    wait_until(
-        "a failed attempt while the object store is down",
+    eventually(
         LONG,
+        "a failed attempt while the object store is down",
         || {
             store
                 .sync_state()
@@ -227,9 +223,9 @@ async fn outages_of_postgres_and_object_store_lose_and_duplicate_nothing() {
     .await;
     assert!(backlog(&store) > 0);
     objects.relay.restore().await;
-    wait_until(
-        "backlog drained after the object store returns",
+    eventually(
         LONG,
+        "backlog drained after the object store returns",
         || backlog(&store) == 0,
     )
     .await;
@@ -258,7 +254,7 @@ async fn outages_of_postgres_and_object_store_lose_and_duplicate_nothing() {
     assert_eq!(meta["firmware_extra"], "kept", "{meta}");
     assert!(count(&c, "SELECT count(*) FROM device_wake_sessions").await >= 2);
     // Same figures on /metrics as in `sync status`.
-    let body = reqwest_like_get(gw.http_addr, "/metrics").await;
+    let body = String::from_utf8(http(gw.http_addr, "GET", "/metrics", "", "").await.2).unwrap();
     assert!(body.contains("barngate_upstream_backlog 0"), "{body}");
     assert!(body.contains("barngate_upstream_oldest_age_seconds 0"));
     gw.shutdown().await.unwrap();
@@ -291,17 +287,6 @@ async fn deliver_round(devs: &mut [Device], k: u32) {
 }
 
 /// A plain HTTP/1.0 GET over TCP.
-async fn reqwest_like_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_killed_mid_upload_resumes_without_duplicates() {
     let pg = Postgres::start();
@@ -336,7 +321,7 @@ async fn gateway_killed_mid_upload_resumes_without_duplicates() {
     let cfg_path = dir.path().join("barngate.toml");
     std::fs::write(&cfg_path, toml_cfg).unwrap();
     let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_barngate"))
+        barngate()
             .arg("--data-dir")
             .arg(dir.path())
             .args([
@@ -380,7 +365,7 @@ async fn gateway_killed_mid_upload_resumes_without_duplicates() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Let it acknowledge the last page, then stop it (SIGTERM) to open the store.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_barngate"))
+    let out = barngate()
         .arg("--data-dir")
         .arg(dir.path())
         .args(["sync", "status", "--json"])
@@ -403,7 +388,7 @@ async fn gateway_killed_mid_upload_resumes_without_duplicates() {
         drop(store);
         let t = Instant::now();
         loop {
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_barngate"))
+            let out = barngate()
                 .arg("--data-dir")
                 .arg(dir.path())
                 .args(["sync", "status", "--json"])
@@ -468,7 +453,7 @@ async fn wrong_credentials_keep_the_backlog_and_raise_an_alert() {
     bad.postgres_url = pg.url_with("wrong-password");
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(forwarder(&store, bad, dir.path()).run(stop_rx));
-    wait_until("the credentials alert", LONG, || {
+    eventually(LONG, "the credentials alert", || {
         store
             .open_gateway_alert(ALERT_CREDENTIALS)
             .unwrap()
@@ -495,7 +480,7 @@ async fn wrong_credentials_keep_the_backlog_and_raise_an_alert() {
     let (stop_tx, stop_rx) = watch::channel(false);
     let task =
         tokio::spawn(forwarder(&store, upstream_config(&pg, &objects), dir.path()).run(stop_rx));
-    wait_until("drain with good credentials", LONG, || {
+    eventually(LONG, "drain with good credentials", || {
         backlog(&store) == 0
             && store
                 .open_gateway_alert(ALERT_CREDENTIALS)
@@ -503,7 +488,7 @@ async fn wrong_credentials_keep_the_backlog_and_raise_an_alert() {
                 .is_none()
     })
     .await;
-    wait_until("resolution delivered", LONG, || backlog(&store) == 0).await;
+    eventually(LONG, "resolution delivered", || backlog(&store) == 0).await;
     let _ = stop_tx.send(true);
     task.await.unwrap();
     let c = pg.client().await;
@@ -939,7 +924,7 @@ async fn battery_percent_lands_in_the_percent_column_and_wakes_are_recorded() {
     d.expect("send_image").await;
     d.send_chunks("a.jpg", &img, 500, &[0, 1, 2]).await;
     d.expect("ACK_OK").await;
-    wait_until("delivered", LONG, || {
+    eventually(LONG, "delivered", || {
         backlog(&store) == 0 && !store.images(Some(mac)).unwrap().is_empty()
     })
     .await;
@@ -1165,7 +1150,7 @@ async fn a_cloud_schema_newer_than_this_gateway_is_refused_with_a_clear_error() 
     let queued = backlog(&store);
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(forwarder(&store, cfg, dir.path()).run(stop_rx));
-    wait_until("the schema alert", LONG, || {
+    eventually(LONG, "the schema alert", || {
         store.open_gateway_alert(ALERT_SCHEMA).unwrap().is_some()
     })
     .await;
@@ -1256,7 +1241,7 @@ async fn two_sites_sync_concurrently_into_one_cloud_without_collisions() {
         .unwrap();
         tasks.push(tokio::spawn(f.run(stop_rx.clone())));
     }
-    wait_until("both sites drained", LONG, || {
+    eventually(LONG, "both sites drained", || {
         sites.iter().all(|(_, _, st)| backlog(st) == 0)
     })
     .await;
@@ -1354,7 +1339,7 @@ async fn wrong_postgres_credentials_are_detected_with_nothing_queued() {
     bad.postgres_url = pg.url_with("wrong-password");
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(forwarder(&store, bad, dir.path()).run(stop_rx));
-    wait_until("the credentials alert with nothing queued", LONG, || {
+    eventually(LONG, "the credentials alert with nothing queued", || {
         store
             .open_gateway_alert(ALERT_CREDENTIALS)
             .unwrap()
@@ -1373,7 +1358,7 @@ async fn wrong_postgres_credentials_are_detected_with_nothing_queued() {
     good.check_interval_s = 1;
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(forwarder(&store, good, dir.path()).run(stop_rx));
-    wait_until("resolved and cleared", LONG, || {
+    eventually(LONG, "resolved and cleared", || {
         store
             .open_gateway_alert(ALERT_CREDENTIALS)
             .unwrap()
@@ -1488,48 +1473,11 @@ async fn image_url_public_and_presigned() {
                 "{url}"
             );
             let path = url.split_once(&objects.endpoint()).unwrap().1;
-            let resp = http_get(&objects.endpoint(), path).await;
+            let resp = http(objects.relay.addr, "GET", path, "", "").await;
             assert!(resp.0 == 200, "{}", resp.0);
-            assert_eq!(resp.1, bytes);
+            assert_eq!(resp.2, bytes);
         }
     }
-}
-
-/// A plain HTTP/1.1 GET: (status, body).
-async fn http_get(endpoint: &str, path: &str) -> (u16, Vec<u8>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let host = endpoint.trim_start_matches("http://");
-    let mut c = tokio::net::TcpStream::connect(host).await.unwrap();
-    c.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    c.read_to_end(&mut out).await.unwrap();
-    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&out[..split]).to_string();
-    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let mut body = out[split + 4..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut plain = Vec::new();
-        let mut rest = &body[..];
-        loop {
-            let nl = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-            let n = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).unwrap().trim(), 16)
-                .unwrap();
-            if n == 0 {
-                break;
-            }
-            plain.extend_from_slice(&rest[nl + 2..nl + 2 + n]);
-            rest = &rest[nl + 2 + n + 2..];
-        }
-        body = plain;
-    }
-    (status, body)
 }
 
 /// Against an S3 server that verifies SigV4 signatures (s3s-fs): a wrong
@@ -1552,9 +1500,9 @@ async fn wrong_object_store_credentials_give_a_clear_error_an_alert_and_keep_the
         bad.secret_key = secret.into();
         let (stop_tx, stop_rx) = watch::channel(false);
         let task = tokio::spawn(forwarder(&store, bad, dir.path()).run(stop_rx));
-        wait_until(
-            &format!("alert for a wrong {what}, nothing queued"),
+        eventually(
             LONG,
+            &format!("alert for a wrong {what}, nothing queued"),
             || {
                 store
                     .open_gateway_alert(ALERT_CREDENTIALS)
@@ -1590,7 +1538,7 @@ async fn wrong_object_store_credentials_give_a_clear_error_an_alert_and_keep_the
     bad.secret_key = "wrong-secret".into();
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(forwarder(&store, bad, dir.path()).run(stop_rx));
-    wait_until("the credentials alert", LONG, || {
+    eventually(LONG, "the credentials alert", || {
         store
             .open_gateway_alert(ALERT_CREDENTIALS)
             .unwrap()
@@ -1620,7 +1568,7 @@ async fn wrong_object_store_credentials_give_a_clear_error_an_alert_and_keep_the
     let (stop_tx, stop_rx) = watch::channel(false);
     let task =
         tokio::spawn(forwarder(&store, upstream_config(&pg, &objects), dir.path()).run(stop_rx));
-    wait_until("drained and resolved", LONG, || {
+    eventually(LONG, "drained and resolved", || {
         backlog(&store) == 0
             && store
                 .open_gateway_alert(ALERT_CREDENTIALS)
@@ -1629,7 +1577,7 @@ async fn wrong_object_store_credentials_give_a_clear_error_an_alert_and_keep_the
             && store.sync_state().unwrap().last_error.is_none()
     })
     .await;
-    wait_until("resolution delivered", LONG, || backlog(&store) == 0).await;
+    eventually(LONG, "resolution delivered", || backlog(&store) == 0).await;
     let _ = stop_tx.send(true);
     task.await.unwrap();
     assert_images_upstream_once(&store, &pg, &objects).await;
@@ -1656,14 +1604,14 @@ async fn presigned_image_url_is_honoured_by_a_signature_checking_server() {
         .unwrap()
         .get(0);
     let path = url.split_once(&objects.endpoint()).unwrap().1.to_string();
-    let (status, body) = http_get(&objects.endpoint(), &path).await;
+    let (status, _, body) = http(objects.relay.addr, "GET", &path, "", "").await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(body, bytes);
     let tampered = path.replace("X-Amz-Expires=3600", "X-Amz-Expires=3601");
-    let (status, _) = http_get(&objects.endpoint(), &tampered).await;
+    let (status, _, _) = http(objects.relay.addr, "GET", &tampered, "", "").await;
     assert_eq!(status, 403, "an altered URL is refused");
     let unsigned = path.split('?').next().unwrap();
-    let (status, _) = http_get(&objects.endpoint(), unsigned).await;
+    let (status, _, _) = http(objects.relay.addr, "GET", unsigned, "", "").await;
     assert_eq!(status, 403, "no signature, no object");
 }
 
@@ -1683,7 +1631,7 @@ async fn an_upstream_unreachable_for_long_raises_an_alert() {
     pg.down();
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(forwarder(&store, cfg, dir.path()).run(stop_rx));
-    wait_until("the unreachable alert", LONG, || {
+    eventually(LONG, "the unreachable alert", || {
         store
             .open_gateway_alert(ALERT_UNREACHABLE)
             .unwrap()
@@ -1700,7 +1648,7 @@ async fn an_upstream_unreachable_for_long_raises_an_alert() {
         .unwrap();
     assert!(a.message.contains("PostgreSQL"), "{}", a.message);
     pg.up();
-    wait_until("resolved and delivered", LONG, || {
+    eventually(LONG, "resolved and delivered", || {
         store
             .open_gateway_alert(ALERT_UNREACHABLE)
             .unwrap()

@@ -10,10 +10,8 @@
 //! itself. A local session's own answers (SUBACK grants, UNSUBACK, QoS 2,
 //! its will) are checked against the ingest queue itself.
 
-mod common;
-
+use crate::support::*;
 use bytes::BytesMut;
-use common::*;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{Connect, Filter, Packet, Protocol, QoS, RetainForwardRule, Subscribe};
 use serde_json::json;

@@ -1,6 +1,10 @@
-//! Shared helpers for the end-to-end tests: an in-process gateway on
-//! loopback ports and a device driven by a real MQTT client (rumqttc).
+//! Shared helpers for the integration tests: an in-process gateway on
+//! loopback ports and a device driven by a real MQTT client (rumqttc) (here),
+//! the simulator harness (`sim`) and real upstream servers (`cloud`).
 #![allow(dead_code)]
+
+pub mod cloud;
+pub mod sim;
 
 use barngate::clock::SystemClock;
 use barngate::config::Config;
@@ -8,9 +12,11 @@ use barngate::server::{Gateway, GatewayOptions};
 use base64::Engine as _;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -308,9 +314,14 @@ pub fn sha256_hex(b: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(b))
 }
 
+/// The real `barngate` binary, built by cargo for the tests.
+pub fn barngate() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_barngate"))
+}
+
 /// Runs the real `barngate` binary on `data_dir`; panics with its stderr if it fails.
 pub fn cli(data_dir: &Path, args: &[&str]) -> std::process::Output {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_barngate"))
+    let out = barngate()
         .arg("--data-dir")
         .arg(data_dir)
         .args(args)
@@ -323,4 +334,101 @@ pub fn cli(data_dir: &Path, args: &[&str]) -> std::process::Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// The serial that `barngate device issue` printed ("... (serial S) ...").
+pub fn issued_serial(stdout: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stdout);
+    text.split("(serial ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("no serial in {text}"))
+        .to_string()
+}
+
+/// A firmware HELLO with nothing pending.
+pub fn hello(mac: &str) -> String {
+    json!({"device_id": mac, "status": "alive", "pendingImg": 0}).to_string()
+}
+
+/// Polls `cond` until it holds, or panics with `what` after `within`.
+pub async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the gateway has counted `reason` rejections `at_least` times.
+pub async fn rejected(gw: &Gateway, reason: &str, at_least: u64) {
+    let m = gw.metrics.clone();
+    eventually(WAIT, &format!("metric {reason} >= {at_least}"), || {
+        m.rejected(reason) >= at_least
+    })
+    .await;
+}
+
+/// One HTTP/1.1 request on a new connection to `addr`'s port on 127.0.0.1:
+/// (status, head, body; a chunked body decoded). `headers` are whole lines
+/// ("Name: value\r\n").
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String, Vec<u8>) {
+    http_from("127.0.0.1", addr, method, path, headers, body).await
+}
+
+/// [`http`] from the loopback address `src` (127.0.0.2, ...).
+pub async fn http_from(
+    src: &str,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String, Vec<u8>) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let host = format!("127.0.0.1:{}", addr.port());
+    let mut s = sock.connect(host.parse().unwrap()).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n{headers}\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP head");
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = buf[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut plain = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let nl = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let n = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).unwrap().trim(), 16)
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            plain.extend_from_slice(&rest[nl + 2..nl + 2 + n]);
+            rest = &rest[nl + 2 + n + 2..];
+        }
+        body = plain;
+    }
+    (status, head, body)
 }

@@ -1,10 +1,8 @@
 //! The simulator in real time over mutual TLS against a running gateway:
 //! issued device certificates, real MQTT, chunk loss recovered.
 
-mod common;
-
+use crate::support::*;
 use barngate::sim::{self, Connection, DialectMix, FleetOptions};
-use common::*;
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

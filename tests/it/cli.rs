@@ -1,18 +1,12 @@
 //! The real binary: `serve` as a child process, a real mosquitto client, and
 //! the admin commands both through the running gateway and on the database.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_barngate"))
-}
 
 struct Serve {
     child: Child,
@@ -27,7 +21,7 @@ impl Serve {
             "[site]\ntimezone = \"UTC\"\n[ingest]\nquiet_gap_ms = 300\n",
         )
         .unwrap();
-        let mut child = bin()
+        let mut child = barngate()
             .args(["--data-dir"])
             .arg(dir.join("data"))
             .arg("--config")
@@ -73,7 +67,7 @@ impl Serve {
 }
 
 fn run(dir: &Path, args: &[&str]) -> std::process::Output {
-    bin()
+    barngate()
         .arg("--data-dir")
         .arg(dir.join("data"))
         .args(args)
@@ -253,7 +247,7 @@ fn config_errors_name_the_key_and_configfile_prints_the_template() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[ingest]\nretry_limit = 0\n").unwrap();
-    let out = bin()
+    let out = barngate()
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .arg("--config")
@@ -267,7 +261,7 @@ fn config_errors_name_the_key_and_configfile_prints_the_template() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = bin().arg("configfile").output().unwrap();
+    let out = barngate().arg("configfile").output().unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         barngate::config::TEMPLATE

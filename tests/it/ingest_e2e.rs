@@ -1,10 +1,8 @@
 //! End-to-end: real MQTT clients (rumqttc) over loopback against an
 //! in-process gateway, for both dialects and the wake-session flow.
 
-mod common;
-
+use crate::support::*;
 use barngate::store::{CaptureState, Origin};
-use common::*;
 use serde_json::json;
 use std::time::Duration;
 

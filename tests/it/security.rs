@@ -3,11 +3,7 @@
 //! mosquitto_pub/mosquitto_sub), identity-bound topics, live revocation and
 //! the loopback broker's secret.
 
-mod common;
-
-use barngate::server::Gateway;
-use common::*;
-use serde_json::json;
+use crate::support::*;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -18,16 +14,7 @@ fn issue(data_dir: &Path, mac: &str, out: &Path) -> String {
         data_dir,
         &["device", "issue", mac, "--out", out.to_str().unwrap()],
     );
-    let text = String::from_utf8_lossy(&o.stdout).to_string();
-    text.split("(serial ")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .unwrap_or_else(|| panic!("no serial in {text}"))
-        .to_string()
-}
-
-fn test_cfg() -> barngate::config::Config {
-    test_config()
+    issued_serial(&o.stdout)
 }
 
 /// mosquitto_pub over TLS to the device listener, QoS 1 (waits for PUBACK).
@@ -54,27 +41,6 @@ fn mosquitto_pub(
     c.output().expect("mosquitto_pub is installed (.ci/run)")
 }
 
-/// Polls `cond` until it holds, or panics with `what` after `within`.
-async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn rejected(gw: &Gateway, reason: &str, at_least: u64) {
-    let m = gw.metrics.clone();
-    eventually(WAIT, &format!("metric {reason} >= {at_least}"), || {
-        m.rejected(reason) >= at_least
-    })
-    .await;
-}
-
-fn hello(mac: &str) -> String {
-    json!({"device_id": mac, "status": "alive", "pendingImg": 0}).to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provisioned_device_completes_a_wake_over_mutual_tls() {
     let data = tempfile::tempdir().unwrap();
@@ -97,14 +63,7 @@ async fn provisioned_device_completes_a_wake_over_mutual_tls() {
             out.path().to_str().unwrap(),
         ],
     );
-    let serial = String::from_utf8_lossy(&serial.stdout)
-        .split("(serial ")
-        .nth(1)
-        .unwrap()
-        .split(')')
-        .next()
-        .unwrap()
-        .to_string();
+    let serial = issued_serial(&serial.stdout);
     for f in [
         "ca.crt.pem",
         &format!("{mac}.crt.pem"),
@@ -124,7 +83,7 @@ async fn provisioned_device_completes_a_wake_over_mutual_tls() {
     };
     assert_eq!(key_mode, 0o600);
 
-    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     assert!(gw.plain_addr.is_none(), "no plaintext listener by default");
     let rec = gw.store.device(mac).unwrap().expect("registered offline");
     assert_eq!(rec.cert_serial.as_deref(), Some(serial.as_str()));
@@ -167,7 +126,7 @@ async fn provisioned_device_completes_a_wake_over_mutual_tls() {
 async fn another_devices_topics_close_the_connection() {
     let data = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     let (a, b) = ("AABBCCDD0001", "AABBCCDD0002");
     issue(data.path(), a, out.path());
     let ca = out.path().join("ca.crt.pem");
@@ -238,7 +197,7 @@ async fn another_devices_topics_close_the_connection() {
 async fn bad_certificates_and_plaintext_are_refused_at_the_handshake() {
     let data = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     let ca = gw.pki.ca_cert_path();
     let mac = "AABBCCDD0003";
     let topic = format!("ESP32CAM/{mac}/status");
@@ -324,7 +283,7 @@ async fn bad_certificates_and_plaintext_are_refused_at_the_handshake() {
 async fn revocation_closes_the_open_session_within_a_second() {
     let data = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     let mac = "AABBCCDD0005";
     let serial = issue(data.path(), mac, out.path());
     assert_eq!(
@@ -366,7 +325,7 @@ async fn revocation_closes_the_open_session_within_a_second() {
     gw.shutdown().await.unwrap();
 
     // Revocation survives a restart.
-    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     let r = mosquitto_pub(
         gw.mqtt_addr,
         Some((out.path(), mac)),
@@ -388,7 +347,7 @@ async fn reissue_rotates_and_a_reconnect_replaces_the_old_session() {
     let data = tempfile::tempdir().unwrap();
     let old = tempfile::tempdir().unwrap();
     let new = tempfile::tempdir().unwrap();
-    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     let mac = "AABBCCDD0006";
     issue(data.path(), mac, old.path());
     let old_certs = DeviceCerts::load(old.path(), mac);
@@ -423,7 +382,7 @@ async fn reissue_rotates_and_a_reconnect_replaces_the_old_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_loopback_broker_admits_only_the_front() {
     let data = tempfile::tempdir().unwrap();
-    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     let mac = "AABBCCDD0007";
     let topic = format!("ESP32CAM/{mac}/status");
     // No credentials.
@@ -473,7 +432,7 @@ async fn the_loopback_broker_admits_only_the_front() {
 async fn idle_handshakes_time_out_and_are_capped() {
     let data = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let mut cfg = test_cfg();
+    let mut cfg = test_config();
     cfg.mqtt.max_handshakes = 2;
     cfg.mqtt.handshake_timeout_ms = 1000;
     let gw = start_gateway_exact(data.path(), cfg).await;
@@ -512,7 +471,7 @@ async fn futures_idle(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::T
 async fn a_reused_broker_slot_never_gets_another_devices_commands() {
     let data = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     let (a, b) = ("AABBCCDD0101", "AABBCCDD0102");
     issue(data.path(), a, out.path());
     issue(data.path(), b, out.path());
@@ -635,7 +594,7 @@ fn resuming_client(
 async fn revoked_certificate_cannot_resume_a_tls_session() {
     let data = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     let ca = gw.pki.ca_cert_path();
     let cases = [
         ("AABBCCDD0201", "1.3", "revoke"),
@@ -723,7 +682,7 @@ async fn a_revocation_between_handshake_and_connect_is_not_missed() {
     use std::io::{BufRead, BufReader, Write};
     let data = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     let mac = "AABBCCDD0301";
     issue(data.path(), mac, out.path());
     let (addr, ca, dir) = (
@@ -802,7 +761,7 @@ fn mosquitto_sub(
 async fn only_well_formed_device_ids_and_a_bounded_number_of_filters() {
     let data = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     let ca = gw.pki.ca_cert_path();
     let mac = "AABBCCDD0401";
     issue(data.path(), mac, out.path());
@@ -969,7 +928,7 @@ impl Drop for Unwritable {
 async fn a_revocation_is_on_disk_before_it_takes_effect() {
     let data = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     let (a, b, c) = ("AABBCCDD0501", "AABBCCDD0502", "AABBCCDD0503");
     let serials: Vec<String> = [a, b, c]
         .iter()
@@ -1000,7 +959,7 @@ async fn a_revocation_is_on_disk_before_it_takes_effect() {
     let mut d = Device::connect_tls(gw.mqtt_addr, c, false, &certs).await;
     {
         let _stuck = Unwritable::new(gw.pki.dir());
-        let o = Command::new(env!("CARGO_BIN_EXE_barngate"))
+        let o = barngate()
             .arg("--data-dir")
             .arg(data.path())
             .args(["device", "revoke", c])
@@ -1030,7 +989,7 @@ async fn a_revocation_is_on_disk_before_it_takes_effect() {
 async fn idle_sockets_from_one_address_do_not_lock_out_the_others() {
     let data = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     let mac = "AABBCCDD0601";
     issue(data.path(), mac, out.path());
     // 200 sockets from 127.0.0.1 that never start a handshake.
@@ -1184,7 +1143,7 @@ fn connect_client(
 async fn a_refused_connect_gets_a_connack_with_its_return_code() {
     let data = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     let ca = gw.pki.ca_cert_path();
     let (mac, other) = ("AABBCCDD0701", "AABBCCDD0702");
     issue(data.path(), mac, out.path());
@@ -1359,7 +1318,7 @@ async fn the_root_ca_key_can_be_taken_off_the_gateway() {
     );
 
     // The gateway starts (no new CA), and issues a device while running.
-    let gw = start_gateway_exact(data.path(), test_cfg()).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     assert!(!certs.join("ca.key.pem").exists());
     let mac = "AABBCCDD0801";
     issue(data.path(), mac, out.path());

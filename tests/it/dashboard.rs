@@ -3,16 +3,13 @@
 //! Prometheus text-format parser; the login when HTTP is not on loopback.
 //! Screenshots are saved under `target/test-artifacts/`.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::json;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
-const DISH: &[u8] = include_bytes!("fixtures/dish.jpg");
+const DISH: &[u8] = include_bytes!("../fixtures/dish.jpg");
 
 fn artifacts() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
@@ -69,36 +66,6 @@ async fn screenshot(url: &str, name: &str) {
     .await;
     let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     assert!(len > 10_000, "screenshot {name} written ({len} bytes)");
-}
-
-/// A minimal HTTP/1.1 exchange: (status, headers, body).
-async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &str,
-    body: &str,
-) -> (u16, String, Vec<u8>) {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", addr.port()))
-        .await
-        .unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n{headers}\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("HTTP head");
-    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, head, buf[split + 4..].to_vec())
 }
 
 /// Delivers one image with the given temperature (and error code).
@@ -367,7 +334,7 @@ async fn login_is_required_when_not_on_loopback() {
     assert_eq!(http(gw.http_addr, "GET", "/metrics", "", "").await.0, 200);
 
     // The CLI sets the password (hashed, 0600), read by the running gateway.
-    let mut cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_barngate"))
+    let mut cli = tokio::process::Command::from(barngate())
         .arg("--data-dir")
         .arg(dir.path())
         .args(["admin", "set-password", "--password-stdin"])
@@ -446,40 +413,6 @@ async fn login_is_required_when_not_on_loopback() {
     assert_eq!(http(gw.http_addr, "GET", "/", &cookie, "").await.0, 303);
     screenshot(&format!("{base}/"), "login.png").await;
     gw.shutdown().await.unwrap();
-}
-
-/// [`http`] from the source address `src` (any 127.0.0.0/8 address).
-async fn http_from(
-    src: &str,
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &str,
-    body: &str,
-) -> (u16, String, Vec<u8>) {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
-    let mut s = sock
-        .connect(format!("127.0.0.1:{}", addr.port()).parse().unwrap())
-        .await
-        .unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n{headers}\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("HTTP head");
-    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, head, buf[split + 4..].to_vec())
 }
 
 fn set_cookie_line(head: &str) -> String {

@@ -7,8 +7,9 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -20,12 +21,29 @@ pub const S3_KEY: &str = "testing";
 pub const S3_SECRET: &str = "testing-secret";
 pub const BUCKET: &str = "observations";
 
+/// A free port for a server that is told its port and keeps it across
+/// restarts (PostgreSQL, s3s-fs, the relay). The tests share one process and
+/// run in parallel, so it is taken below the kernel's ephemeral range (where
+/// no other test's `bind(..:0)` or outgoing connection can be handed it while
+/// its server is down) and never twice in this process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let low = 10_000;
+    let span = ephemeral_low.saturating_sub(low).max(1_000);
+    // Another test process on this machine starts elsewhere in the range.
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (low + (start + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {ephemeral_low}");
 }
 
 fn is_root() -> bool {
@@ -291,7 +309,8 @@ pub struct Relay {
 
 impl Relay {
     pub async fn start(target: SocketAddr) -> Relay {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Rebound by `restore`: a port no `bind(..:0)` can take meanwhile.
+        let l = TcpListener::bind(("127.0.0.1", free_port())).await.unwrap();
         let addr = l.local_addr().unwrap();
         let mut r = Relay {
             addr,
@@ -363,17 +382,4 @@ pub fn upstream_config(pg: &Postgres, objects: &ObjectStore) -> barngate::config
         backoff_max_s: 1,
         ..Default::default()
     }
-}
-
-/// Polls `f` until it is true, or panics with `what` after `limit`.
-pub async fn wait_until<F: FnMut() -> bool>(what: &str, limit: Duration, mut f: F) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-pub fn data_dir_of(p: &Path) -> PathBuf {
-    p.to_path_buf()
 }

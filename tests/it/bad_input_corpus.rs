@@ -4,9 +4,7 @@
 //! warn! log line carries the same error), and the good image must arrive
 //! byte-exact.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use rumqttc::QoS;
 use serde_json::json;
 use std::time::{Duration, Instant};

@@ -1,12 +1,10 @@
 //! Integration: an offline queue, then reconnection, then the sequential
 //! resend — one image at a time, oldest first — until the queue is empty.
 
-mod sim_common;
-
+use crate::support::sim::*;
 use barngate::sim::{DialectMix, Outage};
 use barngate::store::CaptureState;
 use chrono::Duration;
-use sim_common::*;
 
 #[test]
 fn offline_queue_reconnect_sequential_resend_until_empty() {

@@ -4,7 +4,6 @@
 //! model-based test (`model::conversation_model`) that checks the invariants after
 //! every step of random fleets of firmware-faithful and hostile devices.
 
-#[path = "conversation/model.rs"]
 mod model;
 
 use barngate::clock::{Clock, ManualClock};
