@@ -17,9 +17,13 @@ mod dashboard;
 mod engine;
 mod front;
 mod ingest_e2e;
+mod mqtt_conformance;
 mod password;
 mod security;
+#[cfg(feature = "simulator")]
 mod sim_e2e;
+#[cfg(feature = "simulator")]
 mod sim_integration;
+#[cfg(feature = "simulator")]
 mod sim_realtime;
 mod upstream;

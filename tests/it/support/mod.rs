@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cloud;
+#[cfg(feature = "simulator")]
 pub mod sim;
 
 use barngate::clock::SystemClock;

@@ -13,11 +13,10 @@
 //! with `send_image`, on `…/cmd`: those answers show which publishes the
 //! broker delivered, and when.
 
-mod common;
 
 use barngate::server::Gateway;
 use bytes::BytesMut;
-use common::*;
+use crate::support::*;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{
     Connect, Filter, Packet, Protocol, QoS, RetainForwardRule, Subscribe, Unsubscribe,
