@@ -253,30 +253,7 @@ pub(crate) mod tests {
         {
             let s = Store::open(&path).unwrap();
             s.put_device(
-                &DeviceRecord {
-                    mac: "AABBCCDDEEFF".into(),
-                    wire_id: "AABBCCDDEEFF".into(),
-                    dialect: Dialect::Firmware,
-                    dialect_pinned: false,
-                    chunk_base: None,
-                    site: None,
-                    location: None,
-                    firmware_version: None,
-                    hardware_version: None,
-                    registered_at: t0(),
-                    last_seen: None,
-                    next_wake: None,
-                    battery: None,
-                    battery_voltage: None,
-                    status: "active".into(),
-                    cert_serial: None,
-                    registration_index: 0,
-                    stagger_slot: 0,
-                    schedule: None,
-                    last_current_capture_at: None,
-                    pending_reported: 0,
-                    last_error: None,
-                },
+                &crate::registry::new_record("AABBCCDDEEFF", Dialect::Firmware, "s", 0, 0, t0()),
                 t0(),
             )
             .unwrap();
