@@ -131,12 +131,7 @@ impl Store {
                 message: other.to_string(),
             },
         })?;
-        let store = Store {
-            db,
-            max_commands: std::sync::atomic::AtomicU64::new(u64::MAX),
-        };
-        store.init_schema()?;
-        Ok(store)
+        Store::with_db(db)
     }
 
     /// A store in memory (redb's `InMemoryBackend`): same tables, same
@@ -150,6 +145,11 @@ impl Store {
                 path: "(memory)".into(),
                 message: e.to_string(),
             })?;
+        Store::with_db(db)
+    }
+
+    /// A store over an opened database, its tables created or migrated.
+    fn with_db(db: Database) -> Result<Store, StoreError> {
         let store = Store {
             db,
             max_commands: std::sync::atomic::AtomicU64::new(u64::MAX),
