@@ -164,30 +164,11 @@ mod tests {
     }
 
     fn dev(now: DateTime<Utc>) -> DeviceRecord {
-        DeviceRecord {
-            mac: "AABBCCDDEEFF".into(),
-            wire_id: "AABBCCDDEEFF".into(),
-            dialect: Dialect::Firmware,
-            dialect_pinned: false,
-            chunk_base: None,
-            site: None,
-            location: None,
-            firmware_version: None,
-            hardware_version: None,
-            registered_at: now,
-            last_seen: Some(now),
-            next_wake: Some(now + Duration::hours(8)),
-            battery: None,
-            battery_voltage: None,
-            status: "active".into(),
-            cert_serial: None,
-            registration_index: 0,
-            stagger_slot: 0,
-            schedule: None,
-            last_current_capture_at: None,
-            pending_reported: 0,
-            last_error: None,
-        }
+        let mut d = crate::registry::new_record("AABBCCDDEEFF", Dialect::Firmware, "s", 0, 0, now);
+        d.site = None;
+        d.last_seen = Some(now);
+        d.next_wake = Some(now + Duration::hours(8));
+        d
     }
 
     /// Applies changes to an open-alert map the way the ingest does.

@@ -33,6 +33,29 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// `Err` naming `key` unless `v` is at least `min`.
+fn at_least<T: PartialOrd + std::fmt::Display>(key: &str, v: T, min: T) -> Result<(), ConfigError> {
+    if v < min {
+        return Err(invalid(key, format!("must be at least {min}")));
+    }
+    Ok(())
+}
+
+/// `Err` naming `key` unless `v` is in `range`.
+fn within<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    v: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<(), ConfigError> {
+    if !range.contains(&v) {
+        return Err(invalid(
+            key,
+            format!("must be {}..={}", range.start(), range.end()),
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -406,24 +429,19 @@ impl UpstreamConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.backoff_initial_ms == 0 {
-            return Err(invalid("upstream.backoff_initial_ms", "must be at least 1"));
-        }
+        at_least("upstream.backoff_initial_ms", self.backoff_initial_ms, 1)?;
         if self.backoff_max_s == 0 || self.backoff_max_s * 1000 < self.backoff_initial_ms {
             return Err(invalid(
                 "upstream.backoff_max_s",
                 "must be at least 1 and not below backoff_initial_ms",
             ));
         }
-        if self.batch_size == 0 || self.batch_size > 10_000 {
-            return Err(invalid("upstream.batch_size", "must be 1..=10000"));
-        }
-        if !(1..=100).contains(&self.disk_high_water_percent) {
-            return Err(invalid(
-                "upstream.disk_high_water_percent",
-                "must be 1..=100",
-            ));
-        }
+        within("upstream.batch_size", self.batch_size, 1..=10_000)?;
+        within(
+            "upstream.disk_high_water_percent",
+            self.disk_high_water_percent,
+            1..=100,
+        )?;
         if !matches!(
             self.pg_sslmode.as_str(),
             "" | "disable" | "require" | "verify-full"
@@ -462,15 +480,16 @@ impl UpstreamConfig {
                 "must be 1..=604800 (S3 signatures last at most 7 days)",
             ));
         }
-        if !(1..=86_400).contains(&self.check_interval_s) {
-            return Err(invalid("upstream.check_interval_s", "must be 1..=86400"));
-        }
-        if self.unreachable_alert_after_s == 0 {
-            return Err(invalid(
-                "upstream.unreachable_alert_after_s",
-                "must be at least 1",
-            ));
-        }
+        within(
+            "upstream.check_interval_s",
+            self.check_interval_s,
+            1..=86_400,
+        )?;
+        at_least(
+            "upstream.unreachable_alert_after_s",
+            self.unreachable_alert_after_s,
+            1,
+        )?;
         if self.enabled {
             for (k, v) in [
                 ("upstream.postgres_url", &self.postgres_url),
@@ -549,75 +568,61 @@ impl Config {
                 .map_err(|e| invalid(format!("schedule.devices.{mac}"), e.to_string()))?;
             times(&format!("schedule.devices.{mac}"), v)?;
         }
-        if self.schedule.window_minutes == 0 || self.schedule.window_minutes > 12 * 60 {
-            return Err(invalid("schedule.window_minutes", "must be 1..=720"));
-        }
-        if self.schedule.slots == 0 {
-            return Err(invalid("schedule.slots", "must be at least 1"));
-        }
-        if self.ingest.retry_limit == 0 {
-            return Err(invalid("ingest.retry_limit", "must be at least 1"));
-        }
-        if self.ingest.max_streaming == 0 {
-            return Err(invalid("ingest.max_streaming", "must be at least 1"));
-        }
-        if self.ingest.quiet_gap_ms == 0 {
-            return Err(invalid("ingest.quiet_gap_ms", "must be at least 1"));
-        }
-        if self.ingest.hard_timeout_s == 0 {
-            return Err(invalid("ingest.hard_timeout_s", "must be at least 1"));
-        }
-        if self.ingest.max_image_size == 0 {
-            return Err(invalid("ingest.max_image_size", "must be at least 1"));
-        }
-        if self.ingest.max_chunks_per_image == 0 {
-            return Err(invalid("ingest.max_chunks_per_image", "must be at least 1"));
-        }
-        if !(1..=4096).contains(&self.ingest.max_missing_ids) {
-            return Err(invalid("ingest.max_missing_ids", "must be 1..=4096"));
-        }
-        if self.ingest.max_unannounced_per_device == 0 {
-            return Err(invalid(
-                "ingest.max_unannounced_per_device",
-                "must be at least 1",
-            ));
-        }
-        if self.ingest.max_open_captures_per_device == 0 {
-            return Err(invalid(
-                "ingest.max_open_captures_per_device",
-                "must be at least 1",
-            ));
-        }
-        if self.ingest.release_after_refusals == 0 {
-            return Err(invalid(
-                "ingest.release_after_refusals",
-                "must be at least 1",
-            ));
-        }
-        if self.ingest.max_stored_commands < 100 {
-            return Err(invalid(
-                "ingest.max_stored_commands",
-                "must be at least 100",
-            ));
-        }
-        if self.mqtt.segment_size < 1024 {
-            return Err(invalid("mqtt.segment_size", "must be at least 1024"));
-        }
-        if self.mqtt.segment_count == 0 {
-            return Err(invalid("mqtt.segment_count", "must be at least 1"));
-        }
-        if self.mqtt.max_connections == 0 {
-            return Err(invalid("mqtt.max_connections", "must be at least 1"));
-        }
-        if self.mqtt.handshake_timeout_ms == 0 {
-            return Err(invalid("mqtt.handshake_timeout_ms", "must be at least 1"));
-        }
-        if self.mqtt.max_handshakes == 0 {
-            return Err(invalid("mqtt.max_handshakes", "must be at least 1"));
-        }
-        if self.mqtt.max_handshakes_per_ip == 0 {
-            return Err(invalid("mqtt.max_handshakes_per_ip", "must be at least 1"));
-        }
+        within(
+            "schedule.window_minutes",
+            self.schedule.window_minutes,
+            1..=12 * 60,
+        )?;
+        at_least("schedule.slots", self.schedule.slots, 1)?;
+        at_least("ingest.retry_limit", self.ingest.retry_limit, 1)?;
+        at_least("ingest.max_streaming", self.ingest.max_streaming, 1)?;
+        at_least("ingest.quiet_gap_ms", self.ingest.quiet_gap_ms, 1)?;
+        at_least("ingest.hard_timeout_s", self.ingest.hard_timeout_s, 1)?;
+        at_least("ingest.max_image_size", self.ingest.max_image_size, 1)?;
+        at_least(
+            "ingest.max_chunks_per_image",
+            self.ingest.max_chunks_per_image,
+            1,
+        )?;
+        within(
+            "ingest.max_missing_ids",
+            self.ingest.max_missing_ids,
+            1..=4096,
+        )?;
+        at_least(
+            "ingest.max_unannounced_per_device",
+            self.ingest.max_unannounced_per_device,
+            1,
+        )?;
+        at_least(
+            "ingest.max_open_captures_per_device",
+            self.ingest.max_open_captures_per_device,
+            1,
+        )?;
+        at_least(
+            "ingest.release_after_refusals",
+            self.ingest.release_after_refusals,
+            1,
+        )?;
+        at_least(
+            "ingest.max_stored_commands",
+            self.ingest.max_stored_commands,
+            100,
+        )?;
+        at_least("mqtt.segment_size", self.mqtt.segment_size, 1024)?;
+        at_least("mqtt.segment_count", self.mqtt.segment_count, 1)?;
+        at_least("mqtt.max_connections", self.mqtt.max_connections, 1)?;
+        at_least(
+            "mqtt.handshake_timeout_ms",
+            self.mqtt.handshake_timeout_ms,
+            1,
+        )?;
+        at_least("mqtt.max_handshakes", self.mqtt.max_handshakes, 1)?;
+        at_least(
+            "mqtt.max_handshakes_per_ip",
+            self.mqtt.max_handshakes_per_ip,
+            1,
+        )?;
         if let Some(a) = self.mqtt.plain_listen {
             if !a.ip().is_loopback() {
                 return Err(invalid(
@@ -634,36 +639,25 @@ impl Config {
                 ));
             }
         }
-        if self.mqtt.max_filters_per_subscribe == 0 {
-            return Err(invalid(
-                "mqtt.max_filters_per_subscribe",
-                "must be at least 1",
-            ));
-        }
+        at_least(
+            "mqtt.max_filters_per_subscribe",
+            self.mqtt.max_filters_per_subscribe,
+            1,
+        )?;
         if self.mqtt.max_filters_per_session < 2 {
             return Err(invalid(
                 "mqtt.max_filters_per_session",
                 "must be at least 2 (a device subscribes to its cmd and ack topics)",
             ));
         }
-        if self.mqtt.max_payload_size < 1024 {
-            return Err(invalid("mqtt.max_payload_size", "must be at least 1024"));
-        }
-        if !(1..=4).contains(&self.http.login_concurrency) {
-            return Err(invalid("http.login_concurrency", "must be 1..=4"));
-        }
+        at_least("mqtt.max_payload_size", self.mqtt.max_payload_size, 1024)?;
+        within("http.login_concurrency", self.http.login_concurrency, 1..=4)?;
         if self.http.login_wait_ms > 60_000 {
             return Err(invalid("http.login_wait_ms", "must be at most 60000"));
         }
-        if self.http.login_max_failures == 0 {
-            return Err(invalid("http.login_max_failures", "must be at least 1"));
-        }
-        if self.http.login_window_s == 0 {
-            return Err(invalid("http.login_window_s", "must be at least 1"));
-        }
-        if self.http.login_lockout_s == 0 {
-            return Err(invalid("http.login_lockout_s", "must be at least 1"));
-        }
+        at_least("http.login_max_failures", self.http.login_max_failures, 1)?;
+        at_least("http.login_window_s", self.http.login_window_s, 1)?;
+        at_least("http.login_lockout_s", self.http.login_lockout_s, 1)?;
         self.upstream.validate()?;
         Ok(())
     }

@@ -119,6 +119,22 @@ impl Schedule {
         out
     }
 
+    /// The device's wake instants around `now` (ascending), and the latest
+    /// instant a wake at `now` may still serve (`now + early_tolerance`).
+    fn wakes_near(
+        &self,
+        device: &str,
+        override_times: Option<&[String]>,
+        slot: u32,
+        now: DateTime<Utc>,
+    ) -> (Vec<DateTime<Utc>>, DateTime<Utc>) {
+        let times = self.times_for(device, override_times);
+        (
+            self.wakes_around(&times, slot, now),
+            now + self.early_tolerance,
+        )
+    }
+
     /// The schedule slot a wake at `now` serves: the latest wake instant at
     /// or before `now + early_tolerance` (a drifting clock may wake early).
     pub fn slot_start(
@@ -128,13 +144,8 @@ impl Schedule {
         slot: u32,
         now: DateTime<Utc>,
     ) -> DateTime<Utc> {
-        let times = self.times_for(device, override_times);
-        let limit = now + self.early_tolerance;
-        self.wakes_around(&times, slot, now)
-            .into_iter()
-            .rev()
-            .find(|w| *w <= limit)
-            .unwrap_or(now)
+        let (wakes, limit) = self.wakes_near(device, override_times, slot, now);
+        wakes.into_iter().rev().find(|w| *w <= limit).unwrap_or(now)
     }
 
     /// The next wake to assign a device waking at `now`: the first wake
@@ -146,9 +157,8 @@ impl Schedule {
         slot: u32,
         now: DateTime<Utc>,
     ) -> DateTime<Utc> {
-        let times = self.times_for(device, override_times);
-        let limit = now + self.early_tolerance;
-        self.wakes_around(&times, slot, now)
+        let (wakes, limit) = self.wakes_near(device, override_times, slot, now);
+        wakes
             .into_iter()
             .find(|w| *w > limit)
             .unwrap_or(now + Duration::hours(12))

@@ -51,6 +51,28 @@ pub(super) fn spill(batch: &mut Batch, total: &mut usize, a: &mut Active) {
 }
 
 impl Active {
+    /// A capture brought into memory at `now` with the chunks already
+    /// stored for it; this attempt starts at its current retry count.
+    pub(super) fn new(
+        rec: CaptureRecord,
+        chunks: BTreeMap<u32, u32>,
+        now: DateTime<Utc>,
+    ) -> Active {
+        Active {
+            retries_at_start: rec.retries,
+            rec,
+            chunks,
+            last_chunk_at: None,
+            round_started_at: now,
+            round_ids: None,
+            chunks_this_round: 0,
+            prev_id: None,
+            ascending: true,
+            held: Vec::new(),
+            held_bytes: 0,
+        }
+    }
+
     pub(super) fn base(&self, device_base: u32) -> u32 {
         self.rec.chunk_base.unwrap_or(device_base)
     }
@@ -124,7 +146,6 @@ impl<S: Records> Engine<S> {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let key = (rec.mac.clone(), rec.image_name.clone());
-        let rec_retries = rec.retries;
         let mut chunks = BTreeMap::new();
         for (id, len) in self.store.chunk_lengths(rec.id)? {
             chunks.insert(id, len);
@@ -134,22 +155,7 @@ impl<S: Records> Engine<S> {
                 chunks.insert(*id, bytes.len() as u32);
             }
         }
-        self.insert_active(
-            key,
-            Active {
-                rec,
-                chunks,
-                last_chunk_at: None,
-                round_started_at: now,
-                round_ids: None,
-                chunks_this_round: 0,
-                prev_id: None,
-                ascending: true,
-                retries_at_start: rec_retries,
-                held: Vec::new(),
-                held_bytes: 0,
-            },
-        );
+        self.insert_active(key, Active::new(rec, chunks, now));
         Ok(())
     }
 
@@ -286,19 +292,7 @@ mod tests {
         let mut rec = crate::store::tests::capture(1, size, chunk);
         rec.state = CaptureState::Announced;
         let now = rec.first_seen_at;
-        Active {
-            rec,
-            chunks: BTreeMap::new(),
-            last_chunk_at: None,
-            round_started_at: now,
-            round_ids: None,
-            chunks_this_round: 0,
-            prev_id: None,
-            ascending: true,
-            retries_at_start: 0,
-            held: Vec::new(),
-            held_bytes: 0,
-        }
+        Active::new(rec, BTreeMap::new(), now)
     }
 
     #[test]

@@ -279,7 +279,12 @@ mod tests {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
     use std::sync::Arc;
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate, X509Name};
+
+    /// The name's first common name.
+    fn common_name<'a>(name: &'a X509Name) -> &'a str {
+        name.iter_common_name().next().unwrap().as_str().unwrap()
+    }
 
     fn opts(hosts: &[&str], ips: &[IpAddr]) -> CaInitOptions {
         CaInitOptions {
@@ -333,15 +338,7 @@ mod tests {
         let ca_pem = fs::read(pki.ca_cert_path()).unwrap();
         let ca_der = CertificateDer::from_pem_slice(&ca_pem).unwrap();
         let (_, ca) = X509Certificate::from_der(&ca_der).unwrap();
-        assert_eq!(
-            ca.subject()
-                .iter_common_name()
-                .next()
-                .unwrap()
-                .as_str()
-                .unwrap(),
-            CA_COMMON_NAME
-        );
+        assert_eq!(common_name(ca.subject()), CA_COMMON_NAME);
         assert!(ca.basic_constraints().unwrap().unwrap().value.ca);
         let ku = ca.key_usage().unwrap().unwrap().value;
         assert!(ku.key_cert_sign() && ku.crl_sign());
@@ -470,15 +467,7 @@ mod tests {
             .unwrap();
         let der = CertificateDer::from_pem_file(&dev.paths.cert).unwrap();
         let (_, x) = X509Certificate::from_der(&der).unwrap();
-        assert_eq!(
-            x.issuer()
-                .iter_common_name()
-                .next()
-                .unwrap()
-                .as_str()
-                .unwrap(),
-            CA_COMMON_NAME
-        );
+        assert_eq!(common_name(x.issuer()), CA_COMMON_NAME);
         let ca_pem = pki.ca_cert_pem().unwrap();
         let server = Arc::new(
             pki.server_tls_config(pki.shared_revoked().unwrap())

@@ -61,6 +61,23 @@ pub(super) fn client_config(
     })
 }
 
+/// Moves everything `from` has to send into `to`, which processes it.
+fn transfer<A: rustls::SideData, B: rustls::SideData>(
+    from: &mut rustls::ConnectionCommon<A>,
+    to: &mut rustls::ConnectionCommon<B>,
+) -> Result<(), rustls::Error> {
+    let mut buf = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut buf).unwrap();
+    }
+    let mut rd = &buf[..];
+    while !rd.is_empty() {
+        to.read_tls(&mut rd).unwrap();
+        to.process_new_packets()?;
+    }
+    Ok(())
+}
+
 /// Runs a handshake in memory. Returns the server connection on success,
 /// the first error (server side checked first) otherwise.
 pub(super) fn handshake(
@@ -70,24 +87,8 @@ pub(super) fn handshake(
     let mut c = ClientConnection::new(client, ServerName::try_from("localhost").unwrap())?;
     let mut s = ServerConnection::new(server)?;
     for _ in 0..10 {
-        let mut buf = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut buf).unwrap();
-        }
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            s.read_tls(&mut rd).unwrap();
-            s.process_new_packets()?;
-        }
-        let mut buf = Vec::new();
-        while s.wants_write() {
-            s.write_tls(&mut buf).unwrap();
-        }
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            c.read_tls(&mut rd).unwrap();
-            c.process_new_packets()?;
-        }
+        transfer(&mut c, &mut s)?;
+        transfer(&mut s, &mut c)?;
         if !c.is_handshaking() && !s.is_handshaking() && !c.wants_write() {
             return Ok(s);
         }

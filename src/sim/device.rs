@@ -91,11 +91,29 @@ pub struct DeviceStats {
     pub chunks_sent: u64,
     pub chunks_lost: u64,
     pub chunks_duplicated: u64,
+    /// Chunks sent out of order (swapped with a later one).
     pub chunks_reordered: u64,
     pub disconnects: u64,
     pub timeouts: u64,
-    /// Images in the order their ACK_OK arrived.
-    pub delivered_names: Vec<String>,
+}
+
+impl DeviceStats {
+    /// Adds another device's counters to these (a fleet's totals).
+    pub fn add(&mut self, o: &DeviceStats) {
+        self.wakes += o.wakes;
+        self.offline_wakes += o.offline_wakes;
+        self.wifi_retries += o.wifi_retries;
+        self.captured += o.captured;
+        self.delivered += o.delivered;
+        self.retry_rounds += o.retry_rounds;
+        self.gave_up += o.gave_up;
+        self.chunks_sent += o.chunks_sent;
+        self.chunks_lost += o.chunks_lost;
+        self.chunks_duplicated += o.chunks_duplicated;
+        self.chunks_reordered += o.chunks_reordered;
+        self.disconnects += o.disconnects;
+        self.timeouts += o.timeouts;
+    }
 }
 
 /// One simulated ESP32-CAM node.
@@ -104,6 +122,8 @@ pub struct SimDevice {
     pub sd: SdCard,
     pub clock: DeviceClock,
     pub stats: DeviceStats,
+    /// Images in the order their ACK_OK arrived.
+    pub delivered_names: Vec<String>,
     /// The last next wakes received, one per daily slot.
     remembered: Vec<DateTime<Utc>>,
     /// The next wake the gateway gave in this session.
@@ -124,6 +144,7 @@ impl SimDevice {
             params,
             sd,
             stats: DeviceStats::default(),
+            delivered_names: Vec::new(),
             remembered: Vec::new(),
             session_next_wake: None,
             state: State::Asleep,
@@ -470,7 +491,7 @@ impl SimDevice {
     pub(crate) fn ack(&mut self, name: &str, t: DateTime<Utc>) -> Result<Vec<Action>, SimError> {
         if !name.is_empty() && self.sd.mark_sent(name)? {
             self.stats.delivered += 1;
-            self.stats.delivered_names.push(name.to_string());
+            self.delivered_names.push(name.to_string());
             info!(device = %self.params.id, image = %name, "ACK_OK: removed from pendingImage.txt");
         }
         if self.params.dialect == Dialect::V1 {

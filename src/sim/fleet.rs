@@ -17,20 +17,9 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Summary {
     pub devices: usize,
-    pub wakes: u64,
-    pub offline_wakes: u64,
-    pub captured: u64,
-    pub delivered: u64,
+    /// The devices' counters, summed.
+    pub totals: DeviceStats,
     pub pending: u64,
-    pub retry_rounds: u64,
-    pub gave_up: u64,
-    pub chunks_sent: u64,
-    pub chunks_lost: u64,
-    pub chunks_duplicated: u64,
-    /// Chunks sent out of order (swapped with a later one).
-    pub chunks_reordered: u64,
-    pub disconnects: u64,
-    pub timeouts: u64,
     pub gateway_restarts: u64,
     /// Most devices streaming at once (the gateway's `streaming` gauge).
     pub max_streaming: u64,
@@ -41,26 +30,15 @@ pub struct Summary {
 impl Summary {
     pub(crate) fn add(&mut self, s: &DeviceStats, pending: u32) {
         self.devices += 1;
-        self.wakes += s.wakes;
-        self.offline_wakes += s.offline_wakes;
-        self.captured += s.captured;
-        self.delivered += s.delivered;
+        self.totals.add(s);
         self.pending += pending as u64;
-        self.retry_rounds += s.retry_rounds;
-        self.gave_up += s.gave_up;
-        self.chunks_sent += s.chunks_sent;
-        self.chunks_lost += s.chunks_lost;
-        self.chunks_duplicated += s.chunks_duplicated;
-        self.chunks_reordered += s.chunks_reordered;
-        self.disconnects += s.disconnects;
-        self.timeouts += s.timeouts;
     }
 
     pub fn loss_pct(&self) -> f64 {
-        if self.chunks_sent == 0 {
+        if self.totals.chunks_sent == 0 {
             0.0
         } else {
-            100.0 * self.chunks_lost as f64 / self.chunks_sent as f64
+            100.0 * self.totals.chunks_lost as f64 / self.totals.chunks_sent as f64
         }
     }
 }
@@ -72,27 +50,30 @@ impl fmt::Display for Summary {
             "devices {}  simulated {:.1} h  wakes {} ({} offline)",
             self.devices,
             self.simulated.num_seconds() as f64 / 3600.0,
-            self.wakes,
-            self.offline_wakes
+            self.totals.wakes,
+            self.totals.offline_wakes
         )?;
         writeln!(
             f,
             "images captured {}  delivered {}  pending {}  given up (this wake) {}",
-            self.captured, self.delivered, self.pending, self.gave_up
+            self.totals.captured, self.totals.delivered, self.pending, self.totals.gave_up
         )?;
         writeln!(
             f,
             "retries (missing_chunks rounds) {}  chunks sent {}  lost {} ({:.2} %)  duplicated {}",
-            self.retry_rounds,
-            self.chunks_sent,
-            self.chunks_lost,
+            self.totals.retry_rounds,
+            self.totals.chunks_sent,
+            self.totals.chunks_lost,
             self.loss_pct(),
-            self.chunks_duplicated
+            self.totals.chunks_duplicated
         )?;
         write!(
             f,
             "disconnects {}  timeouts {}  gateway restarts {}  max streaming at once {}",
-            self.disconnects, self.timeouts, self.gateway_restarts, self.max_streaming
+            self.totals.disconnects,
+            self.totals.timeouts,
+            self.gateway_restarts,
+            self.max_streaming
         )
     }
 }

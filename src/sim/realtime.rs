@@ -316,11 +316,11 @@ pub async fn run_mqtt(
             eprintln!(
                 "[{}] captured {}  delivered {}  pending {}  retries {}  lost chunks {}",
                 Utc::now().format("%H:%M:%S"),
-                s.captured,
-                s.delivered,
+                s.totals.captured,
+                s.totals.delivered,
                 s.pending,
-                s.retry_rounds,
-                s.chunks_lost
+                s.totals.retry_rounds,
+                s.totals.chunks_lost
             );
         }
     };

@@ -358,10 +358,10 @@ impl Simulation {
         format!(
             "awake {:>4}  captured {:>6}  delivered {:>6}  pending {:>5}  retries {:>5}  streaming {}",
             self.devices.iter().filter(|d| d.is_awake()).count(),
-            s.captured,
-            s.delivered,
+            s.totals.captured,
+            s.totals.delivered,
             s.pending,
-            s.retry_rounds,
+            s.totals.retry_rounds,
             self.metrics.streaming.load(Ordering::Relaxed)
         )
     }

@@ -131,12 +131,7 @@ impl Store {
                 message: other.to_string(),
             },
         })?;
-        let store = Store {
-            db,
-            max_commands: std::sync::atomic::AtomicU64::new(u64::MAX),
-        };
-        store.init_schema()?;
-        Ok(store)
+        Store::with_db(db)
     }
 
     /// A store in memory (redb's `InMemoryBackend`): same tables, same
@@ -150,6 +145,11 @@ impl Store {
                 path: "(memory)".into(),
                 message: e.to_string(),
             })?;
+        Store::with_db(db)
+    }
+
+    /// A store over an opened database, its tables created or migrated.
+    fn with_db(db: Database) -> Result<Store, StoreError> {
         let store = Store {
             db,
             max_commands: std::sync::atomic::AtomicU64::new(u64::MAX),
@@ -253,30 +253,7 @@ pub(crate) mod tests {
         {
             let s = Store::open(&path).unwrap();
             s.put_device(
-                &DeviceRecord {
-                    mac: "AABBCCDDEEFF".into(),
-                    wire_id: "AABBCCDDEEFF".into(),
-                    dialect: Dialect::Firmware,
-                    dialect_pinned: false,
-                    chunk_base: None,
-                    site: None,
-                    location: None,
-                    firmware_version: None,
-                    hardware_version: None,
-                    registered_at: t0(),
-                    last_seen: None,
-                    next_wake: None,
-                    battery: None,
-                    battery_voltage: None,
-                    status: "active".into(),
-                    cert_serial: None,
-                    registration_index: 0,
-                    stagger_slot: 0,
-                    schedule: None,
-                    last_current_capture_at: None,
-                    pending_reported: 0,
-                    last_error: None,
-                },
+                &crate::registry::new_record("AABBCCDDEEFF", Dialect::Firmware, "s", 0, 0, t0()),
                 t0(),
             )
             .unwrap();

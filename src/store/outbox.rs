@@ -17,6 +17,22 @@ pub struct OutboxStats {
     pub oldest_queued_at: Option<DateTime<Utc>>,
 }
 
+/// Reads the forwarder state in `tx` (the default when there is none),
+/// changes it with `f` and writes it back; returns it.
+fn modify_sync(
+    tx: &redb::WriteTransaction,
+    f: impl FnOnce(&mut SyncState),
+) -> Result<SyncState, StoreError> {
+    let mut sync = tx.open_table(SYNC).map_err(db)?;
+    let mut st: SyncState = match sync.get("state").map_err(db)? {
+        Some(v) => dec("sync_state", v.value())?,
+        None => SyncState::default(),
+    };
+    f(&mut st);
+    sync.insert("state", enc(&st).as_slice()).map_err(db)?;
+    Ok(st)
+}
+
 impl Store {
     pub fn outbox(&self, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {
         let tx = self.db.begin_read().map_err(db)?;
@@ -69,37 +85,23 @@ impl Store {
             for r in uploads {
                 u.insert(r.capture_id, enc(r).as_slice()).map_err(db)?;
             }
-            let mut sync = tx.open_table(SYNC).map_err(db)?;
-            let mut st: SyncState = match sync.get("state").map_err(db)? {
-                Some(v) => dec("sync_state", v.value())?,
-                None => SyncState::default(),
-            };
+        }
+        modify_sync(&tx, |st| {
             st.last_success_at = Some(now);
             st.consecutive_failures = 0;
             st.delivered_total += seqs.len() as u64;
-            sync.insert("state", enc(&st).as_slice()).map_err(db)?;
-        }
+        })?;
         tx.commit().map_err(db)
     }
 
     /// Records a failed delivery attempt; returns the failures since the last success.
     pub fn record_sync_error(&self, message: &str, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        let tx = self.db.begin_write().map_err(db)?;
-        let n;
-        {
-            let mut sync = tx.open_table(SYNC).map_err(db)?;
-            let mut st: SyncState = match sync.get("state").map_err(db)? {
-                Some(v) => dec("sync_state", v.value())?,
-                None => SyncState::default(),
-            };
+        let st = self.update_sync_state(|st| {
             st.last_error = Some(message.to_string());
             st.last_error_at = Some(now);
             st.consecutive_failures += 1;
-            n = st.consecutive_failures;
-            sync.insert("state", enc(&st).as_slice()).map_err(db)?;
-        }
-        tx.commit().map_err(db)?;
-        Ok(n)
+        })?;
+        Ok(st.consecutive_failures)
     }
 
     /// Changes the forwarder state in one transaction; returns it.
@@ -108,17 +110,7 @@ impl Store {
         f: impl FnOnce(&mut SyncState),
     ) -> Result<SyncState, StoreError> {
         let tx = self.db.begin_write().map_err(db)?;
-        let st;
-        {
-            let mut sync = tx.open_table(SYNC).map_err(db)?;
-            let mut s: SyncState = match sync.get("state").map_err(db)? {
-                Some(v) => dec("sync_state", v.value())?,
-                None => SyncState::default(),
-            };
-            f(&mut s);
-            sync.insert("state", enc(&s).as_slice()).map_err(db)?;
-            st = s;
-        }
+        let st = modify_sync(&tx, f)?;
         tx.commit().map_err(db)?;
         Ok(st)
     }

@@ -14,12 +14,12 @@ fn clean_online_both_dialects() {
     let mut sim = sim(dir.path(), opts, config());
     let s = sim.run_for(Duration::days(2)).unwrap();
     println!("{s}");
-    assert!(s.captured >= 4 * 4, "{s}");
-    assert_eq!(s.delivered, s.captured, "{s}");
+    assert!(s.totals.captured >= 4 * 4, "{s}");
+    assert_eq!(s.totals.delivered, s.totals.captured, "{s}");
     assert_eq!(s.pending, 0);
-    assert_eq!(s.retry_rounds, 0);
-    assert_eq!(s.offline_wakes, 0);
-    assert_eq!(s.timeouts, 0, "{s}");
+    assert_eq!(s.totals.retry_rounds, 0);
+    assert_eq!(s.totals.offline_wakes, 0);
+    assert_eq!(s.totals.timeouts, 0, "{s}");
     assert_consistent(&sim);
 }
 
@@ -35,10 +35,10 @@ fn online_with_lost_duplicated_and_reordered_chunks() {
     let mut sim = sim(dir.path(), opts, config());
     let s = sim.run_for(Duration::days(2)).unwrap();
     println!("{s}");
-    assert!(s.chunks_lost > 0 && s.retry_rounds > 0, "{s}");
+    assert!(s.totals.chunks_lost > 0 && s.totals.retry_rounds > 0, "{s}");
     assert!((2.0..10.0).contains(&s.loss_pct()), "{s}");
     assert_eq!(
-        s.delivered, s.captured,
+        s.totals.delivered, s.totals.captured,
         "every image completes by targeted resends: {s}"
     );
     assert_eq!(s.pending, 0);
@@ -50,10 +50,10 @@ fn online_with_lost_duplicated_and_reordered_chunks() {
         .missing_chunks_requested
         .load(std::sync::atomic::Ordering::Relaxed);
     assert!(
-        requested <= s.chunks_lost + s.chunks_reordered,
+        requested <= s.totals.chunks_lost + s.totals.chunks_reordered,
         "requested {requested}, lost {}, reordered {}",
-        s.chunks_lost,
-        s.chunks_reordered
+        s.totals.chunks_lost,
+        s.totals.chunks_reordered
     );
     assert_consistent(&sim);
 }
@@ -73,8 +73,11 @@ fn five_days_offline_then_drained_oldest_first() {
     sim.run_until(start() + Duration::hours(6 * 24 + 5))
         .unwrap();
     let s = sim.summary();
-    let online_before = s.delivered;
-    assert_eq!(s.offline_wakes, 10, "2 captures a day for 5 days: {s}");
+    let online_before = s.totals.delivered;
+    assert_eq!(
+        s.totals.offline_wakes, 10,
+        "2 captures a day for 5 days: {s}"
+    );
     assert_eq!(s.pending, 10);
     let d = &sim.devices()[0];
     assert_eq!(
@@ -87,9 +90,9 @@ fn five_days_offline_then_drained_oldest_first() {
     let s = sim.summary();
     println!("{s}");
     assert_eq!(s.pending, 0, "{s}");
-    assert_eq!(s.delivered, s.captured);
+    assert_eq!(s.totals.delivered, s.totals.captured);
     let d = &sim.devices()[0];
-    let after: Vec<String> = d.stats.delivered_names[online_before as usize..].to_vec();
+    let after: Vec<String> = d.delivered_names[online_before as usize..].to_vec();
     assert_eq!(
         &after[..10],
         &queued[..],
@@ -122,12 +125,12 @@ fn hundred_devices_twice_daily_for_three_days_within_the_streaming_limit() {
     let mut sim = sim(dir.path(), opts, cfg);
     let s = sim.run_for(Duration::days(3)).unwrap();
     println!("{s}\nwall {:?}", t.elapsed());
-    assert!(s.captured >= 100 * 6, "{s}");
-    assert_eq!(s.delivered, s.captured, "{s}");
+    assert!(s.totals.captured >= 100 * 6, "{s}");
+    assert_eq!(s.totals.delivered, s.totals.captured, "{s}");
     assert_eq!(s.pending, 0);
-    assert_eq!(s.chunks_lost, 0);
-    assert_eq!(s.retry_rounds, 0, "{s}");
-    assert_eq!(s.timeouts, 0, "{s}");
+    assert_eq!(s.totals.chunks_lost, 0);
+    assert_eq!(s.totals.retry_rounds, 0, "{s}");
+    assert_eq!(s.totals.timeouts, 0, "{s}");
     assert!(s.max_streaming <= 3, "{s}");
     assert_eq!(
         s.max_streaming, 3,
@@ -155,11 +158,11 @@ fn gateway_restart_during_a_drain() {
         let backlog = sim.summary().pending;
         assert!(backlog >= 6, "{}", sim.summary());
         // Step until the drain is under way, then restart the gateway.
-        let before = sim.summary().delivered;
+        let before = sim.summary().totals.delivered;
         loop {
             let now = sim.now();
             sim.run_until(now + Duration::milliseconds(200)).unwrap();
-            if sim.summary().delivered >= before + 2 {
+            if sim.summary().totals.delivered >= before + 2 {
                 break;
             }
             assert!(
@@ -172,9 +175,9 @@ fn gateway_restart_during_a_drain() {
         let s = sim.run_for(Duration::days(2)).unwrap();
         println!("{dialect:?} {kind:?}: {s}");
         assert_eq!(s.gateway_restarts, 1);
-        assert!(s.disconnects >= 1, "{s}");
+        assert!(s.totals.disconnects >= 1, "{s}");
         assert_eq!(s.pending, 0, "{s}");
-        assert_eq!(s.delivered, s.captured, "{s}");
+        assert_eq!(s.totals.delivered, s.totals.captured, "{s}");
         assert_consistent(&sim);
     }
 }
@@ -188,15 +191,15 @@ fn disconnects_mid_stream_resume_with_only_the_missing_chunks() {
     opts.faults.disconnect_pct = 30.0;
     let mut sim = sim(dir.path(), opts, config());
     let s = sim.run_for(Duration::days(2)).unwrap();
-    assert!(s.disconnects > 0, "{s}");
-    assert_eq!(s.delivered + s.pending, s.captured, "{s}");
+    assert!(s.totals.disconnects > 0, "{s}");
+    assert_eq!(s.totals.delivered + s.pending, s.totals.captured, "{s}");
     assert_consistent(&sim);
     // The network heals: everything drains.
     sim.faults_mut().disconnect_pct = 0.0;
     let s = sim.run_for(Duration::days(2)).unwrap();
     println!("{s}");
     assert_eq!(s.pending, 0, "{s}");
-    assert_eq!(s.delivered, s.captured);
+    assert_eq!(s.totals.delivered, s.totals.captured);
     let resumed = sim
         .metrics()
         .missing_rounds

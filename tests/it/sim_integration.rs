@@ -50,7 +50,7 @@ fn offline_queue_reconnect_sequential_resend_until_empty() {
                 .filter(|c| c.state != CaptureState::Complete)
                 .count();
             assert!(in_flight <= 1, "{dialect:?}: one image streams at a time");
-            acked = d.stats.delivered_names.clone();
+            acked = d.delivered_names.clone();
             if pending.is_empty() && acked.len() > queued.len() {
                 break;
             }

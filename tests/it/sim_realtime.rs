@@ -45,7 +45,7 @@ async fn simulated_fleet_delivers_over_mutual_tls() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let summary = sim::run_mqtt(opts, conn, None, stop).await.unwrap();
-    assert_eq!(summary.delivered, n as u64, "{summary}");
+    assert_eq!(summary.totals.delivered, n as u64, "{summary}");
     let images = gw.store.images(None).unwrap();
     assert_eq!(images.len(), n);
     for img in images {

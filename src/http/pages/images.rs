@@ -158,26 +158,21 @@ async fn image_response(s: HttpState, id: u64, download: bool) -> Response {
         Err(r) => return r,
     };
     let mut h = HeaderMap::new();
-    h.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("image/jpeg"),
-    );
-    // Device-sent bytes: a browser takes them as a JPEG and nothing else
-    // (no sniffing into HTML), and nothing in them runs or loads anything
-    // if it is opened as a document.
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        header::HeaderValue::from_static("nosniff"),
-    );
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        header::HeaderValue::from_static("default-src 'none'; img-src 'self'; sandbox"),
-    );
-    // Stored images never change: let the browser keep them.
-    h.insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("private, max-age=86400, immutable"),
-    );
+    for (name, value) in [
+        (header::CONTENT_TYPE, "image/jpeg"),
+        // Device-sent bytes: a browser takes them as a JPEG and nothing else
+        // (no sniffing into HTML), and nothing in them runs or loads
+        // anything if it is opened as a document.
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; img-src 'self'; sandbox",
+        ),
+        // Stored images never change: let the browser keep them.
+        (header::CACHE_CONTROL, "private, max-age=86400, immutable"),
+    ] {
+        h.insert(name, header::HeaderValue::from_static(value));
+    }
     if download {
         // Device-sent names: keep a safe subset for the header.
         let name: String = format!("{}_{}", c.mac, c.image_name)

@@ -92,6 +92,6 @@ pub fn assert_consistent(sim: &Simulation) {
             assert_eq!(&bytes[..2], &[0xFF, 0xD8], "a real JPEG");
             assert_eq!(&bytes[bytes.len() - 2..], &[0xFF, 0xD9]);
         }
-        assert_eq!(d.stats.delivered as usize, d.stats.delivered_names.len());
+        assert_eq!(d.stats.delivered as usize, d.delivered_names.len());
     }
 }
