@@ -59,7 +59,7 @@ pub struct Common {
     /// (`taskset`), so that neither takes the other's core.
     #[arg(long)]
     pub pin: bool,
-    /// The devices' MQTT client (see bench/RESULTS.md, "Eighth round").
+    /// The devices' MQTT client (see bench/RESULTS.md, "Workload").
     #[arg(long, value_enum, default_value_t = Loader::Raw)]
     pub loader: Loader,
     /// Give up on a wake after this many seconds.

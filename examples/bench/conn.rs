@@ -21,8 +21,9 @@ pub enum Loader {
     /// shares the two cores with the stack it measures, so what it spends
     /// is taken from the stack.
     Raw,
-    /// rumqttc's `AsyncClient` (the sixth- and seventh-round figures): one
-    /// channel hop, one task wake-up and one `write` per publish.
+    /// rumqttc's `AsyncClient`: one channel hop, one task wake-up and one
+    /// `write` per publish, about twice the lean client's CPU
+    /// (bench/RESULTS.md, "Workload").
     Rumqttc,
 }
 
