@@ -13,10 +13,9 @@
 //! with `send_image`, on `…/cmd`: those answers show which publishes the
 //! broker delivered, and when.
 
-
+use crate::support::*;
 use barngate::server::Gateway;
 use bytes::BytesMut;
-use crate::support::*;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{
     Connect, Filter, Packet, Protocol, QoS, RetainForwardRule, Subscribe, Unsubscribe,
