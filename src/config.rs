@@ -452,7 +452,7 @@ impl UpstreamConfig {
             ));
         }
         if !self.pg_ca.is_empty() {
-            crate::upstream::pg::read_ca_file(std::path::Path::new(&self.pg_ca))
+            crate::pki::read_ca_file(std::path::Path::new(&self.pg_ca))
                 .map_err(|e| invalid("upstream.pg_ca", e))?;
         }
         match self.image_url.as_str() {

@@ -109,28 +109,5 @@ pub fn new_record(
     slot: u32,
     now: DateTime<Utc>,
 ) -> DeviceRecord {
-    DeviceRecord {
-        mac: mac.to_string(),
-        wire_id: mac.to_string(),
-        dialect,
-        dialect_pinned: false,
-        chunk_base: None,
-        site: Some(site.to_string()),
-        location: None,
-        firmware_version: None,
-        hardware_version: None,
-        registered_at: now,
-        last_seen: None,
-        next_wake: None,
-        battery: None,
-        battery_voltage: None,
-        status: "active".into(),
-        cert_serial: None,
-        registration_index: index,
-        stagger_slot: slot,
-        schedule: None,
-        last_current_capture_at: None,
-        pending_reported: 0,
-        last_error: None,
-    }
+    DeviceRecord::new(mac, dialect, site, index, slot, now)
 }

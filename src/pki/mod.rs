@@ -63,5 +63,5 @@ pub use issue::{
     SERVER_VALIDITY_DAYS,
 };
 pub use revocation::{RevocationList, RevokedCert, SharedRevoked};
-pub use tls::{aes_in_hardware, tls_provider};
+pub use tls::{aes_in_hardware, read_ca_file, tls_provider};
 pub use x509::ORGANIZATION;

@@ -253,7 +253,7 @@ pub(crate) mod tests {
         {
             let s = Store::open(&path).unwrap();
             s.put_device(
-                &crate::registry::new_record("AABBCCDDEEFF", Dialect::Firmware, "s", 0, 0, t0()),
+                &DeviceRecord::new("AABBCCDDEEFF", Dialect::Firmware, "s", 0, 0, t0()),
                 t0(),
             )
             .unwrap();

@@ -53,6 +53,44 @@ pub struct DeviceRecord {
     pub last_error: Option<i64>,
 }
 
+impl DeviceRecord {
+    /// A new record, as the ingest makes one on first contact: active, in
+    /// `site`, with its registration index and stagger slot.
+    pub fn new(
+        mac: &str,
+        dialect: Dialect,
+        site: &str,
+        index: u64,
+        slot: u32,
+        now: DateTime<Utc>,
+    ) -> DeviceRecord {
+        DeviceRecord {
+            mac: mac.to_string(),
+            wire_id: mac.to_string(),
+            dialect,
+            dialect_pinned: false,
+            chunk_base: None,
+            site: Some(site.to_string()),
+            location: None,
+            firmware_version: None,
+            hardware_version: None,
+            registered_at: now,
+            last_seen: None,
+            next_wake: None,
+            battery: None,
+            battery_voltage: None,
+            status: "active".into(),
+            cert_serial: None,
+            registration_index: index,
+            stagger_slot: slot,
+            schedule: None,
+            last_current_capture_at: None,
+            pending_reported: 0,
+            last_error: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum CaptureState {

@@ -8,7 +8,6 @@ use super::UpstreamError;
 use crate::config::UpstreamConfig;
 use crate::store::{AlertRecord, CaptureRecord, DeviceRecord, SessionRecord, TelemetryRecord};
 use chrono::{DateTime, Utc};
-use rustls_pki_types::CertificateDer;
 use std::path::Path;
 use std::sync::Arc;
 use tokio_postgres::config::SslMode;
@@ -234,18 +233,6 @@ pub(super) fn pg_error(e: &tokio_postgres::Error) -> UpstreamError {
     }
 }
 
-/// The CA certificates in a PEM file (`upstream.pg_ca`); at least one.
-pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    use rustls_pki_types::pem::PemObject;
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("cannot read CA certificates from {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no PEM certificate", path.display()));
-    }
-    Ok(certs)
-}
-
 /// Opens a connection to `upstream.postgres_url`. TLS per
 /// `upstream.pg_sslmode` (else the URL's `sslmode`; `prefer` when it has
 /// none): rustls with the webpki roots plus the CAs in `upstream.pg_ca`,
@@ -288,7 +275,7 @@ pub async fn connect(up: &UpstreamConfig) -> Result<Client, UpstreamError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if !up.pg_ca.is_empty() {
-        let certs = read_ca_file(Path::new(&up.pg_ca))
+        let certs = crate::pki::read_ca_file(Path::new(&up.pg_ca))
             .map_err(|e| UpstreamError::Config(format!("upstream.pg_ca: {e}")))?;
         for c in certs {
             roots

@@ -17,6 +17,7 @@ mod dashboard;
 mod engine;
 mod front;
 mod ingest_e2e;
+mod layout;
 mod mqtt_conformance;
 mod password;
 mod security;
