@@ -695,6 +695,28 @@ mod tests {
     }
 
     #[test]
+    fn template_names_every_key() {
+        fn keys(v: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+            if let toml::Value::Table(t) = v {
+                for (k, v) in t {
+                    let path = format!("{prefix}{k}");
+                    keys(v, &format!("{path}."), out);
+                    out.push(path);
+                }
+            }
+        }
+        let (mut want, mut have) = (Vec::new(), Vec::new());
+        keys(
+            &toml::Value::try_from(Config::default()).unwrap(),
+            "",
+            &mut want,
+        );
+        keys(&TEMPLATE.parse::<toml::Value>().unwrap(), "", &mut have);
+        let missing: Vec<&String> = want.iter().filter(|k| !have.contains(k)).collect();
+        assert!(missing.is_empty(), "config/barngate.toml lacks {missing:?}");
+    }
+
+    #[test]
     fn empty_file_is_all_defaults() {
         let c = Config::from_toml("", "empty").unwrap();
         assert_eq!(c.ingest.retry_limit, 3);
