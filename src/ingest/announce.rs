@@ -9,10 +9,6 @@ use crate::store::{CaptureRecord, CaptureState, TelemetryRecord};
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 
-fn is_open(c: &CaptureRecord) -> bool {
-    !matches!(c.state, CaptureState::Complete | CaptureState::Failed)
-}
-
 impl<S: Records> Engine<S> {
     pub(super) fn on_metadata(
         &mut self,
@@ -318,7 +314,7 @@ impl<S: Records> Engine<S> {
         };
         // The uncommitted batch is newer than the database.
         for c in self.batch.captures.values().filter(|c| c.mac == mac) {
-            if is_open(c) {
+            if !c.state.is_finished() {
                 open.insert(c.id, c.clone());
             } else {
                 open.remove(&c.id);

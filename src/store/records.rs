@@ -102,6 +102,11 @@ pub enum CaptureState {
 }
 
 impl CaptureState {
+    /// Complete or failed: nothing more is expected for this capture.
+    pub fn is_finished(self) -> bool {
+        matches!(self, CaptureState::Complete | CaptureState::Failed)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             CaptureState::Announced => "announced",

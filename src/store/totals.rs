@@ -68,7 +68,7 @@ impl From<&CaptureRecord> for Counted {
 
 impl Counted {
     pub fn is_open(&self) -> bool {
-        !matches!(self.state, CaptureState::Complete | CaptureState::Failed)
+        !self.state.is_finished()
     }
 
     /// What the capture adds to its device's totals.
