@@ -10,18 +10,16 @@
 //!   the router; chunks arrive parsed ([`Payload::Chunk`]), decoded on the
 //!   front's threads;
 //! - a local link subscribed to both dialects' device topics carries what
-//!   still goes through the broker (wills, retained or QoS 2 publishes). Its
+//!   goes through the broker (wills, retained or QoS 2 publishes). Its
 //!   pump thread honours the link contract: on `Notification::Unschedule` it
 //!   calls `ready()`, or the router would stop forwarding.
 //!
 //! The gateway's own publishes (commands, ACK_OK) go out through
-//! [`Replies`]: straight into the device's front session when it has a clean
-//! one subscribed to the topic (`front::Outlet`), otherwise through the local
-//! link and the broker, which owns the device sessions and subscriptions.
+//! [`Replies`]: the local link into the broker, which owns the device
+//! sessions and subscriptions and delivers them.
 
 use crate::clock::SharedClock;
 use crate::config::MqttConfig;
-use crate::front::Outlet;
 pub use crate::ingest::queue::{ingest_queue, Inbound, Payload, INGEST_QUEUE};
 use crate::ingest::{Engine, IngestError, Publish};
 use crate::registry::RegistryOp;
@@ -214,22 +212,18 @@ fn probe(addr: SocketAddr, secret: Option<&str>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Where the ingest's publishes go: into the device's front session when it
-/// takes them directly, through the broker otherwise.
+/// Where the ingest's publishes go: the broker, through the local link.
 pub struct Replies {
     link: LinkTx,
-    direct: Outlet,
 }
 
 impl Replies {
-    pub fn new(link: LinkTx, direct: Outlet) -> Replies {
-        Replies { link, direct }
+    pub fn new(link: LinkTx) -> Replies {
+        Replies { link }
     }
 
     fn publish(&mut self, p: Publish) -> Result<(), BrokerError> {
-        if let Err((topic, payload)) = self.direct.deliver(&p.mac, p.topic, p.payload) {
-            self.link.publish(topic, payload)?;
-        }
+        self.link.publish(p.topic, p.payload)?;
         Ok(())
     }
 

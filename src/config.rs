@@ -119,14 +119,31 @@ pub struct MqttConfig {
     /// Broker in-memory log per topic filter: segment size (bytes) and count.
     pub segment_size: usize,
     pub segment_count: usize,
-    /// A device's clean session stays in the front (no connection into the
-    /// embedded broker); `false` sends every session through the broker.
-    pub local_sessions: bool,
+    /// Deprecated and ignored: every device session is served by the
+    /// embedded broker. Accepted so that an existing config file still
+    /// loads; the gateway logs a warning naming the key
+    /// ([`MqttConfig::deprecated_keys`]).
+    #[serde(skip_serializing)]
+    pub local_sessions: Option<bool>,
     /// Most topic filters in one SUBSCRIBE; more close the connection.
     pub max_filters_per_subscribe: usize,
     /// Most distinct topic filters one connection subscribes to (an
     /// UNSUBSCRIBE gives none back); more close the connection.
     pub max_filters_per_session: usize,
+}
+
+impl MqttConfig {
+    /// The keys set in the file that are deprecated and ignored, with why.
+    pub fn deprecated_keys(&self) -> Vec<(&'static str, &'static str)> {
+        let mut keys = Vec::new();
+        if self.local_sessions.is_some() {
+            keys.push((
+                "mqtt.local_sessions",
+                "every device session is served by the embedded broker; remove the key",
+            ));
+        }
+        keys
+    }
 }
 
 impl Default for MqttConfig {
@@ -142,7 +159,7 @@ impl Default for MqttConfig {
             max_connections: 12_000,
             segment_size: 4 * 1024 * 1024,
             segment_count: 4,
-            local_sessions: true,
+            local_sessions: None,
             max_filters_per_subscribe: 8,
             max_filters_per_session: 16,
         }
@@ -692,6 +709,16 @@ mod tests {
             toml::to_string(&d).unwrap(),
             "config/barngate.toml must document exactly the compiled-in defaults"
         );
+    }
+
+    /// A file from before every session went through the broker still loads;
+    /// the key is reported as deprecated, and not written back.
+    #[test]
+    fn local_sessions_is_accepted_as_deprecated() {
+        let c = Config::from_toml("[mqtt]\nlocal_sessions = false\n", "old").unwrap();
+        assert_eq!(c.mqtt.deprecated_keys()[0].0, "mqtt.local_sessions");
+        assert!(!toml::to_string(&c).unwrap().contains("local_sessions"));
+        assert!(Config::default().mqtt.deprecated_keys().is_empty());
     }
 
     #[test]

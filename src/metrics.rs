@@ -27,17 +27,11 @@ pub struct Metrics {
     /// Device connections that ended (their streams parked, slots freed).
     pub sessions_ended: AtomicU64,
     pub commands_sent: AtomicU64,
-    /// Of `commands_sent`: written straight into the device's front session.
-    pub commands_direct: AtomicU64,
-    /// Messages for a local session that had [`crate::front`]'s queue full.
-    pub commands_dropped: AtomicU64,
     pub commits: AtomicU64,
     pub streaming: AtomicU64,
     pub waiting: AtomicU64,
     pub held_chunk_bytes: AtomicU64,
     pub connections: AtomicU64,
-    /// Of `connections`: local sessions (no broker connection behind them).
-    pub connections_local: AtomicU64,
     pub connections_refused: AtomicU64,
     /// Connections closed for claiming another identity: a client id that
     /// is not the authenticated device's (or no device id), or a publish,
@@ -180,18 +174,6 @@ impl Metrics {
             &self.commands_sent,
         );
         c(
-            "commands_direct_total",
-            "Messages to devices written straight into their front session (the rest went through the embedded broker).",
-            "counter",
-            &self.commands_direct,
-        );
-        c(
-            "commands_dropped_total",
-            "Messages to devices dropped because the device's session had 32 unread (it stopped reading).",
-            "counter",
-            &self.commands_dropped,
-        );
-        c(
             "commits_total",
             "Database commits by the ingest.",
             "counter",
@@ -220,12 +202,6 @@ impl Metrics {
             "Open device connections.",
             "gauge",
             &self.connections,
-        );
-        c(
-            "connections_local",
-            "Of the open device connections, those served by the front alone (clean sessions, mqtt.local_sessions); the rest go through the embedded broker.",
-            "gauge",
-            &self.connections_local,
         );
         c(
             "ingest_queue",

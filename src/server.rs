@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 pub const DB_FILE: &str = "barngate.redb";
 pub const CONFIG_FILE: &str = "barngate.toml";
@@ -175,6 +175,9 @@ impl Gateway {
     pub async fn start(opts: GatewayOptions, clock: SharedClock) -> Result<Gateway, ServeError> {
         let cfg = opts.config;
         cfg.validate()?;
+        for (key, why) in cfg.mqtt.deprecated_keys() {
+            warn!(key, "deprecated config key ignored: {why}");
+        }
         ensure_data_dir(&opts.data_dir)?;
         let store = Arc::new(open_store(&opts.data_dir.join(DB_FILE))?);
         let metrics = Arc::new(Metrics::default());
@@ -226,7 +229,6 @@ impl Gateway {
                 handshake_timeout: std::time::Duration::from_millis(cfg.mqtt.handshake_timeout_ms),
                 max_packet_size: cfg.mqtt.max_payload_size,
                 passwords: PasswordStore::new(pki.dir()),
-                local_sessions: cfg.mqtt.local_sessions,
                 max_filters_per_subscribe: cfg.mqtt.max_filters_per_subscribe,
                 max_filters_per_session: cfg.mqtt.max_filters_per_session,
             },
@@ -239,7 +241,7 @@ impl Gateway {
         let ingest = {
             let stop = stop.clone();
             let clock = clock.clone();
-            let replies = broker::Replies::new(b.link_tx, front.outlet());
+            let replies = broker::Replies::new(b.link_tx);
             std::thread::Builder::new()
                 .name("ingest".into())
                 .spawn(move || {

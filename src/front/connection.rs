@@ -6,28 +6,26 @@
 //! [`uplink`]: super::uplink
 //! [`downlink`]: super::downlink
 
-use super::direct;
 use super::downlink::{downlink, Replies};
 use super::frame::{connack_refusal, next_frame};
 use super::identity::{Auth, Connect, Refusal};
 use super::listen::HandshakeSlot;
-use super::local::{publish_will, CONNACK_ACCEPTED};
-use super::uplink::{Uplink, Upstream};
+use super::uplink::Uplink;
 use super::violation::{Violation, CONNACK_NOT_AUTHORIZED};
 use super::{Front, LOG_TARGET};
 use crate::ingest::queue::{Inbound, Payload};
 use crate::metrics::Metrics;
 use bytes::BytesMut;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::{debug, info, warn};
 
 impl Front {
-    /// One device connection after the handshake: CONNECT, then the relay.
+    /// One device connection after the handshake: CONNECT, then the relay
+    /// to and from its loopback connection into the broker.
     ///
     /// The stream comes already split (its halves share it through an
     /// `Arc`): an async fn keeps its arguments for its whole life, and a TLS
@@ -127,19 +125,13 @@ impl Front {
         let Connect {
             device,
             keep_alive,
-            clean,
-            will,
             bytes: connect_bytes,
         } = connect;
 
         let (kill_tx, mut kill_rx) = watch::channel(false);
         let conn_id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let local = self.local_session(&device, clean);
-        // A persistent session keeps the broker path: rumqttd resends its
-        // unacknowledged QoS 1 messages when the device comes back.
-        let direct = clean.then(|| Arc::new(direct::Direct::new(local)));
         if !self
-            .take_over(&device, conn_id, ident.as_ref(), kill_tx, direct.clone())
+            .take_over(&device, conn_id, ident.as_ref(), kill_tx)
             .await
         {
             // Revoked after the credentials were checked, before the session
@@ -158,26 +150,15 @@ impl Front {
             return;
         }
 
-        let disconnected = AtomicBool::new(false);
         let replies = Replies::default();
         let result = async {
-            let mut broker = None;
-            if local {
-                dev_w.write_all(&CONNACK_ACCEPTED).await?;
-                dev_w.flush().await?;
-            } else {
-                let mut up = TcpStream::connect(cfg.upstream).await?;
-                up.set_nodelay(true)?;
-                up.write_all(&connect_bytes).await?;
-                broker = Some(up.into_split());
-            }
+            let up = TcpStream::connect(cfg.upstream).await?;
+            up.set_nodelay(true)?;
+            let (mut up_r, mut up_w) = up.into_split();
+            up_w.write_all(&connect_bytes).await?;
             Metrics::inc(&metrics.connections);
-            if local {
-                Metrics::inc(&metrics.connections_local);
-            }
             let via = ident.as_ref().map_or("plaintext", |i| i.via);
-            let path = if local { "local" } else { "broker" };
-            info!(target: LOG_TARGET, %peer, device = %device, auth = via, keep_alive_s = keep_alive, session = path, "device connected");
+            info!(target: LOG_TARGET, %peer, device = %device, auth = via, keep_alive_s = keep_alive, "device connected");
             let (acks_tx, acks_rx) = watch::channel(0u64);
             let up = Uplink {
                 device: &device,
@@ -187,15 +168,9 @@ impl Front {
                 max_filters_per_subscribe: cfg.max_filters_per_subscribe,
                 max_filters_per_session: cfg.max_filters_per_session,
                 ingest: &cfg.ingest,
-                direct: direct.as_deref(),
-                disconnected: &disconnected,
             };
-            let (up_r, upstream) = match broker.as_mut() {
-                Some((r, w)) => (Some(r), Upstream::Broker { w, acks: acks_rx }),
-                None => (None, Upstream::Local),
-            };
-            let to_broker = up.run(&mut dev_r, &mut buf, upstream, &replies);
-            let to_device = downlink(up_r, &mut dev_w, &replies, acks_tx, direct.as_deref());
+            let to_broker = up.run(&mut dev_r, &mut buf, &mut up_w, acks_rx, &replies);
+            let to_device = downlink(&mut up_r, &mut dev_w, &replies, acks_tx);
             let r: Result<(), Violation> = tokio::select! {
                 r = to_broker => r,
                 _ = to_device => Ok(()),
@@ -205,12 +180,6 @@ impl Front {
                 }
             };
             metrics.connections.fetch_sub(1, Ordering::Relaxed);
-            if local {
-                metrics.connections_local.fetch_sub(1, Ordering::Relaxed);
-            }
-            if let Some(d) = &direct {
-                d.close();
-            }
             match r {
                 Ok(()) => {}
                 Err(Violation::Io(e)) => debug!(target: LOG_TARGET, %peer, device = %device, error = %e, "connection closed"),
@@ -223,21 +192,11 @@ impl Front {
             Ok::<(), std::io::Error>(())
         }
         .await;
-        let connected = result.is_ok();
-        match result {
-            Err(e) if local => {
-                debug!(target: LOG_TARGET, %peer, device = %device, error = %e, "connection closed before CONNACK")
-            }
-            Err(e) => {
-                warn!(target: LOG_TARGET, %peer, device = %device, error = %e, "cannot reach the embedded broker")
-            }
-            Ok(()) => {}
-        }
-        // A local session's will: the broker would publish it now.
-        if let Some(w) =
-            will.filter(|_| local && connected && !disconnected.load(Ordering::Relaxed))
-        {
-            publish_will(&cfg.ingest, &device, w).await;
+        // Closing the broker connection (dropped with this future) without
+        // a DISCONNECT makes the broker publish the will, unless the device
+        // sent its DISCONNECT through.
+        if let Err(e) = result {
+            warn!(target: LOG_TARGET, %peer, device = %device, error = %e, "cannot reach the embedded broker");
         }
         if self.release(&device, conn_id) {
             // A session replaced by a newer one of the same device ends silently.

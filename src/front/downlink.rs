@@ -1,24 +1,21 @@
-//! The gateway-to-device half of a session: the broker's packets, the
-//! uplink's replies ([`Replies`]) and the ingest's direct publishes, written
-//! to the device between whole packets.
+//! The gateway-to-device half of a session: the broker's packets and the
+//! uplink's PUBACKs ([`Replies`]), written to the device between whole
+//! packets.
 
-use super::direct::{self, encode_publish, Outgoing};
-use super::frame::{parse, CONNACK, SUBACK};
+use super::frame::{CONNACK, SUBACK};
 use bytes::BytesMut;
 use rumqttd::protocol::v4::check;
-use rumqttd::protocol::{Packet, QoS};
 use std::sync::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-/// Bytes of replies (PUBACKs, a local session's answers) waiting for a
+/// Bytes of replies (the front's PUBACKs) waiting for a
 /// device's downlink before its uplink waits: a device that stops reading
 /// stops being read.
 const REPLIES_MAX: usize = 16 * 1024;
 
-/// The uplink's replies to a device (PUBACKs; in a local session also
-/// SUBACK, UNSUBACK, PINGRESP, PUBREC and PUBCOMP), encoded, on their way
-/// to the downlink. Not a channel: a channel allocates its first block of slots
+/// The uplink's replies to a device (the PUBACKs of the publishes it hands
+/// to the ingest), encoded, on their way to the downlink. Not a channel: a channel allocates its first block of slots
 /// up front (≈ 1 KiB for each of a thousand idle sessions) and each batch
 /// was a `Vec` of its own; here two buffers take turns. Both halves of a
 /// session run in its one task, so the lock is never contended.
@@ -81,19 +78,14 @@ impl Replies {
     }
 }
 
-/// The gateway-to-device half of a session: the broker's packets (none in a
-/// local session), the front's PUBACKs and other answers, and the ingest's
-/// direct publishes (`direct`), interleaved
-/// only between whole packets. Counts the broker's CONNACK and SUBACKs into
-/// `acks` for the uplink, and hands each SUBACK to the direct downlink
-/// first, so the subscription is in place before the uplink lets a publish
-/// through.
+/// The gateway-to-device half of a session: the broker's packets and the
+/// front's PUBACKs, interleaved only between whole packets. Counts the
+/// broker's CONNACK and SUBACKs into `acks` for the uplink.
 pub(super) async fn downlink<R, W>(
-    mut up_r: Option<&mut R>,
+    up_r: &mut R,
     dev_w: &mut W,
     replies: &Replies,
     acks: watch::Sender<u64>,
-    direct: Option<&direct::Direct>,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -101,44 +93,23 @@ where
 {
     // The gateway sends a device a few small commands per wake; a 1 KiB
     // buffer keeps 1,000 idle connections small (it grows for a big one).
-    let mut from_broker = BytesMut::with_capacity(if up_r.is_some() { 1024 } else { 0 });
+    let mut from_broker = BytesMut::with_capacity(1024);
     let mut ours = Vec::new();
     let mut acked = 0u64;
-    let mut pkids = direct::PacketIds::new();
-    let mut put = |m: Outgoing, out: &mut Vec<u8>| {
-        let pkid = match m.qos {
-            QoS::AtMostOnce => 0,
-            _ => pkids.next(),
-        };
-        encode_publish(&m.topic, &m.payload, m.qos, pkid, out);
-    };
     loop {
-        if up_r.is_some() && from_broker.capacity() - from_broker.len() < 256 {
+        if from_broker.capacity() - from_broker.len() < 256 {
             from_broker.reserve(1024);
         }
         let mut whole = 0;
         tokio::select! {
-            r = async {
-                match up_r.as_deref_mut() {
-                    Some(r) => r.read_buf(&mut from_broker).await,
-                    // A local session has no broker connection.
-                    None => std::future::pending().await,
-                }
-            } => {
+            r = up_r.read_buf(&mut from_broker) => {
                 if r? == 0 {
                     return Ok(());
                 }
                 let before = acked;
                 while let Ok(h) = check(from_broker[whole..].iter(), usize::MAX) {
-                    let kind = from_broker[whole] >> 4;
-                    if matches!(kind, CONNACK | SUBACK) {
+                    if matches!(from_broker[whole] >> 4, CONNACK | SUBACK) {
                         acked += 1;
-                    }
-                    if let (SUBACK, Some(d)) = (kind, direct) {
-                        let frame = &from_broker[whole..whole + h.frame_length()];
-                        if let Ok(Packet::SubAck(a, _)) = parse(BytesMut::from(frame), usize::MAX) {
-                            d.granted(a.pkid, &a.return_codes);
-                        }
                     }
                     whole += h.frame_length();
                 }
@@ -147,25 +118,12 @@ where
                 }
             }
             () = replies.wait() => {}
-            () = async {
-                match direct {
-                    Some(d) => d.wait().await,
-                    None => std::future::pending().await,
-                }
-            } => {}
-        }
-        // Replies first: a SUBACK goes out before anything the ingest sends
-        // on the topic it grants.
-        replies.take_into(&mut ours);
-        if let Some(d) = direct {
-            for m in d.take() {
-                put(m, &mut ours);
-            }
         }
         if whole > 0 {
             let broker_bytes = from_broker.split_to(whole);
             dev_w.write_all(&broker_bytes).await?;
         }
+        replies.take_into(&mut ours);
         if !ours.is_empty() {
             dev_w.write_all(&ours).await?;
             ours.clear();

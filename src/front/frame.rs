@@ -1,5 +1,5 @@
 //! MQTT 3.1.1 frames: reading whole ones from a device, parsing them, and
-//! the short packets the front writes itself.
+//! the packets the front writes itself (a PUBACK, a refusing CONNACK).
 
 use super::violation::Violation;
 use bytes::BytesMut;
@@ -11,10 +11,6 @@ pub(super) const CONNECT: u8 = 1;
 pub(super) const PUBLISH: u8 = 3;
 pub(super) const PUBACK: u8 = 4;
 pub(super) const CONNACK: u8 = 2;
-pub(super) const PUBREC: u8 = 5;
-pub(super) const PUBCOMP: u8 = 7;
-pub(super) const UNSUBACK: u8 = 11;
-pub(super) const PINGRESP: u8 = 13;
 pub(super) const SUBACK: u8 = 9;
 
 /// Reads the next whole MQTT frame (raw bytes). `Ok(None)` on a clean EOF.
@@ -83,12 +79,6 @@ pub(super) fn connack_refusal(code: u8) -> [u8; 4] {
 
 /// An MQTT 3.1.1 PUBACK.
 pub(super) fn puback_packet(pkid: u16) -> [u8; 4] {
-    short_packet(PUBACK, pkid)
-}
-
-/// An MQTT 3.1.1 packet that is just a packet id (PUBACK, PUBREC, PUBCOMP,
-/// UNSUBACK).
-pub(super) fn short_packet(kind: u8, pkid: u16) -> [u8; 4] {
     let [hi, lo] = pkid.to_be_bytes();
-    [kind << 4, 0x02, hi, lo]
+    [PUBACK << 4, 0x02, hi, lo]
 }

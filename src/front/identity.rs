@@ -18,8 +18,6 @@ pub(super) struct Connect {
     pub(super) device: String,
     /// The device's keep-alive, seconds.
     pub(super) keep_alive: u16,
-    pub(super) clean: bool,
-    pub(super) will: Option<LastWill>,
     /// The CONNECT for the broker: the broker secret as credentials, the
     /// longest keep-alive (the front enforces the device's own).
     pub(super) bytes: BytesMut,
@@ -186,18 +184,15 @@ impl Front {
             password: self.inner.cfg.secret.to_string(),
         };
         let keep_alive = std::mem::replace(&mut connect.keep_alive, u16::MAX);
-        let clean = connect.clean_session;
         let mut bytes = BytesMut::new();
         V4.write(
-            Packet::Connect(connect, None, will.clone(), None, Some(login)),
+            Packet::Connect(connect, None, will, None, Some(login)),
             &mut bytes,
         )
         .map_err(|e| Violation::Malformed(e.to_string()))?;
         Ok(Connect {
             device,
             keep_alive,
-            clean,
-            will,
             bytes,
         })
     }

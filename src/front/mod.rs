@@ -17,27 +17,27 @@
 //!
 //! A violation closes the connection before any of it reaches the broker.
 //!
-//! A device's QoS 0/1 PUBLISHes to its own topics (every chunk) do not go
-//! through the broker: the front hands them to the ingest queue
-//! ([`crate::ingest::queue::Inbound`]; a CHUNK already decoded, on the front's
-//! threads rather than the one ingest thread) and answers QoS 1 with its own
-//! PUBACK. The front enforces the device's keep-alive itself. The other
-//! way, the ingest's replies to a clean session go straight into its
-//! downlink too ([`direct`]).
-//!
-//! A clean session is *local* (`mqtt.local_sessions`, the default): the
-//! front also answers CONNECT, SUBSCRIBE, UNSUBSCRIBE, PINGREQ and the QoS 2
-//! handshake itself, hands retained publishes to the ingest like any other
-//! and the will on a close without DISCONNECT, and opens no connection into
-//! the broker. A persistent session goes *through the broker*, which keeps
-//! it: the front opens a loopback connection for it and forwards every
-//! packet but the ingest's publishes, with the CONNECT re-encoded with the
+//! Every session, clean or persistent, is the broker's: the front opens a
+//! loopback connection into it for each device and forwards every packet
+//! but the ingest's publishes, with the CONNECT re-encoded with the
 //! per-process broker secret as its credentials (a device's own password
 //! never reaches the broker, so the loopback broker admits the front and
-//! nothing else) and the longest keep-alive; a publish waits until the
-//! broker has acknowledged the device's CONNECT and SUBSCRIBEs, so the
-//! ingest's reply always finds the subscription in place, and its PUBACKs
-//! are written between whole packets of the broker's downlink.
+//! nothing else) and the longest keep-alive. The broker answers CONNECT,
+//! SUBSCRIBE, UNSUBSCRIBE, PINGREQ and the QoS 2 handshake, keeps retained
+//! messages, publishes the will, and carries the gateway's replies to the
+//! device.
+//!
+//! A device's QoS 0/1, non-retained PUBLISHes to its own topics (every
+//! chunk) do not go through the broker: the front hands them to the ingest
+//! queue ([`crate::ingest::queue::Inbound`]; a CHUNK already decoded, on
+//! the front's threads rather than the one ingest thread) and answers QoS 1
+//! with its own PUBACK, written between whole packets of the broker's
+//! downlink (the device chose that packet id; the broker's own ids number
+//! its publishes to the device, a separate space). Such a publish waits
+//! until the broker has acknowledged the device's CONNECT and SUBSCRIBEs,
+//! so the ingest's reply always finds the subscription in place. The broker
+//! sees none of these publishes, so the front enforces the device's
+//! keep-alive itself.
 //!
 //! The front keeps one session per device: a new connection of the same MAC
 //! closes the old one first (a rumqttd quirk lets the old one kick the new
@@ -60,24 +60,18 @@
 //! - `route`: where each device packet goes, the publishes intercepted
 //!   for the ingest among them;
 //! - `connection`: one connection from its CONNECT to its close;
-//!   `uplink` and `downlink` are its two halves;
-//! - `local`: what exists only for local sessions;
-//! - `direct`: the ingest's replies written straight into a session.
+//!   `uplink` and `downlink` are its two halves.
 
 mod connection;
-mod direct;
 mod downlink;
 mod frame;
 mod identity;
 mod listen;
-mod local;
 mod readahead;
 mod route;
 mod topics;
 mod uplink;
 mod violation;
-
-pub use direct::{Outlet, FIRST_PKID};
 
 use crate::devpass::PasswordStore;
 use crate::ingest::queue::Inbound;
@@ -85,7 +79,7 @@ use crate::metrics::Metrics;
 use crate::pki::SharedRevoked;
 use identity::Identity;
 use listen::{password_checks, TlsMode};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -125,10 +119,6 @@ pub struct FrontConfig {
     pub max_packet_size: usize,
     /// Device password hashes, for the password listener.
     pub passwords: PasswordStore,
-    /// Clean sessions are local: the front answers CONNECT, SUBSCRIBE,
-    /// PINGREQ and QoS 2 itself and hands a will to the ingest, with no
-    /// broker connection behind the device (`mqtt.local_sessions`).
-    pub local_sessions: bool,
     /// Most topic filters in one SUBSCRIBE (`mqtt.max_filters_per_subscribe`).
     pub max_filters_per_subscribe: usize,
     /// Most distinct topic filters one connection subscribes to
@@ -140,15 +130,14 @@ struct Session {
     id: u64,
     serial: Option<String>,
     kill: watch::Sender<bool>,
-    /// The downlink the ingest can write to directly (clean sessions).
-    direct: Option<Arc<direct::Direct>>,
 }
 
 struct Inner {
     cfg: FrontConfig,
     metrics: Arc<Metrics>,
     revoked: SharedRevoked,
-    sessions: direct::Sessions,
+    /// The open session of each device.
+    sessions: Mutex<HashMap<String, Session>>,
     connections: Arc<Semaphore>,
     /// Handshake budgets: the certificate listener's and the password
     /// listener's (which also covers the password check).
@@ -160,10 +149,6 @@ struct Inner {
     /// one core is always left for the devices already connected.
     verifications: Arc<Semaphore>,
     next_id: AtomicU64,
-    /// Devices that had a persistent session in the broker since it
-    /// started: their next clean CONNECT goes through the broker, which
-    /// discards that session's state (a local session would leave it).
-    persistent: Mutex<HashSet<String>>,
 }
 
 /// The device front; cheap to clone (shared state).
@@ -186,18 +171,9 @@ impl Front {
                 cfg,
                 metrics,
                 revoked,
-                sessions: Arc::new(Mutex::new(HashMap::new())),
+                sessions: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
-                persistent: Mutex::new(HashSet::new()),
             }),
-        }
-    }
-
-    /// The ingest's handle for publishing straight into device sessions.
-    pub fn outlet(&self) -> Outlet {
-        Outlet {
-            sessions: self.inner.sessions.clone(),
-            metrics: self.inner.metrics.clone(),
         }
     }
 
@@ -281,7 +257,6 @@ impl Front {
         conn_id: u64,
         ident: Option<&Identity>,
         kill: watch::Sender<bool>,
-        direct: Option<Arc<direct::Direct>>,
     ) -> bool {
         let old = {
             let mut s = self
@@ -298,7 +273,6 @@ impl Front {
                     id: conn_id,
                     serial: ident.map(|c| c.serial.clone()),
                     kill,
-                    direct,
                 },
             )
         };
@@ -344,7 +318,6 @@ mod tests {
             handshake_timeout: Duration::from_millis(300),
             max_packet_size: 1 << 16,
             passwords: PasswordStore::new(dir.path()),
-            local_sessions: true,
             max_filters_per_subscribe: 8,
             max_filters_per_session: 16,
         };
@@ -369,21 +342,13 @@ mod tests {
         // The handshake is done; the revocation comes before the CONNECT.
         assert!(front.revoke(&["0a".into()]).is_empty(), "nothing open yet");
         let (kill, killed) = watch::channel(false);
-        assert!(
-            !front
-                .take_over(mac, 1, Some(&ident("0a")), kill, None)
-                .await
-        );
+        assert!(!front.take_over(mac, 1, Some(&ident("0a")), kill).await);
         assert!(front.connected().is_empty());
         assert!(!*killed.borrow());
         // A certificate that is not revoked registers; a revocation after
         // that closes it.
         let (kill, mut killed) = watch::channel(false);
-        assert!(
-            front
-                .take_over(mac, 2, Some(&ident("0b")), kill, None)
-                .await
-        );
+        assert!(front.take_over(mac, 2, Some(&ident("0b")), kill).await);
         assert_eq!(front.connected(), [mac]);
         assert_eq!(front.revoke(&["0b".into()]), [mac]);
         assert!(*killed.borrow_and_update());

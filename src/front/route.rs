@@ -1,10 +1,8 @@
 //! Where each device packet after CONNECT goes: checked against the topic
 //! rules, a device publish intercepted for the ingest (with the front's own
-//! acknowledgement), anything else to the broker or, in a local session,
-//! to the front's own answers.
+//! acknowledgement), anything else to the broker.
 
-use super::direct;
-use super::frame::{parse, PUBACK, PUBLISH};
+use super::frame::{parse, PUBLISH};
 use super::topics::{check_publish_topic, check_subscribe_filter};
 use super::violation::Violation;
 use crate::ingest::queue::{Inbound, Payload};
@@ -15,14 +13,11 @@ use rumqttd::protocol::{Packet, Protocol, QoS};
 
 /// Where a device packet (after CONNECT) goes.
 pub(super) enum Route {
-    /// Any packet but a PUBLISH: to the broker as it is (a broker session),
-    /// or answered by the front (a local session).
-    Control { frame: BytesMut, control: Control },
+    /// To the broker as it is (any packet but a QoS 0/1 non-retained
+    /// PUBLISH; a retained or QoS 2 one re-encoded).
+    Broker { frame: BytesMut, control: Control },
     /// A device publish for the ingest, and what acknowledges it.
     Ingest { message: Inbound, ack: Ack },
-    /// The device's PUBACK for one of the front's own publishes: the broker
-    /// never sent that packet id.
-    Ours,
 }
 
 /// How the front acknowledges a publish it hands to the ingest.
@@ -32,71 +27,50 @@ pub(super) enum Ack {
     None,
     /// QoS 1: PUBACK.
     Puback(u16),
-    /// QoS 2 (local sessions only): PUBREC, then PUBCOMP on the PUBREL.
-    Pubrec(u16),
 }
 
-/// A device packet other than PUBLISH, as far as a session needs it.
+/// What the front needs of a packet it forwards to the broker.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Control {
-    Subscribe {
-        pkid: u16,
-        filters: Vec<(String, QoS)>,
-    },
-    Unsubscribe {
-        pkid: u16,
-        topics: Vec<String>,
-    },
-    PingReq,
-    /// The second half of a device's QoS 2 publish.
-    PubRel(u16),
-    Disconnect,
-    /// Acknowledgements of the broker's publishes (PUBACK, PUBREC, PUBCOMP).
+    /// A SUBSCRIBE: its filters count against the session's caps, and the
+    /// broker's SUBACK is awaited before the next publish goes to the ingest.
+    Subscribe { filters: Vec<(String, QoS)> },
+    /// Anything else.
     Other,
 }
 
 /// Checks one packet after CONNECT against the device's identity and routes
-/// it. Publishes are parsed in place (no copy); the rare ones a broker
-/// session's broker must carry (retained, QoS 2) are re-encoded. In a local
-/// session (`local`) every publish goes to the ingest: a retained one as an
-/// ordinary publish (the broker's retained store only ever served the
-/// ingest, subscribed from the start), QoS 2 acknowledged by the front.
+/// it. Publishes are parsed in place (no copy); the rare ones the broker
+/// must carry (retained, QoS 2: it keeps the retained message and runs the
+/// QoS 2 handshake) are re-encoded.
 pub(super) fn route(
     frame: BytesMut,
     device: &str,
     max: usize,
-    local: bool,
     topic: &mut Bytes,
 ) -> Result<Route, Violation> {
     let kind = frame.first().map_or(0, |b| b >> 4);
-    if kind == PUBACK
-        && frame.len() == 4
-        && direct::is_ours(u16::from_be_bytes([frame[2], frame[3]]))
-    {
-        return Ok(Route::Ours);
-    }
     if kind != PUBLISH {
         let control = check_packet(&frame, device, max)?;
-        return Ok(Route::Control { frame, control });
+        return Ok(Route::Broker { frame, control });
     }
     let Packet::Publish(p, _) = parse(frame, max)? else {
         return Err(Violation::Malformed("not a PUBLISH".into()));
     };
     check_publish_topic(&p.topic, device)?;
     let ack = match p.qos() {
-        QoS::AtMostOnce => Ack::None,
-        QoS::AtLeastOnce => Ack::Puback(p.pkid()),
-        QoS::ExactlyOnce => Ack::Pubrec(p.pkid()),
+        QoS::AtMostOnce if !p.retain => Ack::None,
+        QoS::AtLeastOnce if !p.retain => Ack::Puback(p.pkid()),
+        _ => {
+            let mut frame = BytesMut::new();
+            V4.write(Packet::Publish(p, None), &mut frame)
+                .map_err(|e| Violation::Malformed(e.to_string()))?;
+            return Ok(Route::Broker {
+                frame,
+                control: Control::Other,
+            });
+        }
     };
-    if !local && (p.retain || p.qos() == QoS::ExactlyOnce) {
-        let mut frame = BytesMut::new();
-        V4.write(Packet::Publish(p, None), &mut frame)
-            .map_err(|e| Violation::Malformed(e.to_string()))?;
-        return Ok(Route::Control {
-            frame,
-            control: Control::Other,
-        });
-    }
     // Chunks are decoded here, on the front's threads, not on the one
     // ingest thread. Anything else (HELLO, METADATA, a bad message) goes
     // as it is, and the ingest parses and reports it.
@@ -135,7 +109,8 @@ fn shared_topic(cache: &mut Bytes, topic: &[u8]) -> Bytes {
 }
 
 /// Checks one packet after CONNECT (not a PUBLISH) against the device's
-/// identity; returns what a session needs of it.
+/// identity (parsed whole, so a malformed one closes the connection before
+/// it reaches the broker); returns what the front needs of it.
 fn check_packet(frame: &BytesMut, device: &str, max: usize) -> Result<Control, Violation> {
     match parse(frame.clone(), max)? {
         Packet::Publish(p, _) => check_publish_topic(&p.topic, device).map(|()| Control::Other),
@@ -144,17 +119,9 @@ fn check_packet(frame: &BytesMut, device: &str, max: usize) -> Result<Control, V
                 check_subscribe_filter(&f.path, device)?;
             }
             Ok(Control::Subscribe {
-                pkid: s.pkid,
                 filters: s.filters.into_iter().map(|f| (f.path, f.qos)).collect(),
             })
         }
-        Packet::Unsubscribe(u, _) => Ok(Control::Unsubscribe {
-            pkid: u.pkid,
-            topics: u.filters,
-        }),
-        Packet::PingReq(_) => Ok(Control::PingReq),
-        Packet::PubRel(r, _) => Ok(Control::PubRel(r.pkid)),
-        Packet::Disconnect(..) => Ok(Control::Disconnect),
         Packet::Connect(..) => Err(Violation::SecondConnect),
         Packet::ConnAck(..) | Packet::SubAck(..) | Packet::UnsubAck(..) | Packet::PingResp(_) => {
             Err(Violation::ServerPacket)

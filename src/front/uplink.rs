@@ -1,18 +1,15 @@
 //! The device-to-gateway half of a session: reads the device's packets,
 //! routes each, hands publishes to the ingest and forwards the rest to the
-//! broker (or, in a local session, has the front answer them).
+//! broker.
 
-use super::direct;
 use super::downlink::Replies;
-use super::frame::{next_frame, puback_packet, read_now, ready_frame, short_packet, PUBREC};
-use super::local::answer;
+use super::frame::{next_frame, puback_packet, read_now, ready_frame};
 use super::route::{route, Ack, Control, Route};
 use super::topics::count_filters;
 use super::violation::Violation;
 use crate::ingest::queue::Inbound;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -31,66 +28,42 @@ pub(super) struct Uplink<'a> {
     pub(super) max_filters_per_subscribe: usize,
     pub(super) max_filters_per_session: usize,
     pub(super) ingest: &'a flume::Sender<Inbound>,
-    /// The session's direct downlink, whose subscriptions it keeps.
-    pub(super) direct: Option<&'a direct::Direct>,
-    /// Set when the device sends DISCONNECT: a local session then drops
-    /// its will.
-    pub(super) disconnected: &'a AtomicBool,
-}
-
-/// Where the packets of a session that are not the ingest's go.
-pub(super) enum Upstream<'a, W> {
-    /// A broker session: to the broker's loopback connection. A publish for
-    /// the ingest waits until the broker has answered the CONNECT and every
-    /// SUBSCRIBE before it (`acks` counts its CONNACK and SUBACKs).
-    Broker {
-        w: &'a mut W,
-        acks: watch::Receiver<u64>,
-    },
-    /// A local session: the front answers them itself.
-    Local,
 }
 
 impl Uplink<'_> {
     /// Reads the device's packets until it closes: checks each, hands
-    /// publishes to the ingest and forwards the rest to the broker (or, in
-    /// a local session, answers them).
+    /// publishes to the ingest and forwards the rest to the broker (`up_w`).
+    /// A publish for the ingest waits until the broker has answered the
+    /// CONNECT and every SUBSCRIBE before it (`acks` counts its CONNACK and
+    /// SUBACKs), so the ingest's reply finds the subscription in place.
     pub(super) async fn run<R, W>(
         self,
         dev_r: &mut R,
         buf: &mut BytesMut,
-        upstream: Upstream<'_, W>,
+        up_w: &mut W,
+        mut acks: watch::Receiver<u64>,
         replies: &Replies,
     ) -> Result<(), Violation>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let (mut up_w, mut acks) = match upstream {
-            Upstream::Broker { w, acks } => (Some(w), Some(acks)),
-            Upstream::Local => (None, None),
-        };
-        let local = up_w.is_none();
         // MQTT 3.1.1 §3.1.2.10: a server closes a client silent for 1.5 ×
-        // its keep-alive.
+        // its keep-alive. (The broker gets the longest keep-alive: it sees
+        // none of the publishes the front intercepts.)
         let idle =
             (self.keep_alive > 0).then(|| Duration::from_millis(self.keep_alive as u64 * 1500));
-        // Broker acknowledgements sent so far that a direct publish waits
-        // for: the CONNECT's, then one per SUBSCRIBE (none locally).
-        let mut awaited = u64::from(!local);
+        // Broker acknowledgements sent so far that a publish for the ingest
+        // waits for: the CONNECT's, then one per SUBSCRIBE.
+        let mut awaited = 1u64;
         // How many of them are known to have arrived (the watch is read
         // only while some are outstanding, not on every publish).
         let mut arrived: u64 = 0;
-        // A local session's QoS 2 publishes handed over and not yet
-        // released: a resend of one (same packet id) is not handed again.
-        // A set, not a list: a device that never releases could otherwise
-        // make every publish scan up to 65,535 ids.
-        let mut unreleased: HashSet<u16> = HashSet::new();
         // Every distinct topic filter subscribed to (`count_filters`).
         let mut filters_seen: HashSet<String> = HashSet::new();
         // The topic of the session's chunks, shared by all of them.
         let mut topic = Bytes::new();
-        // A pass's replies, encoded, go to the downlink together once the
+        // A pass's PUBACKs, encoded, go to the downlink together once the
         // pass is routed: one hand-over and one TLS record for a whole read
         // instead of one per publish.
         let mut acks_out = Vec::new();
@@ -136,10 +109,10 @@ impl Uplink<'_> {
                         }
                     },
                 };
-                let routed = route(frame, self.device, self.max_packet, local, &mut topic)
-                    .and_then(|r| match &r {
-                        Route::Control {
-                            control: Control::Subscribe { filters, .. },
+                let routed =
+                    route(frame, self.device, self.max_packet, &mut topic).and_then(|r| match &r {
+                        Route::Broker {
+                            control: Control::Subscribe { filters },
                             ..
                         } => count_filters(
                             &mut filters_seen,
@@ -151,43 +124,16 @@ impl Uplink<'_> {
                         _ => Ok(r),
                     });
                 match routed {
-                    Ok(Route::Control { frame, control }) if !local => {
+                    Ok(Route::Broker { frame, control }) => {
                         awaited += u64::from(matches!(control, Control::Subscribe { .. }));
-                        match (self.direct, control) {
-                            (Some(d), Control::Subscribe { pkid, filters }) => {
-                                d.subscribing(pkid, filters.into_iter().map(|(t, _)| t).collect())
-                            }
-                            (Some(d), Control::Unsubscribe { topics, .. }) => {
-                                d.unsubscribe(&topics)
-                            }
-                            _ => {}
-                        }
                         run.unsplit(frame);
                     }
-                    Ok(Route::Control { control, .. }) => {
-                        if control == Control::Disconnect {
-                            self.disconnected.store(true, Ordering::Relaxed);
-                            replies.push(&acks_out).await;
-                            return Ok(());
-                        }
-                        let before = acks_out.len();
-                        answer(control, self.direct, &mut unreleased, &mut acks_out);
-                        // An answer goes out before anything the ingest
-                        // might send on a topic just subscribed.
-                        if acks_out.len() != before {
-                            replies.push(&acks_out).await;
-                            acks_out.clear();
-                        }
-                    }
-                    Ok(Route::Ours) => {}
                     Ok(Route::Ingest { message, ack }) => {
-                        if let Some(w) = up_w.as_deref_mut() {
-                            if !run.is_empty() {
-                                to_broker(w, &run).await?;
-                                run.clear();
-                            }
+                        if !run.is_empty() {
+                            to_broker(up_w, &run).await?;
+                            run.clear();
                         }
-                        if let Some(acks) = acks.as_mut().filter(|_| arrived < awaited) {
+                        if arrived < awaited {
                             let wait = acks.wait_for(|n| *n >= awaited);
                             match tokio::time::timeout(self.ack_wait, wait).await {
                                 Ok(Ok(n)) => arrived = *n,
@@ -196,20 +142,12 @@ impl Uplink<'_> {
                                 Err(_) => return Err(Violation::BrokerTimeout),
                             }
                         }
-                        // (Inserted here: `false` means already there.)
-                        let resent = matches!(ack, Ack::Pubrec(id) if !unreleased.insert(id));
-                        if !resent {
-                            self.ingest
-                                .send_async(message)
-                                .await
-                                .map_err(|_| Violation::Io("the ingest has stopped".into()))?;
-                        }
-                        match ack {
-                            Ack::None => {}
-                            Ack::Puback(id) => acks_out.extend_from_slice(&puback_packet(id)),
-                            Ack::Pubrec(id) => {
-                                acks_out.extend_from_slice(&short_packet(PUBREC, id))
-                            }
+                        self.ingest
+                            .send_async(message)
+                            .await
+                            .map_err(|_| Violation::Io("the ingest has stopped".into()))?;
+                        if let Ack::Puback(id) = ack {
+                            acks_out.extend_from_slice(&puback_packet(id));
                         }
                     }
                     Err(v) => {
@@ -218,10 +156,8 @@ impl Uplink<'_> {
                     }
                 }
             }
-            if let Some(w) = up_w.as_deref_mut() {
-                if !run.is_empty() {
-                    to_broker(w, &run).await?;
-                }
+            if !run.is_empty() {
+                to_broker(up_w, &run).await?;
             }
             replies.push(&acks_out).await;
             acks_out.clear();
@@ -272,15 +208,12 @@ mod tests {
             max_filters_per_subscribe: 8,
             max_filters_per_session: 16,
             ingest: &ingest,
-            direct: None,
-            disconnected: &AtomicBool::new(false),
         };
         let mut buf = BytesMut::with_capacity(512);
-        let upstream = Upstream::Broker {
-            w: &mut tokio::io::sink(),
-            acks: acks_rx,
-        };
-        up.run(&mut r, &mut buf, upstream, &replies).await.unwrap();
+        let mut sink = tokio::io::sink();
+        up.run(&mut r, &mut buf, &mut sink, acks_rx, &replies)
+            .await
+            .unwrap();
         assert_eq!(queued.len(), 10);
         let mut batch = Vec::new();
         replies.take_into(&mut batch);

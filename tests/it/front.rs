@@ -1,14 +1,11 @@
-//! The front's direct path, packet by packet, with a raw MQTT 3.1.1 client
-//! on the loopback plaintext listener (the same session code as TLS), both
-//! for local sessions (`mqtt.local_sessions`: a clean session is served by
-//! the front alone) and for sessions through the broker: a device's
-//! publishes go to the ingest without the broker, the front answers QoS 1
-//! itself, (through the broker) waits for the broker's SUBACK before a
-//! publish, keeps the device's keep-alive, carries retained and QoS 2
-//! publishes, closes a session whose broker never acknowledges it
-//! (`broker_timeout`), and writes the gateway's replies to a clean session
-//! itself. A local session's own answers (SUBACK grants, UNSUBACK, QoS 2,
-//! its will) are checked against the ingest queue itself.
+//! The front, packet by packet, with a raw MQTT 3.1.1 client on the
+//! loopback plaintext listener (the same session code as TLS): a device's
+//! QoS 0/1 publishes go to the ingest without the broker and the front
+//! answers QoS 1 itself, waits for the broker's CONNACK and SUBACK before a
+//! publish, keeps the device's keep-alive (0 included), carries retained
+//! and QoS 2 publishes and wills through the broker, closes a session whose
+//! broker never acknowledges it (`broker_timeout`), and the gateway's
+//! replies reach clean and persistent sessions through the broker.
 
 use crate::support::*;
 use bytes::BytesMut;
@@ -156,40 +153,14 @@ impl Raw {
     }
 }
 
-/// The gateway's test configuration, with clean sessions local to the
-/// front or every session through the broker.
-fn config(local: bool) -> barngate::config::Config {
-    let mut c = test_config();
-    c.mqtt.local_sessions = local;
-    c
-}
-
-/// Runs a test body (`async fn name(local: bool)`) as two tests,
-/// `name::local` and `name::broker`: a clean session in the front alone, and
-/// every session through the embedded broker.
-macro_rules! both_paths {
-    ($name:ident) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn local() {
-                super::$name(true).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn broker() {
-                super::$name(false).await
-            }
-        }
-    };
-}
-
 fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
-both_paths!(a_publish_right_after_subscribe_gets_its_reply);
-async fn a_publish_right_after_subscribe_gets_its_reply(local: bool) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_right_after_subscribe_gets_its_reply() {
     let data = tempfile::tempdir().unwrap();
-    let gw = start_gateway(data.path(), config(local)).await;
+    let gw = start_gateway(data.path(), test_config()).await;
     let addr = gw.plain_addr.unwrap();
     // CONNECT, SUBSCRIBE and HELLO in one write, as a hurried firmware does:
     // the front must not hand the HELLO to the ingest before the broker has
@@ -240,23 +211,20 @@ fn publish_header(frame: &[u8]) -> (u8, Option<u16>) {
     )
 }
 
-both_paths!(replies_to_a_clean_session_are_written_by_the_front);
-/// A clean session's replies come from the front itself, at the QoS the
-/// broker (or the front) granted, QoS 1 numbered from 0x8000 (rumqttd uses
-/// 1–100), and the device's PUBACKs for them stay out of the broker; a
-/// persistent session's come through the broker, which can resend them.
-async fn replies_to_a_clean_session_are_written_by_the_front(local: bool) {
+/// The gateway's replies reach a clean and a persistent session through the
+/// broker, at the QoS it granted, numbered by rumqttd; the device's PUBACKs
+/// for them go back to the broker, and the session stays sound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_reach_clean_and_persistent_sessions_through_the_broker() {
     let data = tempfile::tempdir().unwrap();
-    let gw = start_gateway(data.path(), config(local)).await;
+    let gw = start_gateway(data.path(), test_config()).await;
     let addr = gw.plain_addr.unwrap();
-    let direct = || gw.metrics.commands_direct.load(Ordering::Relaxed);
     for (n, clean, qos) in [
         (1, true, QoS::AtLeastOnce),
         (2, true, QoS::AtMostOnce),
         (3, false, QoS::AtLeastOnce),
     ] {
         let mac = format!("AABBCC4400{n:02X}");
-        let before = direct();
         let mut d = Raw::open(addr).await;
         d.send(&encode(vec![
             connect_session(&mac, 30, clean),
@@ -264,7 +232,7 @@ async fn replies_to_a_clean_session_are_written_by_the_front(local: bool) {
         ]))
         .await;
         d.until(|t, _| t == 9).await;
-        for round in 0..3u16 {
+        for _ in 0..3u16 {
             d.send(&publish(
                 &format!("ESP32CAM/{mac}/status"),
                 &hello(&mac),
@@ -276,36 +244,23 @@ async fn replies_to_a_clean_session_are_written_by_the_front(local: bool) {
             let seen = d.until(|t, f| t == 3 && contains(f, "capture_image")).await;
             let (first, pkid) = publish_header(&seen.last().unwrap().1);
             assert_eq!(first & 0x06, (qos as u8) << 1, "{mac}: granted QoS");
-            match (clean, pkid) {
-                (true, Some(id)) => assert!(id >= barngate::front::FIRST_PKID, "{mac}: {id}"),
-                (false, Some(id)) => assert!(id <= 100, "{mac}: rumqttd's id {id}"),
-                (_, None) => {}
-            }
             if let Some(id) = pkid {
+                assert!(id <= 100, "{mac}: rumqttd's id {id}");
                 let [hi, lo] = id.to_be_bytes();
                 d.send(&[0x40, 0x02, hi, lo]).await;
             }
             // The session is still sound: the broker answers a PINGREQ.
             d.send(&[0xC0, 0x00]).await;
             d.until(|t, _| t == 13).await;
-            // (Counted by the ingest thread just after the hand-over, so
-            // possibly after the device has the message.)
-            let expect = if clean { round as u64 + 1 } else { 0 };
-            let deadline = Instant::now() + WAIT;
-            while direct() - before < expect && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let sent = direct() - before;
-            assert_eq!(sent, expect, "{mac}: replies written by the front");
         }
     }
     gw.shutdown().await.unwrap();
 }
 
-both_paths!(retained_and_qos2_publishes_reach_the_ingest);
-async fn retained_and_qos2_publishes_reach_the_ingest(local: bool) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_and_qos2_publishes_reach_the_ingest() {
     let data = tempfile::tempdir().unwrap();
-    let gw = start_gateway(data.path(), config(local)).await;
+    let gw = start_gateway(data.path(), test_config()).await;
     let mac = "AABBCC110001";
     let mut d = Raw::open(gw.plain_addr.unwrap()).await;
     d.send(&encode(vec![
@@ -314,7 +269,7 @@ async fn retained_and_qos2_publishes_reach_the_ingest(local: bool) {
     ]))
     .await;
     d.until(|t, _| t == 9).await;
-    // QoS 2: the front (local) or the broker answers PUBREC, then PUBCOMP
+    // QoS 2: the broker answers PUBREC, then PUBCOMP
     // to our PUBREL; the ingest still gets the HELLO.
     d.send(&publish(
         &format!("ESP32CAM/{mac}/status"),
@@ -329,8 +284,7 @@ async fn retained_and_qos2_publishes_reach_the_ingest(local: bool) {
     let seen = d.until(|t, f| t == 3 && contains(f, "capture_image")).await;
     let _ = seen;
     assert!(gw.store.device(mac).unwrap().is_some());
-    // Retained (QoS 1): a broker session's goes through the broker, whose
-    // PUBACK answers it; a local session's goes to the ingest like any other.
+    // Retained (QoS 1): through the broker, whose PUBACK answers it.
     let hellos = gw.metrics.hellos.load(Ordering::Relaxed);
     d.send(&publish(
         &format!("ESP32CAM/{mac}/status"),
@@ -349,10 +303,10 @@ async fn retained_and_qos2_publishes_reach_the_ingest(local: bool) {
     gw.shutdown().await.unwrap();
 }
 
-both_paths!(the_front_keeps_the_devices_keep_alive);
-async fn the_front_keeps_the_devices_keep_alive(local: bool) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_keeps_the_devices_keep_alive() {
     let data = tempfile::tempdir().unwrap();
-    let gw = start_gateway(data.path(), config(local)).await;
+    let gw = start_gateway(data.path(), test_config()).await;
     let addr = gw.plain_addr.unwrap();
 
     // Keep-alive 1 s and only publishes (no PINGREQ, as a busy client does):
@@ -416,7 +370,7 @@ async fn the_front_keeps_the_devices_keep_alive(local: bool) {
 /// A front alone, on a plaintext loopback listener, whose "broker" accepts
 /// connections and never answers, and whose ingest queue the test reads.
 struct Bare {
-    front: barngate::front::Front,
+    _front: barngate::front::Front,
     addr: SocketAddr,
     from_front: flume::Receiver<barngate::broker::Inbound>,
     metrics: std::sync::Arc<barngate::metrics::Metrics>,
@@ -424,7 +378,7 @@ struct Bare {
     _stop: tokio::sync::watch::Sender<bool>,
 }
 
-async fn bare_front(local: bool) -> Bare {
+async fn bare_front() -> Bare {
     use barngate::front::{Front, FrontConfig};
     use barngate::metrics::Metrics;
     use std::sync::Arc;
@@ -451,7 +405,6 @@ async fn bare_front(local: bool) -> Bare {
             handshake_timeout: Duration::from_millis(300),
             max_packet_size: 1 << 16,
             passwords: barngate::devpass::PasswordStore::new(dir.path()),
-            local_sessions: local,
             max_filters_per_subscribe: 8,
             max_filters_per_session: 16,
         },
@@ -463,7 +416,7 @@ async fn bare_front(local: bool) -> Bare {
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(front.clone().run_plain(listener, stop_rx));
     Bare {
-        front,
+        _front: front,
         addr,
         from_front,
         metrics,
@@ -474,11 +427,10 @@ async fn bare_front(local: bool) -> Bare {
 
 /// If the broker never acknowledges the CONNECT, a device's publish is not
 /// handed to the ingest (its reply could not reach the device): the session
-/// closes after the handshake timeout with `broker_timeout`. (A session
-/// through the broker: a local one never waits for it.)
+/// closes after the handshake timeout with `broker_timeout`.
 #[tokio::test]
 async fn a_broker_that_never_acknowledges_closes_the_session() {
-    let bare = bare_front(false).await;
+    let bare = bare_front().await;
     let (addr, from_front, metrics) = (bare.addr, &bare.from_front, &bare.metrics);
 
     let mac = "AABBCC330001";
@@ -515,36 +467,17 @@ fn only_session_ends(rx: &flume::Receiver<barngate::broker::Inbound>) -> bool {
         .all(|m| matches!(m.payload, barngate::broker::Payload::SessionEnded))
 }
 
-/// The topic and raw payload of what the front handed to the ingest.
-fn handed(m: barngate::broker::Inbound) -> (String, Vec<u8>) {
-    let payload = match m.payload {
-        barngate::broker::Payload::Raw(b) => b.to_vec(),
-        barngate::broker::Payload::Chunk(_) => b"<chunk>".to_vec(),
-        barngate::broker::Payload::SessionEnded => b"<session ended>".to_vec(),
-    };
-    (String::from_utf8_lossy(&m.topic).into_owned(), payload)
-}
-
-/// A local session with a broker that never answers: the front alone
-/// answers CONNECT, SUBSCRIBE (at most QoS 1 granted), PINGREQ, QoS 2 (a
-/// resend before the PUBREL is not handed over twice), retained publishes
-/// and UNSUBSCRIBE, writes the gateway's replies itself, and hands the will
-/// to the ingest when the connection drops without DISCONNECT — and not
-/// after one.
+/// A session's will goes through the broker: published when the connection
+/// drops without DISCONNECT (the ingest gets it, here a HELLO), not after a
+/// DISCONNECT. The CONNACK accepts a clean session with no session present.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_local_session_is_served_by_the_front_alone() {
-    use rumqttd::protocol::{LastWill, Unsubscribe};
-    let bare = bare_front(true).await;
+async fn the_will_is_published_on_a_drop_and_not_after_disconnect() {
+    use rumqttd::protocol::LastWill;
+    let data = tempfile::tempdir().unwrap();
+    let gw = start_gateway(data.path(), test_config()).await;
+    let addr = gw.plain_addr.unwrap();
     let mac = "AABBCC550001";
-    let status = format!("ESP32CAM/{mac}/status");
-    let cmd = format!("ESP32CAM/{mac}/cmd");
-    let will = |text: &str| LastWill {
-        topic: status.clone().into_bytes().into(),
-        message: text.as_bytes().to_vec().into(),
-        qos: QoS::AtLeastOnce,
-        retain: false,
-    };
-    let connect_will = |w: LastWill| {
+    let connect_will = || {
         Packet::Connect(
             Connect {
                 keep_alive: 30,
@@ -552,164 +485,46 @@ async fn a_local_session_is_served_by_the_front_alone() {
                 clean_session: true,
             },
             None,
-            Some(w),
+            Some(LastWill {
+                topic: format!("ESP32CAM/{mac}/status").into_bytes().into(),
+                message: hello(mac).into(),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+            }),
             None,
             None,
         )
     };
-    let mut d = Raw::open(bare.addr).await;
-    let mut sub = subscribe_qos(3, cmd.clone(), QoS::ExactlyOnce);
-    if let Packet::Subscribe(s, _) = &mut sub {
-        s.filters.push(Filter {
-            path: format!("ESP32CAM/{mac}/ack"),
-            qos: QoS::AtMostOnce,
-            nolocal: false,
-            preserve_retain: false,
-            retain_forward_rule: RetainForwardRule::OnEverySubscribe,
-        });
-    }
-    d.send(&encode(vec![connect_will(will("gone")), sub])).await;
-    let (t, connack) = d.next(WAIT).await.unwrap();
-    assert_eq!((t, &connack[..]), (2, &[0x20, 0x02, 0x00, 0x00][..]));
-    let (t, suback) = d.next(WAIT).await.unwrap();
-    assert_eq!(
-        (t, &suback[..]),
-        (9, &[0x90, 0x04, 0x00, 0x03, 0x01, 0x00][..]),
-        "QoS 2 granted as 1, QoS 0 as 0"
-    );
-
-    // The gateway's reply, written by the front at the granted QoS 1.
-    let outlet = bare.front.outlet();
-    outlet
-        .deliver(mac, cmd.clone(), b"{\"hi\":1}".to_vec())
-        .expect("subscribed: taken directly");
-    let (t, p) = d.next(WAIT).await.unwrap();
-    let (first, pkid) = publish_header(&p);
-    assert_eq!((t, first & 0x06), (3, 0x02));
-    assert!(pkid.unwrap() >= barngate::front::FIRST_PKID);
-    assert!(
-        outlet
-            .deliver(mac, format!("ESP32CAM/{mac}/other"), vec![])
-            .is_err(),
-        "not subscribed: not taken"
-    );
-
-    d.send(&[0xC0, 0x00]).await;
-    assert_eq!(d.next(WAIT).await.unwrap().0, 13, "PINGRESP");
-
-    // QoS 2, sent twice before the PUBREL: one hand-over, two PUBRECs.
-    let hello2 = publish(&status, &hello(mac), 2, false, 9);
-    d.send(&hello2).await;
-    d.send(&hello2).await;
-    for _ in 0..2 {
-        let (t, f) = d.next(WAIT).await.unwrap();
-        assert_eq!((t, &f[..]), (5, &[0x50, 0x02, 0x00, 0x09][..]));
-    }
-    d.send(&[0x62, 0x02, 0x00, 0x09]).await;
-    let (t, f) = d.next(WAIT).await.unwrap();
-    assert_eq!((t, &f[..]), (7, &[0x70, 0x02, 0x00, 0x09][..]), "PUBCOMP");
-    // Released: the same id is a new message.
-    d.send(&publish(&status, b"again", 2, false, 9)).await;
-    assert_eq!(d.next(WAIT).await.unwrap().0, 5);
-    // Retained, QoS 1: to the ingest, PUBACK from the front.
-    d.send(&publish(&status, b"kept", 1, true, 10)).await;
-    let (t, f) = d.next(WAIT).await.unwrap();
-    assert_eq!((t, &f[..]), (4, &[0x40, 0x02, 0x00, 0x0A][..]));
-
-    d.send(&encode(vec![Packet::Unsubscribe(
-        Unsubscribe {
-            pkid: 11,
-            filters: vec![cmd.clone()],
-        },
-        None,
-    )]))
-    .await;
-    let (t, f) = d.next(WAIT).await.unwrap();
-    assert_eq!((t, &f[..]), (11, &[0xB0, 0x02, 0x00, 0x0B][..]), "UNSUBACK");
-    assert!(outlet.deliver(mac, cmd.clone(), vec![]).is_err());
-
-    // Dropped without DISCONNECT: the will follows everything else.
-    drop(d);
-    let mut got = Vec::new();
-    while got.len() < 4 {
-        let m = tokio::time::timeout(WAIT, bare.from_front.recv_async())
-            .await
-            .expect("handed over in time")
-            .unwrap();
-        got.push(handed(m));
-    }
-    let payloads: Vec<&[u8]> = got.iter().map(|(_, p)| &p[..]).collect();
-    assert_eq!(
-        payloads,
-        vec![&hello(mac)[..], b"again", b"kept", b"gone"],
-        "each once, the will last"
-    );
-    assert!(got.iter().all(|(t, _)| *t == status));
-
-    // With DISCONNECT: no will.
-    let mut d = Raw::open(bare.addr).await;
-    d.send(&encode(vec![connect_will(will("not sent"))])).await;
-    assert_eq!(d.next(WAIT).await.unwrap().0, 2);
-    d.send(&[0xE0, 0x00]).await;
-    assert!(d.next(WAIT).await.is_none(), "closed after DISCONNECT");
-    let deadline = Instant::now() + WAIT;
-    while !bare.front.connected().is_empty() {
-        assert!(Instant::now() < deadline, "session released");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(
-        only_session_ends(&bare.from_front),
-        "no will after DISCONNECT"
-    );
-    assert_eq!(bare.metrics.rejected("broker_timeout"), 0);
-}
-
-/// A persistent session goes through the broker (which keeps it), and so
-/// does the device's next clean session, which makes the broker discard
-/// the kept one; after that the device's clean sessions are local again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kept_broker_session_is_ended_through_the_broker() {
-    let data = tempfile::tempdir().unwrap();
-    let gw = start_gateway(data.path(), config(true)).await;
-    let addr = gw.plain_addr.unwrap();
-    let mac = "AABBCC660001";
-    // (clean, a local session)
-    for (clean, local) in [(false, false), (true, false), (true, true)] {
-        let mut d = Raw::open(addr).await;
-        d.send(&encode(vec![
-            connect_session(mac, 30, clean),
-            subscribe(1, format!("ESP32CAM/{mac}/cmd")),
-        ]))
-        .await;
-        d.until(|t, _| t == 9).await;
-        assert_eq!(
-            gw.metrics.connections_local.load(Ordering::Relaxed),
-            u64::from(local),
-            "clean {clean}: local session"
-        );
-        d.send(&publish(
-            &format!("ESP32CAM/{mac}/status"),
-            &hello(mac),
-            0,
-            false,
-            0,
-        ))
-        .await;
-        let seen = d.until(|t, f| t == 3 && contains(f, "capture_image")).await;
-        let (_, pkid) = publish_header(&seen.last().unwrap().1);
-        let id = pkid.expect("QoS 1");
-        assert_eq!(
-            id >= barngate::front::FIRST_PKID,
-            clean,
-            "clean {clean}: written by the front (packet id {id})"
-        );
-        let [hi, lo] = id.to_be_bytes();
-        d.send(&[0x40, 0x02, hi, lo, 0xE0, 0x00]).await;
+    let hellos = || gw.metrics.hellos.load(Ordering::Relaxed);
+    let disconnected = || async {
         let deadline = Instant::now() + WAIT;
         while gw.metrics.connections.load(Ordering::Relaxed) > 0 {
             assert!(Instant::now() < deadline, "disconnected");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    };
+
+    // With DISCONNECT: no will.
+    let mut d = Raw::open(addr).await;
+    d.send(&encode(vec![connect_will()])).await;
+    let (t, connack) = d.next(WAIT).await.unwrap();
+    assert_eq!((t, &connack[..]), (2, &[0x20, 0x02, 0x00, 0x00][..]));
+    d.send(&[0xE0, 0x00]).await;
+    assert!(d.next(WAIT).await.is_none(), "closed after DISCONNECT");
+    disconnected().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hellos(), 0, "no will after DISCONNECT");
+
+    // Dropped without DISCONNECT: the will reaches the ingest.
+    let mut d = Raw::open(addr).await;
+    d.send(&encode(vec![connect_will()])).await;
+    assert_eq!(d.next(WAIT).await.unwrap().0, 2);
+    drop(d);
+    let deadline = Instant::now() + WAIT;
+    while hellos() == 0 {
+        assert!(Instant::now() < deadline, "will not ingested");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(gw.metrics.rejected("broker_timeout"), 0);
     gw.shutdown().await.unwrap();
 }

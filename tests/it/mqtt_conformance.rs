@@ -1,13 +1,12 @@
-//! MQTT 3.1.1 conformance of the sessions that go through the embedded
-//! broker (rumqttd, vendored with the fixes in `vendor/rumqttd/PATCHES.md`)
-//! and of the front, checked over real mutual TLS with raw MQTT packets: a
+//! MQTT 3.1.1 conformance of device sessions, which the embedded broker
+//! serves (rumqttd, vendored with the fixes in `vendor/rumqttd/PATCHES.md`)
+//! behind the front, checked over real mutual TLS with raw MQTT packets: a
 //! device certificate issued by the gateway's CLI, the gateway's own TLS
 //! listener, and packets written and read byte by byte. Mosquitto 2.0's
 //! behaviour is the reference where MQTT 3.1.1 leaves a choice.
 //!
-//! A session goes through the broker when it is persistent
-//! (`clean_session = 0`), or for every session with
-//! `mqtt.local_sessions = false`. A device may publish only to its own
+//! Every session, clean (the firmware's) or persistent, goes through the
+//! broker. A device may publish only to its own
 //! `…/status` and `…/data` and subscribe only to its own `…/cmd` and
 //! `…/ack`; the ingest answers a HELLO with `capture_image` and a METADATA
 //! with `send_image`, on `…/cmd`: those answers show which publishes the
@@ -48,12 +47,10 @@ struct Site {
     _out: tempfile::TempDir,
 }
 
-async fn site(mac: &str, local_sessions: bool) -> Site {
+async fn site(mac: &str) -> Site {
     let data = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let mut cfg = test_config();
-    cfg.mqtt.local_sessions = local_sessions;
-    let gw = start_gateway_exact(data.path(), cfg).await;
+    let gw = start_gateway_exact(data.path(), test_config()).await;
     cli(
         data.path(),
         &[
@@ -319,12 +316,12 @@ fn cmd(mac: &str) -> String {
     format!("ESP32CAM/{mac}/cmd")
 }
 
-/// A persistent session through the broker, subscribed to its `…/cmd` at
-/// QoS 0, after its first HELLO was answered (so that the ingest knows the
-/// device and answers its METADATA).
-async fn persistent_device(site: &Site, mac: &str) -> Raw {
+/// A session (clean or persistent), subscribed to its `…/cmd` at QoS 0,
+/// after its first HELLO was answered (so that the ingest knows the device
+/// and answers its METADATA).
+async fn device(site: &Site, mac: &str, clean: bool) -> Raw {
     let mut d = site.open().await;
-    d.connect(mac, false).await;
+    d.connect(mac, clean).await;
     assert_eq!(d.subscribe(1, &[(&cmd(mac), QoS::AtMostOnce)]).await, [0]);
     d.send(&publish(&status(mac), &hello(mac), 0, false, 0))
         .await;
@@ -349,8 +346,8 @@ async fn send_image(d: &mut Raw) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_publish_resent_with_dup_before_pubrel_is_delivered_once() {
     let mac = "AABBCCEE0101";
-    let site = site(mac, true).await;
-    let mut d = persistent_device(&site, mac).await;
+    let site = site(mac).await;
+    let mut d = device(&site, mac, true).await;
     d.send(&publish(&data(mac), &metadata(mac, "a.jpg"), 2, false, 7))
         .await;
     d.expect_frame(&id_packet(PUBREC << 4, 7)).await;
@@ -378,8 +375,8 @@ async fn qos2_publish_resent_with_dup_before_pubrel_is_delivered_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_pubrel_releases_the_message_with_its_packet_id() {
     let mac = "AABBCCEE0201";
-    let site = site(mac, true).await;
-    let mut d = persistent_device(&site, mac).await;
+    let site = site(mac).await;
+    let mut d = device(&site, mac, true).await;
     for (name, pkid) in [("a.jpg", 7), ("b.jpg", 8)] {
         d.send(&publish(&data(mac), &metadata(mac, name), 2, false, pkid))
             .await;
@@ -402,8 +399,8 @@ async fn qos2_pubrel_releases_the_message_with_its_packet_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubrel_with_nothing_pending_is_answered_with_pubcomp() {
     let mac = "AABBCCEE0301";
-    let site = site(mac, true).await;
-    let mut d = persistent_device(&site, mac).await;
+    let site = site(mac).await;
+    let mut d = device(&site, mac, true).await;
     d.send(&pubrel(42)).await;
     d.expect_frame(&id_packet(PUBCOMP << 4, 42)).await;
     // Completed, then released again: PUBCOMP again, nothing delivered twice.
@@ -429,8 +426,8 @@ async fn pubrel_with_nothing_pending_is_answered_with_pubcomp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubrel_resent_after_reconnect_completes_the_qos2_delivery() {
     let mac = "AABBCCEE0401";
-    let site = site(mac, true).await;
-    let mut d = persistent_device(&site, mac).await;
+    let site = site(mac).await;
+    let mut d = device(&site, mac, false).await;
     d.send(&publish(&data(mac), &metadata(mac, "a.jpg"), 2, false, 5))
         .await;
     d.expect_frame(&id_packet(PUBREC << 4, 5)).await;
@@ -452,8 +449,8 @@ async fn pubrel_resent_after_reconnect_completes_the_qos2_delivery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resubscribe_at_another_qos_replaces_the_subscription() {
     let mac = "AABBCCEE0501";
-    let site = site(mac, true).await;
-    let mut d = persistent_device(&site, mac).await;
+    let site = site(mac).await;
+    let mut d = device(&site, mac, true).await;
     let mut pkid = 2;
     for qos in [QoS::AtLeastOnce, QoS::AtMostOnce, QoS::AtLeastOnce] {
         let granted = d.subscribe(pkid, &[(&cmd(mac), qos)]).await;
@@ -479,8 +476,7 @@ async fn resubscribe_at_another_qos_replaces_the_subscription() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsubscribe_gets_exactly_one_unsuback_even_for_unknown_filters() {
     let mac = "AABBCCEE0601";
-    // Every session through the broker: a clean one too.
-    let site = site(mac, false).await;
+    let site = site(mac).await;
     let ack = format!("ESP32CAM/{mac}/ack");
     for clean in [true, false] {
         let mut d = site.open().await;
@@ -520,7 +516,7 @@ async fn unsubscribe_gets_exactly_one_unsuback_even_for_unknown_filters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_session_redelivers_unacknowledged_qos1_publish_with_dup() {
     let mac = "AABBCCEE0701";
-    let site = site(mac, true).await;
+    let site = site(mac).await;
     let mut d = site.open().await;
     d.connect(mac, false).await;
     d.subscribe(1, &[(&cmd(mac), QoS::AtLeastOnce)]).await;
@@ -564,12 +560,12 @@ async fn persistent_session_redelivers_unacknowledged_qos1_publish_with_dup() {
 /// Finding: a SUBSCRIBE whose fixed header flags were not the reserved
 /// 0b0010 was accepted. MQTT-3.8.1-1 (and MQTT-3.10.1-1 for UNSUBSCRIBE,
 /// MQTT-3.6.1-1 for PUBREL, MQTT-2.2.2-2): the server treats it as
-/// malformed and closes the connection. On both paths: a local session (the
-/// front alone) and a persistent one (through the broker).
+/// malformed and closes the connection, in a clean session and a persistent
+/// one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packets_with_wrong_reserved_flags_close_the_connection() {
     let mac = "AABBCCEE0801";
-    let site = site(mac, true).await;
+    let site = site(mac).await;
     let filter = cmd(mac);
     let mut sub = vec![0x80, (2 + 2 + filter.len() + 1) as u8, 0x00, 0x01];
     sub.extend_from_slice(&(filter.len() as u16).to_be_bytes());
@@ -603,7 +599,7 @@ async fn packets_with_wrong_reserved_flags_close_the_connection() {
         0,
         "a malformed packet is no identity violation"
     );
-    // The correct flags are accepted on both paths.
+    // The correct flags are accepted in both.
     for clean in [true, false] {
         let mut d = site.open().await;
         d.connect(mac, clean).await;
@@ -657,7 +653,7 @@ impl std::io::Write for LogWriter {
 }
 
 /// Finding (fixed in the front before these tests, pinned here over mutual
-/// TLS on both paths): a keep-alive expiry and a malformed packet were
+/// TLS for clean and persistent sessions): a keep-alive expiry and a malformed packet were
 /// logged as identity violations. Each is logged and counted as what it is
 /// (`keepalive_timeout`, `malformed_mqtt`), and neither is an identity
 /// violation (MQTT 3.1.1 §3.1.2.10, §4.8).
@@ -665,7 +661,7 @@ impl std::io::Write for LogWriter {
 async fn keepalive_expiry_and_malformed_packets_are_logged_as_what_they_are() {
     let log = captured_log();
     let mac = "AABBCCEE0901";
-    let site = site(mac, true).await;
+    let site = site(mac).await;
     for clean in [true, false] {
         // Silent past 1.5 × a keep-alive of 1 s.
         let mut d = site.open().await;
