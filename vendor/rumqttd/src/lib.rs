@@ -21,6 +21,8 @@ use tracing_subscriber::{
 };
 
 pub use link::alerts;
+// barngate patch
+pub use link::embedded;
 pub use link::local;
 pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};

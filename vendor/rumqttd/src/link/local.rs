@@ -99,6 +99,32 @@ impl<'a> LinkBuilder<'a> {
     }
 
     pub fn build(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let (router_tx, incoming, link_rx, outgoing) = self.register()?;
+        link_rx.recv()?;
+        Self::admitted(router_tx, incoming, link_rx, outgoing)
+    }
+
+    /// barngate patch: [`LinkBuilder::build`] for async callers: waits for
+    /// the router's answer without blocking the thread.
+    pub async fn build_async(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let (router_tx, incoming, link_rx, outgoing) = self.register()?;
+        link_rx.recv_async().await?;
+        Self::admitted(router_tx, incoming, link_rx, outgoing)
+    }
+
+    /// Sends the connection to the router (the first half of `build`).
+    #[allow(clippy::type_complexity)]
+    fn register(
+        self,
+    ) -> Result<
+        (
+            Sender<(ConnectionId, Event)>,
+            Arc<Mutex<VecDeque<Packet>>>,
+            Receiver<()>,
+            Arc<Mutex<VecDeque<Notification>>>,
+        ),
+        LinkError,
+    > {
         // Connect to router
         // Local connections to the router shall have access to all subscriptions
         let mut connection = Connection::new(
@@ -123,9 +149,26 @@ impl<'a> LinkBuilder<'a> {
         };
 
         self.router_tx.send((0, event))?;
+        Ok((
+            self.router_tx,
+            incoming_data_buffer,
+            link_rx,
+            outgoing_data_buffer,
+        ))
+    }
 
-        link_rx.recv()?;
-        let notification = outgoing_data_buffer.lock().pop_front().unwrap();
+    /// The router has answered the connection (the second half of `build`).
+    fn admitted(
+        router_tx: Sender<(ConnectionId, Event)>,
+        incoming_data_buffer: Arc<Mutex<VecDeque<Packet>>>,
+        link_rx: Receiver<()>,
+        outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
+    ) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        // barngate patch: an error, not a panic, if the answer is missing.
+        let notification = outgoing_data_buffer
+            .lock()
+            .pop_front()
+            .ok_or(LinkError::NotConnectionAck)?;
 
         // Right now link identifies failure with dropped rx in router,
         // which is probably ok. We need this here to get id assigned by router
@@ -134,8 +177,8 @@ impl<'a> LinkBuilder<'a> {
             _message => return Err(LinkError::NotConnectionAck),
         };
 
-        let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        let tx = LinkTx::new(id, router_tx.clone(), incoming_data_buffer);
+        let rx = LinkRx::new(id, router_tx, link_rx, outgoing_data_buffer);
         Ok((tx, rx, notification))
     }
 }
@@ -157,6 +200,11 @@ impl LinkTx {
             router_tx,
             recv_buffer,
         }
+    }
+
+    /// barngate patch: the router's queue (for `embedded`).
+    pub(crate) fn router_tx(&self) -> &Sender<(ConnectionId, Event)> {
+        &self.router_tx
     }
 
     pub fn buffer(&self) -> MutexGuard<RawMutex, VecDeque<Packet>> {
@@ -319,8 +367,9 @@ impl LinkTx {
 pub struct LinkRx {
     connection_id: ConnectionId,
     router_tx: Sender<(ConnectionId, Event)>,
-    router_rx: Receiver<()>,
-    send_buffer: Arc<Mutex<VecDeque<Notification>>>,
+    // barngate patch: pub(crate) for `embedded`.
+    pub(crate) router_rx: Receiver<()>,
+    pub(crate) send_buffer: Arc<Mutex<VecDeque<Notification>>>,
     cache: VecDeque<Notification>,
 }
 

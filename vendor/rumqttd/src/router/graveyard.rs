@@ -53,6 +53,17 @@ impl Graveyard {
         );
     }
 
+    /// barngate patch: whether a saved persistent session is subscribed to
+    /// `filter` (its log must stay for the session's return).
+    pub fn holds(&self, filter: &str) -> bool {
+        self.connections.values().any(|saved| {
+            saved
+                .session_state
+                .as_ref()
+                .is_some_and(|s| s.subscriptions.contains(filter))
+        })
+    }
+
     /// Save only metrics for connection
     pub fn save_metrics(&mut self, id: String, metrics: ConnectionEvents) {
         self.connections.insert(

@@ -171,6 +171,26 @@ impl DataLog {
         }
     }
 
+    /// barngate patch: forgets a filter no session is subscribed to, with
+    /// its log. Only a wildcard-free filter outside `$`: it matches one
+    /// topic, its own name, so one `publish_filters` entry holds its index
+    /// (which the slab may give to another filter next).
+    pub fn remove_filter(&mut self, filter: &str) {
+        if has_wildcard(filter) || filter.starts_with('$') {
+            return;
+        }
+        let Some(idx) = self.filter_indexes.remove(filter) else {
+            return;
+        };
+        if let Some(filters) = self.publish_filters.get_mut(filter) {
+            filters.retain(|i| *i != idx);
+            if filters.is_empty() {
+                self.publish_filters.remove(filter);
+            }
+        }
+        self.native.remove(idx);
+    }
+
     pub fn next_native_offset(&mut self, filter: &str) -> (FilterIdx, Offset) {
         let publish_filters = &mut self.publish_filters;
         let filter_indexes = &mut self.filter_indexes;
@@ -189,10 +209,21 @@ impl DataLog {
                 self.filter_indexes.insert(filter.to_owned(), idx);
 
                 // Match new filter to existing topics and add to publish_filters if it matches
-                for (topic, filters) in publish_filters.iter_mut() {
-                    if matches(topic, filter) {
-                        filters.push(idx);
+                // barngate patch: a wildcard-free filter matches one topic,
+                // its own name (a map lookup); only a wildcard filter is
+                // matched against every topic seen. Upstream scanned every
+                // topic for each new filter: with two filters and a reply
+                // topic per device, O(devices²) when a thousand wake.
+                if has_wildcard(filter) {
+                    for (topic, filters) in publish_filters.iter_mut() {
+                        if matches(topic, filter) {
+                            filters.push(idx);
+                        }
                     }
+                } else if filter.starts_with('$') {
+                    // `matches` matches no `$` topic.
+                } else if let Some(filters) = publish_filters.get_mut(filter) {
+                    filters.push(idx);
                 }
 
                 (idx, self.native.get(idx).unwrap())
@@ -374,7 +405,9 @@ where
         // max_segment_size: usize, max_mem_segments: usize
         let log = CommitLog::new(max_segment_size, max_mem_segments).unwrap();
 
-        let waiters = Waiters::with_capacity(10);
+        // barngate patch: grows on demand (was room for 10 requests, ~1 KB
+        // for each of a device's filters).
+        let waiters = Waiters::with_capacity(0);
         let metrics = SubscriptionMeter::default();
         Data {
             filter: filter.to_owned(),
@@ -576,6 +609,39 @@ mod test {
         data.matches("topic/a");
 
         assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 1);
+    }
+
+    /// barngate patch: a forgotten filter's slab index, given to the next
+    /// new filter, carries only that filter's topic; a re-created filter
+    /// gets its topic back; wildcard filters are kept.
+    #[test]
+    fn a_removed_filters_index_carries_no_old_topic() {
+        let config = RouterConfig {
+            max_segment_size: 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Strategy::RoundRobin,
+        };
+        let mut data = DataLog::new(config).unwrap();
+        let (wild, _) = data.next_native_offset("dev/+/cmd");
+        let (a, _) = data.next_native_offset("dev/a/cmd");
+        assert_eq!(data.matches("dev/a/cmd"), Some(vec![wild, a]));
+        data.remove_filter("dev/a/cmd");
+        data.remove_filter("dev/+/cmd");
+        assert_eq!(data.matches("dev/a/cmd"), Some(vec![wild]), "only the wildcard");
+        let (b, _) = data.next_native_offset("dev/b/cmd");
+        assert_eq!(b, a, "the slab gives the index to the next filter");
+        assert_eq!(data.matches("dev/a/cmd"), Some(vec![wild]));
+        assert_eq!(data.matches("dev/b/cmd"), Some(vec![wild, b]));
+        let (a2, _) = data.next_native_offset("dev/a/cmd");
+        assert_eq!(data.matches("dev/a/cmd"), Some(vec![wild, a2]));
+        // An exact `$` filter is matched by no topic, as upstream.
+        data.matches("$SYS/x");
+        data.next_native_offset("$SYS/x");
+        assert_eq!(data.matches("$SYS/x"), Some(vec![]));
     }
 
     //     #[test]

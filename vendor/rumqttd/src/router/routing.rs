@@ -541,10 +541,24 @@ impl Router {
                 ackslog.take_recorded(),
             );
         } else {
-            tracker.pause(PauseReason::Busy);
-            let id = tracker.id.clone();
-            // Only save metrics in clean session
-            self.graveyard.save_metrics(id, connection.events);
+            // barngate patch: a clean session leaves nothing behind (MQTT
+            // 3.1.1 §3.1.2.4). Upstream kept its event history in the
+            // graveyard, and every filter it had subscribed to with that
+            // filter's whole log (up to `max_segment_count` segments of
+            // `max_segment_size`), for every client id that ever connected:
+            // memory that grew with every message the broker ever sent to a
+            // client that had gone. A filter no session is subscribed to
+            // any more, online or saved, is forgotten with its log.
+            for filter in connection.subscriptions.iter() {
+                let unused = self
+                    .subscription_map
+                    .get(filter)
+                    .is_none_or(|c| c.is_empty());
+                if unused && !self.graveyard.holds(filter) {
+                    self.subscription_map.remove(filter);
+                    self.datalog.remove_filter(filter);
+                }
+            }
         }
         self.router_meters.total_connections -= 1;
     }
@@ -564,8 +578,11 @@ impl Router {
         let span = tracing::error_span!("incoming_payload", client_id);
         let _guard = span.enter();
 
-        // Instead of exchanging, we should just append new incoming packets inside cache
-        let mut packets = incoming.exchange(self.cache.take().unwrap());
+        // barngate patch: the connection's queue is exchanged for an empty
+        // one, not for the router's cache: the cache's capacity moved to
+        // whichever connection sent last, so every connection kept a queue
+        // of packets (392 B each) grown by some other connection's burst.
+        let mut packets = incoming.exchange(VecDeque::new());
 
         let mut force_ack = false;
         let mut new_data = false;
@@ -907,7 +924,7 @@ impl Router {
             }
         }
 
-        self.cache = Some(packets);
+        drop(packets);
 
         // Prepare AcksRequest in tracker if router is operating in a
         // single node mode or force ack request for subscriptions
@@ -1438,6 +1455,9 @@ fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
     }
 
     debug!(acks_count = count, "Acks sent to device");
+    // barngate patch: an idle connection keeps no room for acks (an `Ack`
+    // is ~ 250 B; the queue grew to hold a CONNACK and a SUBACK or two).
+    acks.shrink_to_fit();
     outgoing.handle.try_send(()).ok();
     true
 }

@@ -147,6 +147,12 @@ impl Broker {
         Ok(link)
     }
 
+    /// barngate patch: starts sessions whose transport the application
+    /// drives (`embedded`); needs no listener and no `start`.
+    pub fn attach(&self) -> crate::embedded::Attach {
+        crate::embedded::Attach::new(self.router_tx.clone())
+    }
+
     pub fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), local::LinkError> {
         // Register this connection with the router. Router replies with ack which if ok will
         // start the link. Router can sometimes reject the connection (ex. max connection limit).
