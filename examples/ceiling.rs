@@ -33,7 +33,7 @@ impl Img {
     }
 }
 
-/// rumqttd with the gateway's settings (`broker::rumqttd_config`) and a
+/// rumqttd with the gateway's settings (`broker::rumqttd_listener_config`) and a
 /// local link subscribed to `ESP32CAM/#` that stores nothing. It answers
 /// HELLO with capture_image (or, with `pendingImg` > 0, the ACK_OK cue with
 /// an empty image name), METADATA with send_image; it notes the chunk ids
@@ -62,7 +62,7 @@ fn main() {
     }
     let addr = barngate::broker::free_loopback_port().expect("a free loopback port");
     let config =
-        barngate::broker::rumqttd_config(&barngate::config::MqttConfig::default(), addr, None);
+        barngate::broker::rumqttd_listener_config(&barngate::config::MqttConfig::default(), addr);
     let mut broker = Broker::new(config);
     let (mut tx, mut rx) = broker.link("ceiling").unwrap();
     tx.subscribe("ESP32CAM/#").unwrap();

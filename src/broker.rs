@@ -1,14 +1,14 @@
 //! The embedded rumqttd broker and the ingest loop that consumes device
 //! messages.
 //!
-//! rumqttd listens on loopback only; devices reach it through the gateway's
-//! front (`front`). The ingest reads one bounded queue of [`Inbound`]
-//! messages fed from two places:
+//! rumqttd has no listener: devices reach it only through the gateway's
+//! front (`front`), which attaches each device's session in its router.
+//! The ingest reads one bounded queue of [`Inbound`] messages fed from two
+//! places:
 //!
 //! - the front hands over a device's QoS 0/1 PUBLISHes to its own topics
-//!   directly (the bulk: every chunk), so they skip the loopback socket and
-//!   the router; chunks arrive parsed ([`Payload::Chunk`]), decoded on the
-//!   front's threads;
+//!   directly (the bulk: every chunk), so they skip the router; chunks
+//!   arrive parsed ([`Payload::Chunk`]), decoded on the front's threads;
 //! - a local link subscribed to both dialects' device topics carries what
 //!   goes through the broker (wills, retained or QoS 2 publishes). Its
 //!   pump thread honours the link contract: on `Notification::Unschedule` it
@@ -30,17 +30,15 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{error, info};
+use tracing::info;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("cannot reserve a loopback port for the embedded broker: {0}")]
+    #[error("cannot reserve a free loopback port: {0}")]
     Port(std::io::Error),
     /// Boxed: rumqttd's link error carries a whole router event.
     #[error("embedded broker link: {0}")]
     Link(Box<LinkError>),
-    #[error("cannot start the broker thread: {0}")]
-    Thread(std::io::Error),
     #[error(transparent)]
     Ingest(#[from] IngestError),
 }
@@ -81,8 +79,8 @@ pub fn pump_link(mut rx: LinkRx, to_ingest: flume::Sender<Inbound>) {
 }
 
 pub struct EmbeddedBroker {
-    /// Where the broker listens (loopback).
-    pub addr: SocketAddr,
+    /// Starts the device sessions the front serves.
+    pub attach: rumqttd::embedded::Attach,
     pub link_tx: LinkTx,
     pub link_rx: LinkRx,
 }
@@ -93,32 +91,9 @@ pub fn free_loopback_port() -> Result<SocketAddr, BrokerError> {
     l.local_addr().map_err(BrokerError::Port)
 }
 
-/// The embedded broker's rumqttd settings: one plaintext v4 listener on
-/// `listen` (loopback), the router sized from `[mqtt]`. `auth_secret`, when
-/// given, is the password every connection must present. The benchmark's
-/// ceiling (`examples/ceiling.rs`) runs on the same settings.
-pub fn rumqttd_config(cfg: &MqttConfig, listen: SocketAddr, auth_secret: Option<String>) -> Config {
-    let mut connections = ConnectionSettings {
-        connection_timeout_ms: 60_000,
-        max_payload_size: cfg.max_payload_size,
-        max_inflight_count: 100,
-        auth: None,
-        external_auth: None,
-        dynamic_filters: false,
-    };
-    if let Some(secret) = auth_secret {
-        connections.set_auth_handler(move |_client_id, _user, pass| {
-            let ok = pass == secret;
-            async move { ok }
-        });
-    }
-    let server = ServerSettings {
-        name: "barngate-loopback".into(),
-        listen,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections,
-    };
+/// The embedded broker's rumqttd settings: no listener (the front attaches
+/// every session), the router sized from `[mqtt]`.
+pub fn rumqttd_config(cfg: &MqttConfig) -> Config {
     Config {
         id: 0,
         router: RouterConfig {
@@ -130,86 +105,48 @@ pub fn rumqttd_config(cfg: &MqttConfig, listen: SocketAddr, auth_secret: Option<
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
-        v4: Some(HashMap::from([("loopback".to_string(), server)])),
         ..Default::default()
     }
 }
 
-/// Starts rumqttd on a loopback port, on its own threads, and returns the
-/// ingest's local link, already subscribed. `auth_secret`, when given, is
-/// the password every MQTT connection must present (the front supplies it).
-pub fn start(cfg: &MqttConfig, auth_secret: Option<String>) -> Result<EmbeddedBroker, BrokerError> {
-    let addr = free_loopback_port()?;
-    let config = rumqttd_config(cfg, addr, auth_secret.clone());
-    let mut broker = Broker::new(config);
+/// The same router with one plaintext v4 listener on `listen`: bare rumqttd,
+/// the benchmark's ceiling (`examples/ceiling.rs`).
+pub fn rumqttd_listener_config(cfg: &MqttConfig, listen: SocketAddr) -> Config {
+    let connections = ConnectionSettings {
+        connection_timeout_ms: 60_000,
+        max_payload_size: cfg.max_payload_size,
+        max_inflight_count: 100,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: false,
+    };
+    let server = ServerSettings {
+        name: "ceiling".into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    Config {
+        v4: Some(HashMap::from([("ceiling".to_string(), server)])),
+        ..rumqttd_config(cfg)
+    }
+}
+
+/// Starts rumqttd's router on its own thread and returns what starts device
+/// sessions in it and the ingest's local link, already subscribed.
+pub fn start(cfg: &MqttConfig) -> Result<EmbeddedBroker, BrokerError> {
+    let broker = Broker::new(rumqttd_config(cfg));
     let (mut link_tx, link_rx) = broker.link("barngate-ingest")?;
     for f in INGEST_FILTERS {
         link_tx.subscribe(f)?;
     }
-    std::thread::Builder::new()
-        .name("rumqttd".into())
-        .spawn(move || {
-            if let Err(e) = broker.start() {
-                error!(error = %e, "embedded broker stopped");
-            }
-        })
-        .map_err(BrokerError::Thread)?;
-    // The listener binds on the broker thread; wait until it admits a
-    // client. A bare TCP connect would do, but rumqttd logs every connection
-    // that sends no CONNECT as an error; a real MQTT session does not.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let err = match probe(addr, auth_secret.as_deref()) {
-            Ok(()) => break,
-            Err(e) => e,
-        };
-        if Instant::now() > deadline {
-            return Err(BrokerError::Port(std::io::Error::other(format!(
-                "broker on {addr} did not admit the gateway: {err}"
-            ))));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    info!(%addr, "embedded broker listening on loopback");
+    info!("embedded broker started (no listener: the front attaches every session)");
     Ok(EmbeddedBroker {
-        addr,
+        attach: broker.attach(),
         link_tx,
         link_rx,
     })
-}
-
-/// One MQTT session with the broker: CONNECT (with the front's credentials
-/// when the broker checks them), CONNACK accepted, close.
-fn probe(addr: SocketAddr, secret: Option<&str>) -> std::io::Result<()> {
-    use rumqttd::protocol::v4::V4;
-    use rumqttd::protocol::{Connect, Login, Packet, Protocol};
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let connect = Connect {
-        keep_alive: 10,
-        client_id: "barngate-probe".into(),
-        clean_session: true,
-    };
-    let login = secret.map(|p| Login {
-        username: crate::front::BROKER_USER.into(),
-        password: p.to_string(),
-    });
-    let mut buf = bytes::BytesMut::new();
-    V4.write(Packet::Connect(connect, None, None, None, login), &mut buf)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    s.write_all(&buf)?;
-    let mut connack = [0u8; 4];
-    s.read_exact(&mut connack)?;
-    if connack[0] != 0x20 || connack[3] != 0 {
-        return Err(std::io::Error::other(format!(
-            "broker refused the probe: CONNACK {connack:02x?}"
-        )));
-    }
-    // Closed without a DISCONNECT packet: rumqttd 0.20 handles a DISCONNECT
-    // and then the closed socket as two removals and logs the second as an
-    // error ("no-connection id … is already gone").
-    Ok(())
 }
 
 /// Where the ingest's publishes go: the broker, through the local link.

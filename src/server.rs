@@ -31,16 +31,6 @@ pub fn pki(data_dir: &Path) -> Pki {
     Pki::new(data_dir.join(CERTS_DIR))
 }
 
-/// A fresh random secret for the loopback broker (hex, 256 bits).
-fn broker_secret() -> Result<String, PkiError> {
-    let mut b = [0u8; 32];
-    rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut b)
-        .map_err(|_| PkiError::Random)?;
-    Ok(hex::encode(b))
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
@@ -157,8 +147,6 @@ pub struct Gateway {
     pub plain_addr: Option<SocketAddr>,
     /// The password listener (TLS, no client certificate), when configured.
     pub password_addr: Option<SocketAddr>,
-    /// The embedded broker's loopback address (admits only the front).
-    pub broker_addr: SocketAddr,
     pub pki: Pki,
     pub front: Front,
     pub http_addr: SocketAddr,
@@ -203,9 +191,7 @@ impl Gateway {
             preferred = ?tls.crypto_provider().cipher_suites.first().map(|s| s.suite()),
             "TLS cipher suite order"
         );
-        let secret = broker_secret()?;
-        let b = broker::start(&cfg.mqtt, Some(secret.clone()))?;
-        let upstream = b.addr;
+        let b = broker::start(&cfg.mqtt)?;
         let (to_ingest, inbound) = broker::ingest_queue();
         {
             let (link_rx, to_ingest) = (b.link_rx, to_ingest.clone());
@@ -220,9 +206,8 @@ impl Gateway {
         }
         let front = Front::new(
             FrontConfig {
-                upstream,
+                attach: b.attach,
                 ingest: to_ingest,
-                secret: secret.into(),
                 max_connections: cfg.mqtt.max_connections,
                 max_handshakes: cfg.mqtt.max_handshakes,
                 max_handshakes_per_ip: cfg.mqtt.max_handshakes_per_ip,
@@ -363,7 +348,6 @@ impl Gateway {
             mqtt_addr,
             plain_addr,
             password_addr,
-            broker_addr: upstream,
             pki,
             front,
             http_addr,

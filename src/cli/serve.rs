@@ -29,10 +29,7 @@ pub(super) async fn run(
     )
     .await?;
     // One line on stdout for supervisors and tests.
-    println!(
-        "barngate ready mqtt={} http={} broker={}",
-        gw.mqtt_addr, gw.http_addr, gw.broker_addr
-    );
+    println!("barngate ready mqtt={} http={}", gw.mqtt_addr, gw.http_addr);
     // systemd `Type=notify`: ready now (a no-op without NOTIFY_SOCKET).
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -11,21 +11,25 @@ use super::frame::{connack_refusal, next_frame};
 use super::identity::{Auth, Connect, Refusal};
 use super::listen::HandshakeSlot;
 use super::uplink::Uplink;
-use super::violation::{Violation, CONNACK_NOT_AUTHORIZED};
+use super::violation::{
+    Violation, CONNACK_IDENTIFIER_REJECTED, CONNACK_NOT_AUTHORIZED, CONNACK_SERVER_UNAVAILABLE,
+};
 use super::{Front, LOG_TARGET};
 use crate::ingest::queue::{Inbound, Payload};
 use crate::metrics::Metrics;
 use bytes::BytesMut;
+use rumqttd::embedded::AttachError;
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::Protocol;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::{debug, info, warn};
 
 impl Front {
-    /// One device connection after the handshake: CONNECT, then the relay
-    /// to and from its loopback connection into the broker.
+    /// One device connection after the handshake: CONNECT, then its
+    /// session in the broker, until either side ends it.
     ///
     /// The stream comes already split (its halves share it through an
     /// `Arc`): an async fn keeps its arguments for its whole life, and a TLS
@@ -125,7 +129,7 @@ impl Front {
         let Connect {
             device,
             keep_alive,
-            bytes: connect_bytes,
+            packet,
         } = connect;
 
         let (kill_tx, mut kill_rx) = watch::channel(false);
@@ -150,15 +154,36 @@ impl Front {
             return;
         }
 
-        let replies = Replies::default();
-        let result = async {
-            let up = TcpStream::connect(cfg.upstream).await?;
-            up.set_nodelay(true)?;
-            let (mut up_r, mut up_w) = up.into_split();
-            up_w.write_all(&connect_bytes).await?;
+        // The broker's session. Bounded like the CONNECT: a router too busy
+        // to answer must not hold the connection open.
+        let attached =
+            tokio::time::timeout(cfg.handshake_timeout, cfg.attach.connect(packet)).await;
+        let (link, connack) = match attached {
+            Ok(Ok(v)) => v,
+            failed => {
+                let (code, error) = match failed {
+                    Ok(Err(e @ AttachError::InvalidClientId)) => {
+                        (CONNACK_IDENTIFIER_REJECTED, e.to_string())
+                    }
+                    Ok(Err(e)) => (CONNACK_SERVER_UNAVAILABLE, e.to_string()),
+                    _ => (CONNACK_SERVER_UNAVAILABLE, "no answer in time".into()),
+                };
+                self.refuse("broker_refused");
+                warn!(target: LOG_TARGET, %peer, device = %device, error = %error, "connection refused: the broker did not admit the session");
+                let _ = dev_w.write_all(&connack_refusal(code)).await;
+                let _ = dev_w.shutdown().await;
+                self.release(&device, conn_id);
+                return;
+            }
+        };
+        let mut first = BytesMut::new();
+        if V4.write(connack, &mut first).is_err() || dev_w.write_all(&first).await.is_err() {
+            debug!(target: LOG_TARGET, %peer, device = %device, "connection closed before its CONNACK");
+        } else {
             Metrics::inc(&metrics.connections);
             let via = ident.as_ref().map_or("plaintext", |i| i.via);
             info!(target: LOG_TARGET, %peer, device = %device, auth = via, keep_alive_s = keep_alive, "device connected");
+            let replies = Replies::default();
             let (acks_tx, acks_rx) = watch::channel(0u64);
             let up = Uplink {
                 device: &device,
@@ -169,8 +194,8 @@ impl Front {
                 max_filters_per_session: cfg.max_filters_per_session,
                 ingest: &cfg.ingest,
             };
-            let to_broker = up.run(&mut dev_r, &mut buf, &mut up_w, acks_rx, &replies);
-            let to_device = downlink(&mut up_r, &mut dev_w, &replies, acks_tx);
+            let to_broker = up.run(&mut dev_r, &mut buf, &link, acks_rx, &replies);
+            let to_device = downlink(&link, &mut dev_w, &replies, acks_tx);
             let r: Result<(), Violation> = tokio::select! {
                 r = to_broker => r,
                 _ = to_device => Ok(()),
@@ -182,22 +207,21 @@ impl Front {
             metrics.connections.fetch_sub(1, Ordering::Relaxed);
             match r {
                 Ok(()) => {}
-                Err(Violation::Io(e)) => debug!(target: LOG_TARGET, %peer, device = %device, error = %e, "connection closed"),
+                Err(Violation::Io(e)) => {
+                    debug!(target: LOG_TARGET, %peer, device = %device, error = %e, "connection closed")
+                }
                 Err(v) => {
                     self.count(&v);
                     warn!(target: LOG_TARGET, %peer, device = %device, identity = %shown, reason = v.reason(), violation = %v, "connection closed: {}", v.class());
                 }
             }
             let _ = dev_w.shutdown().await;
-            Ok::<(), std::io::Error>(())
         }
-        .await;
-        // Closing the broker connection (dropped with this future) without
-        // a DISCONNECT makes the broker publish the will, unless the device
-        // sent its DISCONNECT through.
-        if let Err(e) = result {
-            warn!(target: LOG_TARGET, %peer, device = %device, error = %e, "cannot reach the embedded broker");
-        }
+        // The broker ends the session as for a closed connection: it
+        // publishes the will unless the device sent DISCONNECT. Before the
+        // session is released, so that a newer connection of the device
+        // (waiting in `take_over`) starts after it.
+        link.close().await;
         if self.release(&device, conn_id) {
             // A session replaced by a newer one of the same device ends silently.
             let _ = cfg

@@ -2,11 +2,12 @@
 //! uplink's PUBACKs ([`Replies`]), written to the device between whole
 //! packets.
 
-use super::frame::{CONNACK, SUBACK};
 use bytes::BytesMut;
-use rumqttd::protocol::v4::check;
+use rumqttd::embedded::EmbeddedLink;
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::{Packet, Protocol};
 use std::sync::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 /// Bytes of replies (the front's PUBACKs) waiting for a
@@ -80,48 +81,48 @@ impl Replies {
 
 /// The gateway-to-device half of a session: the broker's packets and the
 /// front's PUBACKs, interleaved only between whole packets. Counts the
-/// broker's CONNACK and SUBACKs into `acks` for the uplink.
-pub(super) async fn downlink<R, W>(
-    up_r: &mut R,
+/// broker's SUBACKs into `acks` for the uplink. Ends when the broker ends the
+/// session (after the device's DISCONNECT, or for a newer session).
+pub(super) async fn downlink<W>(
+    link: &EmbeddedLink,
     dev_w: &mut W,
     replies: &Replies,
     acks: watch::Sender<u64>,
 ) -> std::io::Result<()>
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // The gateway sends a device a few small commands per wake; a 1 KiB
-    // buffer keeps 1,000 idle connections small (it grows for a big one).
-    let mut from_broker = BytesMut::with_capacity(1024);
+    let mut from_broker = BytesMut::new();
     let mut ours = Vec::new();
     let mut acked = 0u64;
     loop {
-        if from_broker.capacity() - from_broker.len() < 256 {
-            from_broker.reserve(1024);
-        }
-        let mut whole = 0;
+        // Per pass: an idle session keeps no room for packets (392 B each).
+        let mut packets = Vec::new();
         tokio::select! {
-            r = up_r.read_buf(&mut from_broker) => {
-                if r? == 0 {
+            r = link.recv(&mut packets) => {
+                if r.is_err() {
                     return Ok(());
-                }
-                let before = acked;
-                while let Ok(h) = check(from_broker[whole..].iter(), usize::MAX) {
-                    if matches!(from_broker[whole] >> 4, CONNACK | SUBACK) {
-                        acked += 1;
-                    }
-                    whole += h.frame_length();
-                }
-                if acked != before {
-                    acks.send_replace(acked);
                 }
             }
             () = replies.wait() => {}
         }
-        if whole > 0 {
-            let broker_bytes = from_broker.split_to(whole);
-            dev_w.write_all(&broker_bytes).await?;
+        if !packets.is_empty() {
+            let before = acked;
+            for p in packets.drain(..) {
+                acked += u64::from(matches!(p, Packet::SubAck(..)));
+                V4.write(p, &mut from_broker).map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+                })?;
+            }
+            if acked != before {
+                acks.send_replace(acked);
+            }
+            dev_w.write_all(&from_broker).await?;
+            from_broker.clear();
+            // A big delivery's buffer is not kept by an idle session.
+            if from_broker.capacity() > 4096 {
+                from_broker = BytesMut::new();
+            }
         }
         replies.take_into(&mut ours);
         if !ours.is_empty() {

@@ -11,7 +11,6 @@ pub(super) const CONNECT: u8 = 1;
 pub(super) const PUBLISH: u8 = 3;
 pub(super) const PUBACK: u8 = 4;
 pub(super) const CONNACK: u8 = 2;
-pub(super) const SUBACK: u8 = 9;
 
 /// Reads the next whole MQTT frame (raw bytes). `Ok(None)` on a clean EOF.
 pub(super) async fn next_frame<R: AsyncRead + Unpin>(

@@ -1,16 +1,15 @@
 //! Who a connection is, and the CONNECT policy: the device identity from a
 //! client certificate, a password login or (plaintext) the client id; the
-//! CONNECT checked against it and re-encoded for the broker.
+//! CONNECT checked against it.
 
 use super::frame::{parse, CONNECT};
 use super::topics::check_publish_topic;
 use super::violation::{truncate, Violation, CONNACK_BAD_CREDENTIALS, CONNACK_NOT_AUTHORIZED};
-use super::{Front, BROKER_USER};
+use super::Front;
 use crate::devpass;
 use crate::protocol::normalize_device_id;
 use bytes::BytesMut;
-use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::{LastWill, Login, Packet, Protocol};
+use rumqttd::protocol::{LastWill, Login, Packet};
 
 /// A device's CONNECT, checked.
 pub(super) struct Connect {
@@ -18,9 +17,9 @@ pub(super) struct Connect {
     pub(super) device: String,
     /// The device's keep-alive, seconds.
     pub(super) keep_alive: u16,
-    /// The CONNECT for the broker: the broker secret as credentials, the
-    /// longest keep-alive (the front enforces the device's own).
-    pub(super) bytes: BytesMut,
+    /// The CONNECT for the broker: the device's, without its login (the
+    /// front has checked it). The front enforces the keep-alive.
+    pub(super) packet: Packet,
 }
 
 /// Who a connection is, once authenticated.
@@ -149,9 +148,8 @@ impl Front {
         }
     }
 
-    /// Validates the CONNECT and re-encodes it with the broker secret and
-    /// the longest keep-alive (the front enforces the device's own, which it
-    /// returns).
+    /// Validates the CONNECT; returns the device and the CONNECT for the
+    /// broker.
     pub(super) fn check_connect(
         &self,
         frame: BytesMut,
@@ -159,7 +157,7 @@ impl Front {
     ) -> Result<Connect, Violation> {
         check_protocol_level(&frame)?;
         let packet = parse(frame, self.inner.cfg.max_packet_size)?;
-        let Packet::Connect(mut connect, _, will, _, _) = packet else {
+        let Packet::Connect(connect, _, will, _, _) = packet else {
             return Err(Violation::NotConnect);
         };
         let claimed =
@@ -179,21 +177,10 @@ impl Front {
                 topic: truncate(&String::from_utf8_lossy(topic)),
             })?;
         }
-        let login = Login {
-            username: BROKER_USER.into(),
-            password: self.inner.cfg.secret.to_string(),
-        };
-        let keep_alive = std::mem::replace(&mut connect.keep_alive, u16::MAX);
-        let mut bytes = BytesMut::new();
-        V4.write(
-            Packet::Connect(connect, None, will, None, Some(login)),
-            &mut bytes,
-        )
-        .map_err(|e| Violation::Malformed(e.to_string()))?;
         Ok(Connect {
             device,
-            keep_alive,
-            bytes,
+            keep_alive: connect.keep_alive,
+            packet: Packet::Connect(connect, None, will, None, None),
         })
     }
 }

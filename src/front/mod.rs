@@ -17,15 +17,14 @@
 //!
 //! A violation closes the connection before any of it reaches the broker.
 //!
-//! Every session, clean or persistent, is the broker's: the front opens a
-//! loopback connection into it for each device and forwards every packet
-//! but the ingest's publishes, with the CONNECT re-encoded with the
-//! per-process broker secret as its credentials (a device's own password
-//! never reaches the broker, so the loopback broker admits the front and
-//! nothing else) and the longest keep-alive. The broker answers CONNECT,
+//! Every session, clean or persistent, is the broker's: the front attaches
+//! one in rumqttd's router for each device (`rumqttd::embedded`, in
+//! process: the broker has no listener of its own) and hands it every
+//! packet but the ingest's publishes, parsed, with the CONNECT's login
+//! removed (the front has checked it). The broker answers CONNECT,
 //! SUBSCRIBE, UNSUBSCRIBE, PINGREQ and the QoS 2 handshake, keeps retained
-//! messages, publishes the will, and carries the gateway's replies to the
-//! device.
+//! messages and persistent sessions, publishes the will, and carries the
+//! gateway's replies to the device; the front writes what it returns.
 //!
 //! A device's QoS 0/1, non-retained PUBLISHes to its own topics (every
 //! chunk) do not go through the broker: the front hands them to the ingest
@@ -80,7 +79,7 @@ use crate::pki::SharedRevoked;
 use identity::Identity;
 use listen::{password_checks, TlsMode};
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -91,9 +90,6 @@ use violation::Violation;
 /// The target of the front's log events, whichever of its files logs them.
 const LOG_TARGET: &str = module_path!();
 
-/// The user name the front presents to the loopback broker.
-pub const BROKER_USER: &str = "barngate-front";
-
 /// How long a new connection waits for the old session of the same device
 /// to be torn down.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
@@ -101,12 +97,10 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 /// Settings of the front.
 #[derive(Debug, Clone)]
 pub struct FrontConfig {
-    /// The loopback broker.
-    pub upstream: SocketAddr,
+    /// Starts each device's session in the broker.
+    pub attach: rumqttd::embedded::Attach,
     /// The ingest queue: devices' own publishes go there directly.
     pub ingest: flume::Sender<Inbound>,
-    /// The broker's per-process secret (CONNECT password).
-    pub secret: Arc<str>,
     pub max_connections: usize,
     /// TLS handshakes in progress at once, per listener (the certificate
     /// and the password listener each have this many).
@@ -302,16 +296,42 @@ impl Front {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// One broker for the unit tests that need sessions in it.
+    fn attach() -> rumqttd::embedded::Attach {
+        static BROKER: std::sync::OnceLock<rumqttd::embedded::Attach> = std::sync::OnceLock::new();
+        BROKER
+            .get_or_init(|| {
+                let b = crate::broker::start(&crate::config::MqttConfig::default())
+                    .expect("embedded broker");
+                b.attach
+            })
+            .clone()
+    }
+
+    /// A clean session of `device` in the test broker.
+    pub(crate) async fn link(device: &str) -> rumqttd::embedded::EmbeddedLink {
+        use rumqttd::protocol::{Connect, Packet};
+        let connect = Connect {
+            keep_alive: 60,
+            client_id: device.into(),
+            clean_session: true,
+        };
+        let (link, _connack) = attach()
+            .connect(Packet::Connect(connect, None, None, None, None))
+            .await
+            .expect("a session");
+        link
+    }
 
     pub(super) fn front() -> (tempfile::TempDir, Front) {
         let dir = tempfile::tempdir().unwrap();
         let (ingest, _) = flume::bounded(1);
         let cfg = FrontConfig {
-            upstream: "127.0.0.1:9".parse().unwrap(),
+            attach: attach(),
             ingest,
-            secret: "secret".into(),
             max_connections: 4,
             max_handshakes: 4,
             max_handshakes_per_ip: 2,

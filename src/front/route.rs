@@ -8,14 +8,13 @@ use super::violation::Violation;
 use crate::ingest::queue::{Inbound, Payload};
 use crate::protocol::DataMessage;
 use bytes::{Bytes, BytesMut};
-use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::{Packet, Protocol, QoS};
+use rumqttd::protocol::{Packet, QoS};
 
 /// Where a device packet (after CONNECT) goes.
 pub(super) enum Route {
-    /// To the broker as it is (any packet but a QoS 0/1 non-retained
-    /// PUBLISH; a retained or QoS 2 one re-encoded).
-    Broker { frame: BytesMut, control: Control },
+    /// To the broker, parsed (any packet but a QoS 0/1 non-retained
+    /// PUBLISH).
+    Broker { packet: Packet, control: Control },
     /// A device publish for the ingest, and what acknowledges it.
     Ingest { message: Inbound, ack: Ack },
 }
@@ -40,9 +39,9 @@ pub(super) enum Control {
 }
 
 /// Checks one packet after CONNECT against the device's identity and routes
-/// it. Publishes are parsed in place (no copy); the rare ones the broker
-/// must carry (retained, QoS 2: it keeps the retained message and runs the
-/// QoS 2 handshake) are re-encoded.
+/// it. Publishes are parsed in place (no copy); the broker carries the rare
+/// ones the ingest does not take (retained, QoS 2: it keeps the retained
+/// message and runs the QoS 2 handshake).
 pub(super) fn route(
     frame: BytesMut,
     device: &str,
@@ -51,8 +50,8 @@ pub(super) fn route(
 ) -> Result<Route, Violation> {
     let kind = frame.first().map_or(0, |b| b >> 4);
     if kind != PUBLISH {
-        let control = check_packet(&frame, device, max)?;
-        return Ok(Route::Broker { frame, control });
+        let (packet, control) = check_packet(frame, device, max)?;
+        return Ok(Route::Broker { packet, control });
     }
     let Packet::Publish(p, _) = parse(frame, max)? else {
         return Err(Violation::Malformed("not a PUBLISH".into()));
@@ -62,11 +61,8 @@ pub(super) fn route(
         QoS::AtMostOnce if !p.retain => Ack::None,
         QoS::AtLeastOnce if !p.retain => Ack::Puback(p.pkid()),
         _ => {
-            let mut frame = BytesMut::new();
-            V4.write(Packet::Publish(p, None), &mut frame)
-                .map_err(|e| Violation::Malformed(e.to_string()))?;
             return Ok(Route::Broker {
-                frame,
+                packet: Packet::Publish(p, None),
                 control: Control::Other,
             });
         }
@@ -110,24 +106,26 @@ fn shared_topic(cache: &mut Bytes, topic: &[u8]) -> Bytes {
 
 /// Checks one packet after CONNECT (not a PUBLISH) against the device's
 /// identity (parsed whole, so a malformed one closes the connection before
-/// it reaches the broker); returns what the front needs of it.
-fn check_packet(frame: &BytesMut, device: &str, max: usize) -> Result<Control, Violation> {
-    match parse(frame.clone(), max)? {
-        Packet::Publish(p, _) => check_publish_topic(&p.topic, device).map(|()| Control::Other),
+/// it reaches the broker); returns it and what the front needs of it.
+fn check_packet(frame: BytesMut, device: &str, max: usize) -> Result<(Packet, Control), Violation> {
+    let packet = parse(frame, max)?;
+    let control = match &packet {
+        Packet::Publish(p, _) => check_publish_topic(&p.topic, device).map(|()| Control::Other)?,
         Packet::Subscribe(s, _) => {
             for f in &s.filters {
                 check_subscribe_filter(&f.path, device)?;
             }
-            Ok(Control::Subscribe {
-                filters: s.filters.into_iter().map(|f| (f.path, f.qos)).collect(),
-            })
+            Control::Subscribe {
+                filters: s.filters.iter().map(|f| (f.path.clone(), f.qos)).collect(),
+            }
         }
-        Packet::Connect(..) => Err(Violation::SecondConnect),
+        Packet::Connect(..) => return Err(Violation::SecondConnect),
         Packet::ConnAck(..) | Packet::SubAck(..) | Packet::UnsubAck(..) | Packet::PingResp(_) => {
-            Err(Violation::ServerPacket)
+            return Err(Violation::ServerPacket)
         }
-        _ => Ok(Control::Other),
-    }
+        _ => Control::Other,
+    };
+    Ok((packet, control))
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The device-to-gateway half of a session: reads the device's packets,
-//! routes each, hands publishes to the ingest and forwards the rest to the
-//! broker.
+//! routes each, hands publishes to the ingest and the rest to the broker's
+//! session.
 
 use super::downlink::Replies;
 use super::frame::{next_frame, puback_packet, read_now, ready_frame};
@@ -9,9 +9,11 @@ use super::topics::count_filters;
 use super::violation::Violation;
 use crate::ingest::queue::Inbound;
 use bytes::{Bytes, BytesMut};
+use rumqttd::embedded::EmbeddedLink;
+use rumqttd::protocol::Packet;
 use std::collections::HashSet;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncRead;
 use tokio::sync::watch;
 
 /// Reads beyond the first per uplink pass (each up to 4 KiB).
@@ -23,7 +25,7 @@ pub(super) struct Uplink<'a> {
     pub(super) max_packet: usize,
     /// The device's CONNECT keep-alive, seconds (0: none).
     pub(super) keep_alive: u16,
-    /// Longest wait for the broker's CONNACK/SUBACK.
+    /// Longest wait for the broker's SUBACK.
     pub(super) ack_wait: Duration,
     pub(super) max_filters_per_subscribe: usize,
     pub(super) max_filters_per_session: usize,
@@ -32,30 +34,27 @@ pub(super) struct Uplink<'a> {
 
 impl Uplink<'_> {
     /// Reads the device's packets until it closes: checks each, hands
-    /// publishes to the ingest and forwards the rest to the broker (`up_w`).
-    /// A publish for the ingest waits until the broker has answered the
-    /// CONNECT and every SUBSCRIBE before it (`acks` counts its CONNACK and
-    /// SUBACKs), so the ingest's reply finds the subscription in place.
-    pub(super) async fn run<R, W>(
+    /// publishes to the ingest and the rest to the broker's session (`link`).
+    /// A publish for the ingest waits until the broker has answered every
+    /// SUBSCRIBE before it (`acks` counts its SUBACKs), so the ingest's
+    /// reply finds the subscription in place.
+    pub(super) async fn run<R>(
         self,
         dev_r: &mut R,
         buf: &mut BytesMut,
-        up_w: &mut W,
+        link: &EmbeddedLink,
         mut acks: watch::Receiver<u64>,
         replies: &Replies,
     ) -> Result<(), Violation>
     where
         R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
     {
         // MQTT 3.1.1 §3.1.2.10: a server closes a client silent for 1.5 ×
-        // its keep-alive. (The broker gets the longest keep-alive: it sees
-        // none of the publishes the front intercepts.)
+        // its keep-alive. (The broker's session has no timer of its own.)
         let idle =
             (self.keep_alive > 0).then(|| Duration::from_millis(self.keep_alive as u64 * 1500));
-        // Broker acknowledgements sent so far that a publish for the ingest
-        // waits for: the CONNECT's, then one per SUBSCRIBE.
-        let mut awaited = 1u64;
+        // SUBACKs due so far, which a publish for the ingest waits for.
+        let mut awaited = 0u64;
         // How many of them are known to have arrived (the watch is read
         // only while some are outstanding, not on every publish).
         let mut arrived: u64 = 0;
@@ -82,12 +81,11 @@ impl Uplink<'_> {
                 return Ok(());
             };
             // Every further packet already read is routed in the same pass,
-            // and the broker-bound ones join one write. The frames are
-            // adjacent in `buf`, so `unsplit` only moves an index. A
-            // violation still lets the packets before it through, as if
-            // they had been forwarded one by one.
+            // and the broker-bound ones go together. A violation still lets
+            // the packets before it through, as if they had been forwarded
+            // one by one.
             let mut next = Some(first);
-            let mut run = BytesMut::new();
+            let mut run = Vec::new();
             let mut violation = None;
             let mut extra = 0;
             loop {
@@ -124,20 +122,17 @@ impl Uplink<'_> {
                         _ => Ok(r),
                     });
                 match routed {
-                    Ok(Route::Broker { frame, control }) => {
+                    Ok(Route::Broker { packet, control }) => {
                         awaited += u64::from(matches!(control, Control::Subscribe { .. }));
-                        run.unsplit(frame);
+                        run.push(packet);
                     }
                     Ok(Route::Ingest { message, ack }) => {
-                        if !run.is_empty() {
-                            to_broker(up_w, &run).await?;
-                            run.clear();
-                        }
+                        to_broker(link, &mut run).await?;
                         if arrived < awaited {
                             let wait = acks.wait_for(|n| *n >= awaited);
                             match tokio::time::timeout(self.ack_wait, wait).await {
                                 Ok(Ok(n)) => arrived = *n,
-                                // The downlink ended: the broker closed.
+                                // The downlink ended: the broker ended the session.
                                 Ok(Err(_)) => return Ok(()),
                                 Err(_) => return Err(Violation::BrokerTimeout),
                             }
@@ -156,9 +151,7 @@ impl Uplink<'_> {
                     }
                 }
             }
-            if !run.is_empty() {
-                to_broker(up_w, &run).await?;
-            }
+            to_broker(link, &mut run).await?;
             replies.push(&acks_out).await;
             acks_out.clear();
             if let Some(v) = violation {
@@ -168,15 +161,16 @@ impl Uplink<'_> {
     }
 }
 
-async fn to_broker<W: AsyncWrite + Unpin>(up_w: &mut W, bytes: &[u8]) -> Result<(), Violation> {
-    up_w.write_all(bytes)
+async fn to_broker(link: &EmbeddedLink, packets: &mut Vec<Packet>) -> Result<(), Violation> {
+    link.send(packets.drain(..))
         .await
-        .map_err(|e| Violation::Io(format!("broker write: {e}")))
+        .map_err(|e| Violation::Io(format!("broker: {e}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     /// Publishes already in the socket are routed in one pass, and their
     /// PUBACKs reach the downlink as one batch, in order.
@@ -198,7 +192,8 @@ mod tests {
         w.write_all(&wire).await.unwrap();
         drop(w);
         let (ingest, queued) = flume::bounded(64);
-        let (_acks_tx, acks_rx) = watch::channel(1u64);
+        let (_acks_tx, acks_rx) = watch::channel(0u64);
+        let link = crate::front::tests::link(device).await;
         let replies = Replies::default();
         let up = Uplink {
             device,
@@ -210,8 +205,7 @@ mod tests {
             ingest: &ingest,
         };
         let mut buf = BytesMut::with_capacity(512);
-        let mut sink = tokio::io::sink();
-        up.run(&mut r, &mut buf, &mut sink, acks_rx, &replies)
+        up.run(&mut r, &mut buf, &link, acks_rx, &replies)
             .await
             .unwrap();
         assert_eq!(queued.len(), 10);

@@ -4,6 +4,7 @@
 /// MQTT 3.1.1 CONNACK return codes.
 pub(super) const CONNACK_UNSUPPORTED_PROTOCOL: u8 = 1;
 pub(super) const CONNACK_IDENTIFIER_REJECTED: u8 = 2;
+pub(super) const CONNACK_SERVER_UNAVAILABLE: u8 = 3;
 pub(super) const CONNACK_BAD_CREDENTIALS: u8 = 4;
 pub(super) const CONNACK_NOT_AUTHORIZED: u8 = 5;
 

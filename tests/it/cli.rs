@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 struct Serve {
     child: Child,
     mqtt: SocketAddr,
+    http: SocketAddr,
 }
 
 impl Serve {
@@ -41,13 +42,15 @@ impl Serve {
         let mut line = String::new();
         BufReader::new(out).read_line(&mut line).unwrap();
         assert!(line.starts_with("barngate ready "), "{line}");
-        let mqtt = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("mqtt="))
-            .unwrap()
-            .parse()
-            .unwrap();
-        Serve { child, mqtt }
+        let addr = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let (mqtt, http) = (addr("mqtt="), addr("http="));
+        Serve { child, mqtt, http }
     }
 
     fn stop(mut self) {
@@ -315,6 +318,7 @@ fn serve_creates_its_files_private_whatever_the_umask() {
     let serve = Serve {
         child,
         mqtt: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
     };
     // The admin password, set under the same umask.
     let mut set = Command::new("sh")
@@ -370,4 +374,46 @@ fn serve_creates_its_files_private_whatever_the_umask() {
         let p = e.unwrap().path();
         assert_eq!(mode(&p) & 0o077, 0, "{}: {:o}", p.display(), mode(&p));
     }
+}
+
+/// The TCP ports process `pid` listens on (its socket inodes matched in
+/// `/proc/net/tcp{,6}` in state LISTEN).
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for row in text.lines().skip(1) {
+            let f: Vec<&str> = row.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                let port = f[1].rsplit(':').next().unwrap();
+                ports.push(u16::from_str_radix(port, 16).unwrap());
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports
+}
+
+/// The embedded broker has no listener: a device session reaches it only
+/// through the front, so there is no loopback port to walk around the
+/// front's identity and topic rules. `serve` listens on the device and
+/// dashboard addresses it printed, and nowhere else.
+#[test]
+fn serve_listens_only_on_the_device_and_http_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let mut want = vec![serve.mqtt.port(), serve.http.port()];
+    want.sort_unstable();
+    assert_eq!(listening_ports(serve.child.id()), want);
+    serve.stop();
 }
