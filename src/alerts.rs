@@ -164,7 +164,7 @@ mod tests {
     }
 
     fn dev(now: DateTime<Utc>) -> DeviceRecord {
-        let mut d = crate::registry::new_record("AABBCCDDEEFF", Dialect::Firmware, "s", 0, 0, now);
+        let mut d = DeviceRecord::new("AABBCCDDEEFF", Dialect::Firmware, "s", 0, 0, now);
         d.site = None;
         d.last_seen = Some(now);
         d.next_wake = Some(now + Duration::hours(8));

@@ -19,10 +19,10 @@ use crate::front::Front;
 use crate::pki::{normalize_mac, Pki, PkiError};
 use crate::protocol::Dialect;
 pub use crate::registry::{
-    apply_change, new_record, RegistryChange, RegistryError, RegistryOp, REGISTRY_QUEUE,
+    apply_change, RegistryChange, RegistryError, RegistryOp, REGISTRY_QUEUE,
 };
 use crate::schedule::Schedule;
-use crate::store::{Store, StoreError};
+use crate::store::{DeviceRecord, Store, StoreError};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -110,7 +110,7 @@ pub fn apply_offline(
         .map_err(|e| ProvisionError::Invalid(e.to_string()))?;
     let schedule = Schedule::new(&cfg.schedule, tz);
     let (rec, revoke) = apply_change(store.device(&mac)?, change, |m| {
-        new_record(
+        DeviceRecord::new(
             m,
             cfg.site.default_dialect,
             &cfg.site.id,
@@ -162,7 +162,7 @@ pub async fn apply_live(
     let (store, c) = (live.store.clone(), change.clone());
     let planned = tokio::task::spawn_blocking(move || {
         let existing = store.device(&normalize_mac(c.mac())?)?;
-        let fresh = |m: &str| new_record(m, Dialect::default(), "", 0, 0, Utc::now());
+        let fresh = |m: &str| DeviceRecord::new(m, Dialect::default(), "", 0, 0, Utc::now());
         let (_, revoke) = apply_change(existing, &c, fresh)?;
         Ok::<_, ProvisionError>(revoke)
     })
@@ -296,10 +296,9 @@ pub async fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::DeviceRecord;
 
     fn rec() -> DeviceRecord {
-        new_record("AABBCCDDEEFF", Dialect::Firmware, "s", 0, 0, Utc::now())
+        DeviceRecord::new("AABBCCDDEEFF", Dialect::Firmware, "s", 0, 0, Utc::now())
     }
 
     /// A device the registry calls revoked whose serial `revoked.json`
@@ -310,10 +309,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(&tmp.path().join("db.redb")).unwrap();
         let pki = Pki::new(tmp.path().join("certs"));
-        let mut gone = new_record("AABBCCDDEE01", Dialect::Firmware, "s", 0, 0, Utc::now());
+        let mut gone = DeviceRecord::new("AABBCCDDEE01", Dialect::Firmware, "s", 0, 0, Utc::now());
         gone.status = "revoked".into();
         gone.cert_serial = Some("0A1B".into());
-        let mut active = new_record("AABBCCDDEE02", Dialect::Firmware, "s", 1, 0, Utc::now());
+        let mut active =
+            DeviceRecord::new("AABBCCDDEE02", Dialect::Firmware, "s", 1, 0, Utc::now());
         active.cert_serial = Some("0c".into());
         store.put_device(&gone, Utc::now()).unwrap();
         store.put_device(&active, Utc::now()).unwrap();

@@ -1,13 +1,11 @@
 //! The device registry's changes, pure: an admin's change applied to a
-//! record ([`apply_change`]), the record a device gets on first contact
-//! ([`new_record`]), and the message that carries a change to the ingest
+//! record ([`apply_change`]) and the message that carries a change to the ingest
 //! thread ([`RegistryOp`]). The writers are in `provision` (CLI and admin
 //! socket) and `ingest` (the running gateway's one writer).
 
 use crate::ident::InvalidDeviceId;
 use crate::protocol::Dialect;
 use crate::store::DeviceRecord;
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -98,16 +96,4 @@ pub fn apply_change(
             Ok((rec, revoke))
         }
     }
-}
-
-/// A new registry record, as the ingest makes one on first contact.
-pub fn new_record(
-    mac: &str,
-    dialect: Dialect,
-    site: &str,
-    index: u64,
-    slot: u32,
-    now: DateTime<Utc>,
-) -> DeviceRecord {
-    DeviceRecord::new(mac, dialect, site, index, slot, now)
 }

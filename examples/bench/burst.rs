@@ -16,7 +16,7 @@ pub async fn scenario_burst(c: Common, devices: usize, registered: usize, connec
         let now = chrono::Utc::now();
         for i in 0..registered {
             let id = mac(BURST_BASE, i);
-            let rec = barngate::registry::new_record(
+            let rec = barngate::store::DeviceRecord::new(
                 &id,
                 barngate::protocol::Dialect::Firmware,
                 "site-1",

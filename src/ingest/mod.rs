@@ -380,7 +380,7 @@ impl<S: Records> Engine<S> {
                 Ok(None) if self.site.auto_register => {
                     let idx = self.registrations;
                     self.registrations += 1;
-                    let mut rec = crate::registry::new_record(
+                    let mut rec = DeviceRecord::new(
                         mac,
                         dialect,
                         &self.site.id,
@@ -443,7 +443,7 @@ impl<S: Records> Engine<S> {
         let mut fresh = false;
         let (rec, revoke) = crate::registry::apply_change(existing, change, |m| {
             fresh = true;
-            crate::registry::new_record(m, self.site.default_dialect, &self.site.id, idx, slot, now)
+            DeviceRecord::new(m, self.site.default_dialect, &self.site.id, idx, slot, now)
         })?;
         if fresh {
             self.registrations += 1;
