@@ -10,6 +10,7 @@
 //! `http.login_window_s` is refused (429) for `http.login_lockout_s`
 //! without a check.
 
+use crate::clock::SharedClock;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use chrono::{DateTime, Duration, Utc};
@@ -20,7 +21,6 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::time::Instant;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub const PASSWORD_FILE: &str = "admin.passwd";
@@ -168,29 +168,28 @@ const MAX_TRACKED: usize = 4096;
 
 /// The bounds on `/login`: concurrent password checks, and failures per
 /// source address.
+/// Failure times come from the gateway's clock.
 pub struct LoginLimits {
     checks: Arc<Semaphore>,
     wait: std::time::Duration,
     max_failures: usize,
-    window: std::time::Duration,
-    lockout: std::time::Duration,
+    window: chrono::Duration,
+    lockout: chrono::Duration,
+    clock: SharedClock,
     failures: Mutex<HashMap<IpAddr, Failures>>,
 }
 
 #[derive(Default)]
 struct Failures {
     /// Failures within the window, oldest first.
-    at: VecDeque<Instant>,
-    locked_until: Option<Instant>,
+    at: VecDeque<DateTime<Utc>>,
+    locked_until: Option<DateTime<Utc>>,
 }
 
 impl Failures {
-    fn stale(&self, now: Instant, window: std::time::Duration) -> bool {
+    fn stale(&self, now: DateTime<Utc>, window: chrono::Duration) -> bool {
         self.locked_until.is_none_or(|t| t <= now)
-            && self
-                .at
-                .back()
-                .is_none_or(|t| now.duration_since(*t) >= window)
+            && self.at.back().is_none_or(|t| now - *t >= window)
     }
 }
 
@@ -204,14 +203,15 @@ pub enum NotChecked {
 }
 
 impl LoginLimits {
-    pub fn new(cfg: &crate::config::HttpConfig) -> LoginLimits {
-        use std::time::Duration;
+    pub fn new(cfg: &crate::config::HttpConfig, clock: SharedClock) -> LoginLimits {
+        let secs = |s: u64| chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000));
         LoginLimits {
             checks: Arc::new(Semaphore::new(cfg.login_concurrency)),
-            wait: Duration::from_millis(cfg.login_wait_ms),
+            wait: std::time::Duration::from_millis(cfg.login_wait_ms),
             max_failures: cfg.login_max_failures as usize,
-            window: Duration::from_secs(cfg.login_window_s),
-            lockout: Duration::from_secs(cfg.login_lockout_s),
+            window: secs(cfg.login_window_s),
+            lockout: secs(cfg.login_lockout_s),
+            clock,
             failures: Mutex::default(),
         }
     }
@@ -220,7 +220,7 @@ impl LoginLimits {
     /// at once if `ip` is locked out, or after `http.login_wait_ms` if
     /// every check stays busy.
     pub async fn admit(&self, ip: IpAddr) -> Result<OwnedSemaphorePermit, NotChecked> {
-        self.locked(ip, Instant::now())
+        self.locked(ip, self.clock.now())
             .map_or(Ok(()), |d| Err(NotChecked::LockedOut(d)))?;
         let permit = tokio::time::timeout(self.wait, self.checks.clone().acquire_owned()).await;
         let permit = match permit {
@@ -228,21 +228,21 @@ impl LoginLimits {
             _ => return Err(NotChecked::Busy),
         };
         // Locked out while it waited (by another login from the address).
-        self.locked(ip, Instant::now())
+        self.locked(ip, self.clock.now())
             .map_or(Ok(permit), |d| Err(NotChecked::LockedOut(d)))
     }
 
-    fn locked(&self, ip: IpAddr, now: Instant) -> Option<std::time::Duration> {
+    fn locked(&self, ip: IpAddr, now: DateTime<Utc>) -> Option<std::time::Duration> {
         let m = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         m.get(&ip)
             .and_then(|f| f.locked_until)
             .filter(|t| *t > now)
-            .map(|t| t - now)
+            .map(|t| (t - now).to_std().unwrap_or_default())
     }
 
     /// Records a failed login from `ip`; true when it locks `ip` out.
     pub fn failed(&self, ip: IpAddr) -> bool {
-        let now = Instant::now();
+        let now = self.clock.now();
         let mut m = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         if !m.contains_key(&ip) && m.len() >= MAX_TRACKED {
             m.retain(|_, f| !f.stale(now, self.window));
@@ -263,11 +263,7 @@ impl LoginLimits {
             }
         }
         let f = m.entry(ip).or_default();
-        while f
-            .at
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= self.window)
-        {
+        while f.at.front().is_some_and(|t| now - *t >= self.window) {
             f.at.pop_front();
         }
         f.at.push_back(now);
@@ -339,13 +335,21 @@ mod tests {
             login_wait_ms: 10,
             ..Default::default()
         };
-        let l = LoginLimits::new(&cfg);
+        let clock = Arc::new(crate::clock::ManualClock::new(
+            Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+        ));
+        let l = LoginLimits::new(&cfg, clock.clone());
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         assert!(!l.failed(a) && !l.failed(a));
         l.succeeded(a);
         assert!(!l.failed(a) && !l.failed(a));
         assert!(l.failed(a), "the third failure within the window locks");
         assert!(matches!(l.admit(a).await, Err(NotChecked::LockedOut(_))));
+        // The lockout ends `login_lockout_s` later on the gateway's clock.
+        clock.advance(chrono::Duration::seconds(59));
+        assert!(matches!(l.admit(a).await, Err(NotChecked::LockedOut(d)) if d.as_secs() == 1));
+        clock.advance(chrono::Duration::seconds(1));
+        drop(l.admit(a).await.expect("the lockout is over"));
         // Another address is not affected; one check at a time.
         let p = l.admit(b).await.unwrap();
         assert_eq!(l.admit(b).await.unwrap_err(), NotChecked::Busy);

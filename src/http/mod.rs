@@ -58,6 +58,7 @@ impl HttpState {
         cfg: &HttpConfig,
     ) -> HttpState {
         HttpState {
+            login: Arc::new(auth::LoginLimits::new(cfg, clock.clone())),
             store,
             metrics,
             clock,
@@ -66,7 +67,6 @@ impl HttpState {
             require_login,
             sessions: Arc::default(),
             stats: Arc::default(),
-            login: Arc::new(auth::LoginLimits::new(cfg)),
             secure_cookies: cfg.secure_cookies,
             metrics_require_login: cfg.metrics_require_login,
         }

@@ -436,6 +436,8 @@ async fn login_checks_are_bounded_rate_limited_and_the_cookie_secure_behind_tls(
     let mut cfg = test_config();
     cfg.http.login_lockout_s = 2;
     cfg.http.metrics_require_login = true;
+    // The gateway's clock, moved on by the test (the lockout below).
+    let clock = std::sync::Arc::new(barngate::clock::ManualClock::new(chrono::Utc::now()));
     let gw = barngate::server::Gateway::start(
         barngate::server::GatewayOptions {
             data_dir: dir.path().to_path_buf(),
@@ -443,7 +445,7 @@ async fn login_checks_are_bounded_rate_limited_and_the_cookie_secure_behind_tls(
             mqtt_listen: Some("127.0.0.1:0".parse().unwrap()),
             http_listen: Some("0.0.0.0:0".parse().unwrap()),
         },
-        std::sync::Arc::new(barngate::clock::SystemClock),
+        clock.clone(),
     )
     .await
     .unwrap();
@@ -522,8 +524,8 @@ async fn login_checks_are_bounded_rate_limited_and_the_cookie_secure_behind_tls(
     assert_eq!(gw.metrics.rejected("login_failed"), 5);
     let (st, _, _) = http_from("127.0.0.3", addr, "POST", "/login", form, right).await;
     assert_eq!(st, 303);
-    // The lockout ends after http.login_lockout_s.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // The lockout ends http.login_lockout_s later on the gateway's clock.
+    clock.advance(chrono::Duration::milliseconds(2100));
     let (st, _, _) = http_from("127.0.0.2", addr, "POST", "/login", form, right).await;
     assert_eq!(st, 303);
     gw.shutdown().await.unwrap();
