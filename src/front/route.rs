@@ -13,8 +13,11 @@ use rumqttd::protocol::{Packet, QoS};
 /// Where a device packet (after CONNECT) goes.
 pub(super) enum Route {
     /// To the broker, parsed (any packet but a QoS 0/1 non-retained
-    /// PUBLISH).
-    Broker { packet: Packet, control: Control },
+    /// PUBLISH). Boxed: a packet is large and rare; a chunk's route is not.
+    Broker {
+        packet: Box<Packet>,
+        control: Control,
+    },
     /// A device publish for the ingest, and what acknowledges it.
     Ingest { message: Inbound, ack: Ack },
 }
@@ -51,7 +54,10 @@ pub(super) fn route(
     let kind = frame.first().map_or(0, |b| b >> 4);
     if kind != PUBLISH {
         let (packet, control) = check_packet(frame, device, max)?;
-        return Ok(Route::Broker { packet, control });
+        return Ok(Route::Broker {
+            packet: Box::new(packet),
+            control,
+        });
     }
     let Packet::Publish(p, _) = parse(frame, max)? else {
         return Err(Violation::Malformed("not a PUBLISH".into()));
@@ -62,7 +68,7 @@ pub(super) fn route(
         QoS::AtLeastOnce if !p.retain => Ack::Puback(p.pkid()),
         _ => {
             return Ok(Route::Broker {
-                packet: Packet::Publish(p, None),
+                packet: Box::new(Packet::Publish(p, None)),
                 control: Control::Other,
             });
         }

@@ -124,7 +124,7 @@ impl Uplink<'_> {
                 match routed {
                     Ok(Route::Broker { packet, control }) => {
                         awaited += u64::from(matches!(control, Control::Subscribe { .. }));
-                        run.push(packet);
+                        run.push(*packet);
                     }
                     Ok(Route::Ingest { message, ack }) => {
                         to_broker(link, &mut run).await?;

@@ -80,6 +80,7 @@ impl Attach {
             return Err(AttachError::InvalidClientId);
         }
         let topic_alias_max = props.as_ref().and_then(|p| p.topic_alias_max);
+        let has_will = will.is_some();
         let (link_tx, link_rx, ack) = LinkBuilder::new(&connect.client_id, self.router_tx.clone())
             .clean_session(connect.clean_session)
             .last_will(will)
@@ -92,6 +93,7 @@ impl Attach {
             link_tx,
             link_rx,
             client_id: connect.client_id,
+            has_will,
             disconnected: AtomicBool::new(false),
             wake_pending: AtomicBool::new(false),
             ended: false,
@@ -105,6 +107,8 @@ pub struct EmbeddedLink {
     link_tx: LinkTx,
     link_rx: LinkRx,
     client_id: String,
+    /// The CONNECT carried a will: the end of the session publishes it.
+    has_will: bool,
     /// The client sent DISCONNECT: the router ends the session itself (and
     /// has deleted the will).
     disconnected: AtomicBool,
@@ -208,9 +212,13 @@ impl EmbeddedLink {
             return;
         }
         for will in [false, true] {
+            if will && !self.has_will {
+                break;
+            }
             let event = self.end_event(will);
-            let wait = to_router(self.link_tx.router_tx(), event);
-            if let Ok(Some(wait)) = wait {
+            // An `Option` across the wait, not the `Result`: its error
+            // holds a whole event.
+            if let Some(wait) = to_router(self.link_tx.router_tx(), event).ok().flatten() {
                 let _ = wait.await;
             }
         }
@@ -224,6 +232,9 @@ impl Drop for EmbeddedLink {
     fn drop(&mut self) {
         if self.ending() {
             for will in [false, true] {
+                if will && !self.has_will {
+                    break;
+                }
                 let event = self.end_event(will);
                 let _ = self.link_tx.router_tx().send(event);
             }
