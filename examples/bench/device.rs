@@ -71,43 +71,28 @@ pub async fn wake(
         {
             conn.publish(&data, meta.as_bytes()).await
         } else if v.get("send_image").is_some() {
-            let mut r = Ok(());
-            for i in 0..total {
-                if first_pass && cfg.loss > 0.0 && rng.next() < cfg.loss {
-                    continue;
-                }
-                counters.chunk_msgs.fetch_add(1, Ordering::Relaxed);
-                let msg = match prebuilt.get_mut(i).map(std::mem::take) {
-                    Some(m) if !m.is_empty() => m,
-                    _ => images.chunk_msg(id, &name, &first, i),
-                };
-                r = conn.publish(&data, &msg).await;
-                if r.is_err() {
-                    break;
-                }
-            }
+            let chunks = Chunks {
+                id,
+                name: &name,
+                first: &first,
+                data: &data,
+            };
+            let loss = if first_pass { cfg.loss } else { 0.0 };
+            let r = chunks
+                .send_all(conn, images, loss, &mut rng, counters, &mut prebuilt)
+                .await;
             first_pass = false;
             prebuilt = Vec::new();
             r
         } else if let Some(ids) = v.get("missing_chunks").and_then(|m| m.as_array()) {
-            counters.missing_rounds.fetch_add(1, Ordering::Relaxed);
             first_pass = false;
-            let mut r = Ok(());
-            for cid in ids.iter().filter_map(|x| x.as_u64()) {
-                let i = (cid as usize).wrapping_sub(1);
-                if i >= total {
-                    continue;
-                }
-                counters.chunk_msgs.fetch_add(1, Ordering::Relaxed);
-                counters.resent.fetch_add(1, Ordering::Relaxed);
-                r = conn
-                    .publish(&data, &images.chunk_msg(id, &name, &first, i))
-                    .await;
-                if r.is_err() {
-                    break;
-                }
-            }
-            r
+            let chunks = Chunks {
+                id,
+                name: &name,
+                first: &first,
+                data: &data,
+            };
+            chunks.resend(conn, images, ids, counters).await
         } else if v.get("ACK_OK").is_some() && v["image_name"] == name.as_str() {
             w.latency = Some(t0.elapsed());
             return w;
@@ -217,40 +202,25 @@ pub async fn drain(
             sent_at = Some(Instant::now());
             conn.publish(&data, meta.as_bytes()).await
         } else if sent_at.is_some() && v.get("send_image").is_some() && first_pass {
-            let mut r = Ok(());
-            for i in 0..total {
-                if cfg.loss > 0.0 && rng.next() < cfg.loss {
-                    continue;
-                }
-                counters.chunk_msgs.fetch_add(1, Ordering::Relaxed);
-                r = conn
-                    .publish(&data, &images.chunk_msg(id, &name, &first, i))
-                    .await;
-                if r.is_err() {
-                    break;
-                }
-            }
             first_pass = false;
-            r
+            let chunks = Chunks {
+                id,
+                name: &name,
+                first: &first,
+                data: &data,
+            };
+            chunks
+                .send_all(conn, images, cfg.loss, &mut rng, counters, &mut Vec::new())
+                .await
         } else if let Some(ids) = v.get("missing_chunks").and_then(|m| m.as_array()) {
-            counters.missing_rounds.fetch_add(1, Ordering::Relaxed);
             first_pass = false;
-            let mut r = Ok(());
-            for cid in ids.iter().filter_map(|x| x.as_u64()) {
-                let i = (cid as usize).wrapping_sub(1);
-                if i >= total {
-                    continue;
-                }
-                counters.chunk_msgs.fetch_add(1, Ordering::Relaxed);
-                counters.resent.fetch_add(1, Ordering::Relaxed);
-                r = conn
-                    .publish(&data, &images.chunk_msg(id, &name, &first, i))
-                    .await;
-                if r.is_err() {
-                    break;
-                }
-            }
-            r
+            let chunks = Chunks {
+                id,
+                name: &name,
+                first: &first,
+                data: &data,
+            };
+            chunks.resend(conn, images, ids, counters).await
         } else {
             Ok(())
         };
@@ -258,5 +228,65 @@ pub async fn drain(
             w.error = Some(format!("publish: {e}"));
             return w;
         }
+    }
+}
+
+/// The chunks of the image a device is sending.
+struct Chunks<'a> {
+    id: &'a str,
+    name: &'a str,
+    /// The first chunk's payload, encoded (the image's chunks are built
+    /// from it).
+    first: &'a str,
+    /// The device's data topic.
+    data: &'a str,
+}
+
+impl Chunks<'_> {
+    /// Every chunk, each dropped with probability `loss`; a chunk message
+    /// already built in `prebuilt` is sent as it is.
+    async fn send_all(
+        &self,
+        conn: &mut Conn,
+        images: &Images,
+        loss: f64,
+        rng: &mut Rng,
+        counters: &Counters,
+        prebuilt: &mut [Vec<u8>],
+    ) -> Result<(), String> {
+        for i in 0..images.total() {
+            if loss > 0.0 && rng.next() < loss {
+                continue;
+            }
+            counters.chunk_msgs.fetch_add(1, Ordering::Relaxed);
+            let msg = match prebuilt.get_mut(i).map(std::mem::take) {
+                Some(m) if !m.is_empty() => m,
+                _ => images.chunk_msg(self.id, self.name, self.first, i),
+            };
+            conn.publish(self.data, &msg).await?;
+        }
+        Ok(())
+    }
+
+    /// The chunks a `missing_chunks` asks for (1-based ids; others ignored).
+    async fn resend(
+        &self,
+        conn: &mut Conn,
+        images: &Images,
+        ids: &[serde_json::Value],
+        counters: &Counters,
+    ) -> Result<(), String> {
+        counters.missing_rounds.fetch_add(1, Ordering::Relaxed);
+        for cid in ids.iter().filter_map(|x| x.as_u64()) {
+            let i = (cid as usize).wrapping_sub(1);
+            if i >= images.total() {
+                continue;
+            }
+            counters.chunk_msgs.fetch_add(1, Ordering::Relaxed);
+            counters.resent.fetch_add(1, Ordering::Relaxed);
+            let msg = images.chunk_msg(self.id, self.name, self.first, i);
+            conn.publish(self.data, &msg).await?;
+        }
+        Ok(())
     }
 }
