@@ -7,155 +7,14 @@
 //! broker never acknowledges it (`broker_timeout`), and the gateway's
 //! replies reach clean and persistent sessions through the broker.
 
+use crate::support::raw::{
+    connect_packet, contains, encode, hello, parse_publish, publish, subscribe_packet, Raw,
+};
 use crate::support::*;
-use bytes::BytesMut;
-use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::{Connect, Filter, Packet, Protocol, QoS, RetainForwardRule, Subscribe};
-use serde_json::json;
+use rumqttd::protocol::{Connect, Packet, QoS};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-struct Raw {
-    sock: TcpStream,
-    buf: BytesMut,
-}
-
-fn encode(packets: Vec<Packet>) -> BytesMut {
-    let mut out = BytesMut::new();
-    for p in packets {
-        V4.write(p, &mut out).unwrap();
-    }
-    out
-}
-
-fn connect(mac: &str, keep_alive: u16) -> Packet {
-    connect_session(mac, keep_alive, true)
-}
-
-fn connect_session(mac: &str, keep_alive: u16, clean_session: bool) -> Packet {
-    Packet::Connect(
-        Connect {
-            keep_alive,
-            client_id: mac.into(),
-            clean_session,
-        },
-        None,
-        None,
-        None,
-        None,
-    )
-}
-
-fn subscribe(pkid: u16, filter: String) -> Packet {
-    subscribe_qos(pkid, filter, QoS::AtLeastOnce)
-}
-
-fn subscribe_qos(pkid: u16, filter: String, qos: QoS) -> Packet {
-    Packet::Subscribe(
-        Subscribe {
-            pkid,
-            filters: vec![Filter {
-                path: filter,
-                qos,
-                nolocal: false,
-                preserve_retain: false,
-                retain_forward_rule: RetainForwardRule::OnEverySubscribe,
-            }],
-        },
-        None,
-    )
-}
-
-/// A PUBLISH encoded by hand: the fixed header flags carry QoS, retain and
-/// the packet id (rumqttd's `Publish` keeps those fields crate-private).
-fn publish(topic: &str, payload: &[u8], qos: u8, retain: bool, pkid: u16) -> BytesMut {
-    let mut body = Vec::new();
-    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    body.extend_from_slice(topic.as_bytes());
-    if qos > 0 {
-        body.extend_from_slice(&pkid.to_be_bytes());
-    }
-    body.extend_from_slice(payload);
-    let mut out = BytesMut::new();
-    out.extend_from_slice(&[0x30 | (qos << 1) | u8::from(retain)]);
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        out.extend_from_slice(&[b]);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&body);
-    out
-}
-
-fn hello(mac: &str) -> Vec<u8> {
-    json!({"device_id": mac, "status": "alive", "pendingImg": 0})
-        .to_string()
-        .into_bytes()
-}
-
-impl Raw {
-    async fn open(addr: SocketAddr) -> Raw {
-        Raw {
-            sock: TcpStream::connect(addr).await.unwrap(),
-            buf: BytesMut::new(),
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.sock.write_all(bytes).await.unwrap();
-    }
-
-    /// The next packet from the gateway: (packet type, raw frame); `None`
-    /// when the gateway closed the connection.
-    async fn next(&mut self, within: Duration) -> Option<(u8, BytesMut)> {
-        tokio::time::timeout(within, async {
-            loop {
-                match rumqttd::protocol::v4::check(self.buf.iter(), 1 << 20) {
-                    Ok(h) => {
-                        let frame = self.buf.split_to(h.frame_length());
-                        return Some((frame[0] >> 4, frame));
-                    }
-                    Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {}
-                    Err(e) => panic!("bad packet from the gateway: {e}"),
-                }
-                self.buf.reserve(4096);
-                match self.sock.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await
-        .expect("a packet or a close in time")
-    }
-
-    /// Packets until one satisfies `done`; panics on a close.
-    async fn until(&mut self, mut done: impl FnMut(u8, &[u8]) -> bool) -> Vec<(u8, BytesMut)> {
-        let mut seen = Vec::new();
-        loop {
-            let (t, f) = self.next(WAIT).await.expect("connection open");
-            let stop = done(t, &f);
-            seen.push((t, f));
-            if stop {
-                return seen;
-            }
-        }
-    }
-}
-
-fn contains(hay: &[u8], needle: &str) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_right_after_subscribe_gets_its_reply() {
@@ -169,13 +28,14 @@ async fn a_publish_right_after_subscribe_gets_its_reply() {
         let mac = format!("AABBCC00{n:04X}");
         let mut d = Raw::open(addr).await;
         let mut bytes = encode(vec![
-            connect(&mac, 30),
-            subscribe(1, format!("ESP32CAM/{mac}/cmd")),
+            connect_packet(&mac, 30, true),
+            subscribe_packet(1, &[(&format!("ESP32CAM/{mac}/cmd"), QoS::AtLeastOnce)]),
         ]);
         bytes.extend_from_slice(&publish(
             &format!("ESP32CAM/{mac}/status"),
             &hello(&mac),
             1,
+            false,
             false,
             2,
         ));
@@ -206,21 +66,6 @@ async fn a_publish_right_after_subscribe_gets_its_reply() {
     gw.shutdown().await.unwrap();
 }
 
-/// The first byte (type and flags) and packet id of a PUBLISH frame.
-fn publish_header(frame: &[u8]) -> (u8, Option<u16>) {
-    let mut i = 1;
-    while frame[i] & 0x80 != 0 {
-        i += 1;
-    }
-    let topic_len = u16::from_be_bytes([frame[i + 1], frame[i + 2]]) as usize;
-    let at = i + 3 + topic_len;
-    let qos = (frame[0] >> 1) & 3;
-    (
-        frame[0],
-        (qos > 0).then(|| u16::from_be_bytes([frame[at], frame[at + 1]])),
-    )
-}
-
 /// The gateway's replies reach a clean and a persistent session through the
 /// broker, at the QoS it granted, numbered by rumqttd; the device's PUBACKs
 /// for them go back to the broker, and the session stays sound.
@@ -237,8 +82,8 @@ async fn replies_reach_clean_and_persistent_sessions_through_the_broker() {
         let mac = format!("AABBCC4400{n:02X}");
         let mut d = Raw::open(addr).await;
         d.send(&encode(vec![
-            connect_session(&mac, 30, clean),
-            subscribe_qos(1, format!("ESP32CAM/{mac}/cmd"), qos),
+            connect_packet(&mac, 30, clean),
+            subscribe_packet(1, &[(&format!("ESP32CAM/{mac}/cmd"), qos)]),
         ]))
         .await;
         d.until(|t, _| t == 9).await;
@@ -248,11 +93,12 @@ async fn replies_reach_clean_and_persistent_sessions_through_the_broker() {
                 &hello(&mac),
                 0,
                 false,
+                false,
                 0,
             ))
             .await;
             let seen = d.until(|t, f| t == 3 && contains(f, "capture_image")).await;
-            let (first, pkid) = publish_header(&seen.last().unwrap().1);
+            let (first, pkid, _) = parse_publish(&seen.last().unwrap().1);
             assert_eq!(first & 0x06, (qos as u8) << 1, "{mac}: granted QoS");
             if let Some(id) = pkid {
                 assert!(id <= 100, "{mac}: rumqttd's id {id}");
@@ -274,8 +120,8 @@ async fn retained_and_qos2_publishes_reach_the_ingest() {
     let mac = "AABBCC110001";
     let mut d = Raw::open(gw.plain_addr.unwrap()).await;
     d.send(&encode(vec![
-        connect(mac, 30),
-        subscribe(1, format!("ESP32CAM/{mac}/cmd")),
+        connect_packet(mac, 30, true),
+        subscribe_packet(1, &[(&format!("ESP32CAM/{mac}/cmd"), QoS::AtLeastOnce)]),
     ]))
     .await;
     d.until(|t, _| t == 9).await;
@@ -285,6 +131,7 @@ async fn retained_and_qos2_publishes_reach_the_ingest() {
         &format!("ESP32CAM/{mac}/status"),
         &hello(mac),
         2,
+        false,
         false,
         7,
     ))
@@ -301,6 +148,7 @@ async fn retained_and_qos2_publishes_reach_the_ingest() {
         &hello(mac),
         1,
         true,
+        false,
         8,
     ))
     .await;
@@ -323,7 +171,7 @@ async fn the_front_keeps_the_devices_keep_alive() {
     // the broker never sees them, yet it must not drop the session.
     let mac = "AABBCC220001";
     let mut busy = Raw::open(addr).await;
-    busy.send(&encode(vec![connect(mac, 1)])).await;
+    busy.send(&encode(vec![connect_packet(mac, 1, true)])).await;
     busy.until(|t, _| t == 2).await;
     let start = Instant::now();
     let mut pkid = 1u16;
@@ -332,6 +180,7 @@ async fn the_front_keeps_the_devices_keep_alive() {
             &format!("ESP32CAM/{mac}/status"),
             &hello(mac),
             1,
+            false,
             false,
             pkid,
         ))
@@ -352,12 +201,16 @@ async fn the_front_keeps_the_devices_keep_alive() {
 
     // Keep-alive 0 means none (MQTT 3.1.1 §3.1.2.10): silent, yet kept.
     let mut never = Raw::open(addr).await;
-    never.send(&encode(vec![connect("AABBCC220003", 0)])).await;
+    never
+        .send(&encode(vec![connect_packet("AABBCC220003", 0, true)]))
+        .await;
     never.until(|t, _| t == 2).await;
 
     // Silent past 1.5 × keep-alive: the front closes it.
     let mut silent = Raw::open(addr).await;
-    silent.send(&encode(vec![connect("AABBCC220002", 1)])).await;
+    silent
+        .send(&encode(vec![connect_packet("AABBCC220002", 1, true)]))
+        .await;
     silent.until(|t, _| t == 2).await;
     let t0 = Instant::now();
     assert!(
@@ -446,11 +299,12 @@ async fn a_broker_without_room_refuses_the_connect_as_unavailable() {
 
     let mac = "AABBCC330001";
     let mut dev = Raw::open(addr).await;
-    let mut first = encode(vec![connect(mac, 30)]);
+    let mut first = encode(vec![connect_packet(mac, 30, true)]);
     first.extend_from_slice(&publish(
         &format!("ESP32CAM/{mac}/status"),
         &hello(mac),
         1,
+        false,
         false,
         1,
     ));

@@ -12,32 +12,16 @@
 //! with `send_image`, on `…/cmd`: those answers show which publishes the
 //! broker delivered, and when.
 
+use crate::support::raw::{
+    hello, id_packet, publish, pubrel, Raw, PUBACK, PUBCOMP, PUBREC, SUBACK, UNSUBACK,
+};
 use crate::support::*;
 use barngate::server::Gateway;
-use bytes::BytesMut;
-use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::{
-    Connect, Filter, Packet, Protocol, QoS, RetainForwardRule, Subscribe, Unsubscribe,
-};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use serde_json::{json, Value};
-use std::net::SocketAddr;
+use rumqttd::protocol::{Packet, QoS, Unsubscribe};
+use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
-
-const CONNACK: u8 = 2;
-const PUBLISH: u8 = 3;
-const PUBACK: u8 = 4;
-const PUBREC: u8 = 5;
-const PUBCOMP: u8 = 7;
-const SUBACK: u8 = 9;
-const UNSUBACK: u8 = 11;
-const PINGRESP: u8 = 13;
 
 /// A gateway (TLS listener only) and a device certificate for `mac`.
 struct Site {
@@ -72,7 +56,7 @@ async fn site(mac: &str) -> Site {
 
 impl Site {
     async fn open(&self) -> Raw {
-        Raw::open(self.gw.mqtt_addr, &self.certs).await
+        Raw::open_tls(self.gw.mqtt_addr, &self.certs).await
     }
 
     /// Waits until the gateway has no device connected (a reconnect must
@@ -84,204 +68,6 @@ impl Site {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-}
-
-/// A raw MQTT 3.1.1 client over mutual TLS.
-struct Raw {
-    tls: TlsStream<TcpStream>,
-    buf: BytesMut,
-}
-
-impl Raw {
-    async fn open(addr: SocketAddr, certs: &DeviceCerts) -> Raw {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&certs.ca) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&certs.cert)
-            .collect::<Result<_, _>>()
-            .unwrap();
-        let key = PrivateKeyDer::from_pem_slice(&certs.key).unwrap();
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-            .await
-            .expect("TLS handshake with a device certificate");
-        Raw {
-            tls,
-            buf: BytesMut::new(),
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.tls.write_all(bytes).await.unwrap();
-        self.tls.flush().await.unwrap();
-    }
-
-    async fn send_packet(&mut self, p: Packet) {
-        let mut out = BytesMut::new();
-        V4.write(p, &mut out).unwrap();
-        self.send(&out).await;
-    }
-
-    /// The next packet, (type, whole frame); `None` when the gateway closed
-    /// the connection. Panics after [`WAIT`].
-    async fn next(&mut self) -> Option<(u8, BytesMut)> {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                match rumqttd::protocol::v4::check(self.buf.iter(), 1 << 20) {
-                    Ok(h) => {
-                        let frame = self.buf.split_to(h.frame_length());
-                        return Some((frame[0] >> 4, frame));
-                    }
-                    Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {}
-                    Err(e) => panic!("bad packet from the gateway: {e}"),
-                }
-                self.buf.reserve(4096);
-                match self.tls.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await
-        .expect("a packet or a close in time")
-    }
-
-    /// The next packet, which must be of type `kind`.
-    async fn expect(&mut self, kind: u8) -> BytesMut {
-        let (t, f) = self.next().await.expect("connection open");
-        assert_eq!(t, kind, "expected packet type {kind}, got {t}: {f:02X?}");
-        f
-    }
-
-    /// The next packet, which must be `frame` exactly.
-    async fn expect_frame(&mut self, frame: &[u8]) {
-        let (_, f) = self.next().await.expect("connection open");
-        assert_eq!(&f[..], frame, "expected {frame:02X?}");
-    }
-
-    /// The next PUBLISH from the gateway: (first byte, packet id, payload).
-    async fn publish(&mut self) -> (u8, Option<u16>, Value) {
-        let f = self.expect(PUBLISH).await;
-        parse_publish(&f)
-    }
-
-    /// PINGREQ, and the PINGRESP must be the very next packet: nothing else
-    /// was pending, and the session is still open.
-    async fn ping(&mut self) {
-        self.send(&[0xC0, 0x00]).await;
-        self.expect_frame(&[PINGRESP << 4, 0x00]).await;
-    }
-
-    /// CONNECT (keep-alive 60 s) and its CONNACK; returns the session-present flag.
-    async fn connect(&mut self, mac: &str, clean: bool) -> bool {
-        self.connect_keep_alive(mac, clean, 60).await
-    }
-
-    async fn connect_keep_alive(&mut self, mac: &str, clean: bool, keep_alive: u16) -> bool {
-        self.send_packet(Packet::Connect(
-            Connect {
-                keep_alive,
-                client_id: mac.into(),
-                clean_session: clean,
-            },
-            None,
-            None,
-            None,
-            None,
-        ))
-        .await;
-        let f = self.expect(CONNACK).await;
-        assert_eq!(f[3], 0, "CONNECT accepted: {f:02X?}");
-        f[2] & 1 == 1
-    }
-
-    async fn subscribe(&mut self, pkid: u16, filters: &[(&str, QoS)]) -> Vec<u8> {
-        let filters = filters
-            .iter()
-            .map(|(path, qos)| Filter {
-                path: path.to_string(),
-                qos: *qos,
-                nolocal: false,
-                preserve_retain: false,
-                retain_forward_rule: RetainForwardRule::OnEverySubscribe,
-            })
-            .collect();
-        self.send_packet(Packet::Subscribe(Subscribe { pkid, filters }, None))
-            .await;
-        let f = self.expect(SUBACK).await;
-        assert_eq!(f[2..4], pkid.to_be_bytes(), "SUBACK's packet id");
-        f[4..].to_vec()
-    }
-}
-
-/// (first byte, packet id, payload as JSON) of a PUBLISH frame.
-fn parse_publish(frame: &[u8]) -> (u8, Option<u16>, Value) {
-    let mut i = 1;
-    while frame[i] & 0x80 != 0 {
-        i += 1;
-    }
-    let topic_len = u16::from_be_bytes([frame[i + 1], frame[i + 2]]) as usize;
-    let mut at = i + 3 + topic_len;
-    let qos = (frame[0] >> 1) & 3;
-    let pkid = (qos > 0).then(|| {
-        at += 2;
-        u16::from_be_bytes([frame[at - 2], frame[at - 1]])
-    });
-    let payload = serde_json::from_slice(&frame[at..]).unwrap_or(Value::Null);
-    (frame[0], pkid, payload)
-}
-
-/// A PUBLISH encoded by hand (rumqttd's `Publish` keeps QoS, packet id and
-/// DUP crate-private).
-fn publish(topic: &str, payload: &[u8], qos: u8, dup: bool, pkid: u16) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    body.extend_from_slice(topic.as_bytes());
-    if qos > 0 {
-        body.extend_from_slice(&pkid.to_be_bytes());
-    }
-    body.extend_from_slice(payload);
-    let mut out = vec![(PUBLISH << 4) | (u8::from(dup) << 3) | (qos << 1)];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&body);
-    out
-}
-
-/// PUBREL (fixed header flags 0b0010), PUBACK and the like: a packet id only.
-fn id_packet(first: u8, pkid: u16) -> [u8; 4] {
-    let [hi, lo] = pkid.to_be_bytes();
-    [first, 0x02, hi, lo]
-}
-
-fn pubrel(pkid: u16) -> [u8; 4] {
-    id_packet(0x62, pkid)
-}
-
-fn hello(mac: &str) -> Vec<u8> {
-    json!({"device_id": mac, "status": "alive", "pendingImg": 0})
-        .to_string()
-        .into_bytes()
 }
 
 /// A METADATA announcing image `name`; the ingest answers `send_image`.
@@ -323,7 +109,7 @@ async fn device(site: &Site, mac: &str, clean: bool) -> Raw {
     let mut d = site.open().await;
     d.connect(mac, clean).await;
     assert_eq!(d.subscribe(1, &[(&cmd(mac), QoS::AtMostOnce)]).await, [0]);
-    d.send(&publish(&status(mac), &hello(mac), 0, false, 0))
+    d.send(&publish(&status(mac), &hello(mac), 0, false, false, 0))
         .await;
     let (_, _, v) = d.publish().await;
     assert!(v.get("capture_image").is_some(), "HELLO answered: {v}");
@@ -348,18 +134,39 @@ async fn qos2_publish_resent_with_dup_before_pubrel_is_delivered_once() {
     let mac = "AABBCCEE0101";
     let site = site(mac).await;
     let mut d = device(&site, mac, true).await;
-    d.send(&publish(&data(mac), &metadata(mac, "a.jpg"), 2, false, 7))
-        .await;
+    d.send(&publish(
+        &data(mac),
+        &metadata(mac, "a.jpg"),
+        2,
+        false,
+        false,
+        7,
+    ))
+    .await;
     d.expect_frame(&id_packet(PUBREC << 4, 7)).await;
-    d.send(&publish(&data(mac), &metadata(mac, "a.jpg"), 2, true, 7))
-        .await;
+    d.send(&publish(
+        &data(mac),
+        &metadata(mac, "a.jpg"),
+        2,
+        false,
+        true,
+        7,
+    ))
+    .await;
     d.expect_frame(&id_packet(PUBREC << 4, 7)).await;
     d.send(&pubrel(7)).await;
     d.expect_frame(&id_packet(PUBCOMP << 4, 7)).await;
     assert_eq!(send_image(&mut d).await, "a.jpg");
     // The next QoS 2 message is the one its PUBREL delivers, not the copy.
-    d.send(&publish(&data(mac), &metadata(mac, "b.jpg"), 2, false, 8))
-        .await;
+    d.send(&publish(
+        &data(mac),
+        &metadata(mac, "b.jpg"),
+        2,
+        false,
+        false,
+        8,
+    ))
+    .await;
     d.expect_frame(&id_packet(PUBREC << 4, 8)).await;
     d.send(&pubrel(8)).await;
     d.expect_frame(&id_packet(PUBCOMP << 4, 8)).await;
@@ -378,8 +185,15 @@ async fn qos2_pubrel_releases_the_message_with_its_packet_id() {
     let site = site(mac).await;
     let mut d = device(&site, mac, true).await;
     for (name, pkid) in [("a.jpg", 7), ("b.jpg", 8)] {
-        d.send(&publish(&data(mac), &metadata(mac, name), 2, false, pkid))
-            .await;
+        d.send(&publish(
+            &data(mac),
+            &metadata(mac, name),
+            2,
+            false,
+            false,
+            pkid,
+        ))
+        .await;
         d.expect_frame(&id_packet(PUBREC << 4, pkid)).await;
     }
     d.send(&pubrel(8)).await;
@@ -404,8 +218,15 @@ async fn pubrel_with_nothing_pending_is_answered_with_pubcomp() {
     d.send(&pubrel(42)).await;
     d.expect_frame(&id_packet(PUBCOMP << 4, 42)).await;
     // Completed, then released again: PUBCOMP again, nothing delivered twice.
-    d.send(&publish(&data(mac), &metadata(mac, "a.jpg"), 2, false, 9))
-        .await;
+    d.send(&publish(
+        &data(mac),
+        &metadata(mac, "a.jpg"),
+        2,
+        false,
+        false,
+        9,
+    ))
+    .await;
     d.expect_frame(&id_packet(PUBREC << 4, 9)).await;
     d.send(&pubrel(9)).await;
     d.expect_frame(&id_packet(PUBCOMP << 4, 9)).await;
@@ -428,8 +249,15 @@ async fn pubrel_resent_after_reconnect_completes_the_qos2_delivery() {
     let mac = "AABBCCEE0401";
     let site = site(mac).await;
     let mut d = device(&site, mac, false).await;
-    d.send(&publish(&data(mac), &metadata(mac, "a.jpg"), 2, false, 5))
-        .await;
+    d.send(&publish(
+        &data(mac),
+        &metadata(mac, "a.jpg"),
+        2,
+        false,
+        false,
+        5,
+    ))
+    .await;
     d.expect_frame(&id_packet(PUBREC << 4, 5)).await;
     drop(d);
     site.all_disconnected().await;
@@ -455,7 +283,7 @@ async fn resubscribe_at_another_qos_replaces_the_subscription() {
     for qos in [QoS::AtLeastOnce, QoS::AtMostOnce, QoS::AtLeastOnce] {
         let granted = d.subscribe(pkid, &[(&cmd(mac), qos)]).await;
         assert_eq!(granted, [qos as u8]);
-        d.send(&publish(&status(mac), &hello(mac), 0, false, 0))
+        d.send(&publish(&status(mac), &hello(mac), 0, false, false, 0))
             .await;
         let (first, id, v) = d.publish().await;
         assert!(v.get("capture_image").is_some(), "{v}");
@@ -503,7 +331,7 @@ async fn unsubscribe_gets_exactly_one_unsuback_even_for_unknown_filters() {
         d.expect_frame(&id_packet(UNSUBACK << 4, 4)).await;
         d.ping().await;
         d.send(&[0xE0, 0x00]).await;
-        assert!(d.next().await.is_none(), "closed after DISCONNECT");
+        assert!(d.next(WAIT).await.is_none(), "closed after DISCONNECT");
         site.all_disconnected().await;
     }
     site.gw.shutdown().await.unwrap();
@@ -520,7 +348,7 @@ async fn persistent_session_redelivers_unacknowledged_qos1_publish_with_dup() {
     let mut d = site.open().await;
     d.connect(mac, false).await;
     d.subscribe(1, &[(&cmd(mac), QoS::AtLeastOnce)]).await;
-    d.send(&publish(&status(mac), &hello(mac), 0, false, 0))
+    d.send(&publish(&status(mac), &hello(mac), 0, false, false, 0))
         .await;
     let (first, id, v) = d.publish().await;
     assert!(v.get("capture_image").is_some(), "{v}");
@@ -548,7 +376,7 @@ async fn persistent_session_redelivers_unacknowledged_qos1_publish_with_dup() {
     };
     d.ping().await;
     // A new message after it is a first delivery again.
-    d.send(&publish(&status(mac), &hello(mac), 0, false, 0))
+    d.send(&publish(&status(mac), &hello(mac), 0, false, false, 0))
         .await;
     let (first, id2, _) = d.publish().await;
     assert_eq!(first, 0x32, "DUP 0 on a first delivery");
@@ -585,7 +413,7 @@ async fn packets_with_wrong_reserved_flags_close_the_connection() {
             let mut d = site.open().await;
             d.connect(mac, clean).await;
             d.send(&bad).await;
-            match d.next().await {
+            match d.next(WAIT).await {
                 None => {}
                 Some((t, f)) => panic!("{what} (clean {clean}): answered {t} {f:02X?}"),
             }
@@ -666,13 +494,13 @@ async fn keepalive_expiry_and_malformed_packets_are_logged_as_what_they_are() {
         // Silent past 1.5 × a keep-alive of 1 s.
         let mut d = site.open().await;
         d.connect_keep_alive(mac, clean, 1).await;
-        assert!(d.next().await.is_none(), "closed on keep-alive expiry");
+        assert!(d.next(WAIT).await.is_none(), "closed on keep-alive expiry");
         site.all_disconnected().await;
         // A remaining length of five bytes.
         let mut d = site.open().await;
         d.connect(mac, clean).await;
         d.send(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]).await;
-        assert!(d.next().await.is_none(), "closed on a malformed packet");
+        assert!(d.next(WAIT).await.is_none(), "closed on a malformed packet");
         site.all_disconnected().await;
     }
     let m = &site.gw.metrics;

@@ -1,9 +1,11 @@
 //! Shared helpers for the integration tests: an in-process gateway on
 //! loopback ports and a device driven by a real MQTT client (rumqttc) (here),
-//! the simulator harness (`sim`) and real upstream servers (`cloud`).
+//! a raw MQTT client (`raw`), the simulator harness (`sim`) and real
+//! upstream servers (`cloud`).
 #![allow(dead_code)]
 
 pub mod cloud;
+pub mod raw;
 #[cfg(feature = "simulator")]
 pub mod sim;
 
