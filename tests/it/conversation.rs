@@ -412,14 +412,11 @@ fn missing_chunks_are_paged_and_a_delivered_page_is_no_retry() {
     let sent = g.chunks(A, "p.jpg", &img, 4, [0, 999]);
     let mut pages = 0;
     let mut sent = sent;
-    loop {
-        let Some(ids) = sent
-            .iter()
-            .find_map(|(_, _, v)| v.get("missing_chunks"))
-            .cloned()
-        else {
-            break;
-        };
+    while let Some(ids) = sent
+        .iter()
+        .find_map(|(_, _, v)| v.get("missing_chunks"))
+        .cloned()
+    {
         let ids: Vec<usize> = ids
             .as_array()
             .unwrap()

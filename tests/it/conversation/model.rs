@@ -11,6 +11,7 @@
 //! - no streaming slot is held by a device whose session ended;
 //! - held bytes and captures in memory stay within the configured bounds;
 //! - each failed capture has exactly one alert;
+//!
 //! and, at the end, every device drains its whole queue over a few clean wakes.
 
 use super::{Gw, Sent};
