@@ -53,6 +53,12 @@ pub async fn wake(
     }
     let deadline = t0 + cfg.timeout;
     let mut first_pass = true;
+    let chunks = Chunks {
+        id,
+        name: &name,
+        first: &first,
+        data: &data,
+    };
     loop {
         let msg = tokio::time::timeout_at(deadline.into(), conn.recv()).await;
         let (topic, v) = match msg {
@@ -71,12 +77,6 @@ pub async fn wake(
         {
             conn.publish(&data, meta.as_bytes()).await
         } else if v.get("send_image").is_some() {
-            let chunks = Chunks {
-                id,
-                name: &name,
-                first: &first,
-                data: &data,
-            };
             let loss = if first_pass { cfg.loss } else { 0.0 };
             let r = chunks
                 .send_all(conn, images, loss, &mut rng, counters, &mut prebuilt)
@@ -86,12 +86,6 @@ pub async fn wake(
             r
         } else if let Some(ids) = v.get("missing_chunks").and_then(|m| m.as_array()) {
             first_pass = false;
-            let chunks = Chunks {
-                id,
-                name: &name,
-                first: &first,
-                data: &data,
-            };
             chunks.resend(conn, images, ids, counters).await
         } else if v.get("ACK_OK").is_some() && v["image_name"] == name.as_str() {
             w.latency = Some(t0.elapsed());
@@ -184,6 +178,13 @@ pub async fn drain(
                 return w;
             }
         }
+        // The image being sent (the cue and an ACK_OK start the next one).
+        let chunks = Chunks {
+            id,
+            name: &name,
+            first: &first,
+            data: &data,
+        };
         let r = if cue || acked {
             name = pending_name(idx, k);
             let img = images.image(idx | (k as u64) << 32);
@@ -203,23 +204,11 @@ pub async fn drain(
             conn.publish(&data, meta.as_bytes()).await
         } else if sent_at.is_some() && v.get("send_image").is_some() && first_pass {
             first_pass = false;
-            let chunks = Chunks {
-                id,
-                name: &name,
-                first: &first,
-                data: &data,
-            };
             chunks
                 .send_all(conn, images, cfg.loss, &mut rng, counters, &mut Vec::new())
                 .await
         } else if let Some(ids) = v.get("missing_chunks").and_then(|m| m.as_array()) {
             first_pass = false;
-            let chunks = Chunks {
-                id,
-                name: &name,
-                first: &first,
-                data: &data,
-            };
             chunks.resend(conn, images, ids, counters).await
         } else {
             Ok(())

@@ -134,39 +134,15 @@ async fn qos2_publish_resent_with_dup_before_pubrel_is_delivered_once() {
     let mac = "AABBCCEE0101";
     let site = site(mac).await;
     let mut d = device(&site, mac, true).await;
-    d.send(&publish(
-        &data(mac),
-        &metadata(mac, "a.jpg"),
-        2,
-        false,
-        false,
-        7,
-    ))
-    .await;
+    d.send(&qos2_metadata(mac, "a.jpg", 7, false)).await;
     d.expect_frame(&id_packet(PUBREC << 4, 7)).await;
-    d.send(&publish(
-        &data(mac),
-        &metadata(mac, "a.jpg"),
-        2,
-        false,
-        true,
-        7,
-    ))
-    .await;
+    d.send(&qos2_metadata(mac, "a.jpg", 7, true)).await;
     d.expect_frame(&id_packet(PUBREC << 4, 7)).await;
     d.send(&pubrel(7)).await;
     d.expect_frame(&id_packet(PUBCOMP << 4, 7)).await;
     assert_eq!(send_image(&mut d).await, "a.jpg");
     // The next QoS 2 message is the one its PUBREL delivers, not the copy.
-    d.send(&publish(
-        &data(mac),
-        &metadata(mac, "b.jpg"),
-        2,
-        false,
-        false,
-        8,
-    ))
-    .await;
+    d.send(&qos2_metadata(mac, "b.jpg", 8, false)).await;
     d.expect_frame(&id_packet(PUBREC << 4, 8)).await;
     d.send(&pubrel(8)).await;
     d.expect_frame(&id_packet(PUBCOMP << 4, 8)).await;
@@ -185,15 +161,7 @@ async fn qos2_pubrel_releases_the_message_with_its_packet_id() {
     let site = site(mac).await;
     let mut d = device(&site, mac, true).await;
     for (name, pkid) in [("a.jpg", 7), ("b.jpg", 8)] {
-        d.send(&publish(
-            &data(mac),
-            &metadata(mac, name),
-            2,
-            false,
-            false,
-            pkid,
-        ))
-        .await;
+        d.send(&qos2_metadata(mac, name, pkid, false)).await;
         d.expect_frame(&id_packet(PUBREC << 4, pkid)).await;
     }
     d.send(&pubrel(8)).await;
@@ -218,15 +186,7 @@ async fn pubrel_with_nothing_pending_is_answered_with_pubcomp() {
     d.send(&pubrel(42)).await;
     d.expect_frame(&id_packet(PUBCOMP << 4, 42)).await;
     // Completed, then released again: PUBCOMP again, nothing delivered twice.
-    d.send(&publish(
-        &data(mac),
-        &metadata(mac, "a.jpg"),
-        2,
-        false,
-        false,
-        9,
-    ))
-    .await;
+    d.send(&qos2_metadata(mac, "a.jpg", 9, false)).await;
     d.expect_frame(&id_packet(PUBREC << 4, 9)).await;
     d.send(&pubrel(9)).await;
     d.expect_frame(&id_packet(PUBCOMP << 4, 9)).await;
@@ -249,15 +209,7 @@ async fn pubrel_resent_after_reconnect_completes_the_qos2_delivery() {
     let mac = "AABBCCEE0401";
     let site = site(mac).await;
     let mut d = device(&site, mac, false).await;
-    d.send(&publish(
-        &data(mac),
-        &metadata(mac, "a.jpg"),
-        2,
-        false,
-        false,
-        5,
-    ))
-    .await;
+    d.send(&qos2_metadata(mac, "a.jpg", 5, false)).await;
     d.expect_frame(&id_packet(PUBREC << 4, 5)).await;
     drop(d);
     site.all_disconnected().await;
@@ -529,4 +481,10 @@ async fn keepalive_expiry_and_malformed_packets_are_logged_as_what_they_are() {
         "{text}"
     );
     site.gw.shutdown().await.unwrap();
+}
+
+/// A device's QoS 2 METADATA publish (not retained) for image `name`, with
+/// packet id `pkid`, re-sent (`dup`) or not.
+fn qos2_metadata(mac: &str, name: &str, pkid: u16, dup: bool) -> Vec<u8> {
+    publish(&data(mac), &metadata(mac, name), 2, false, dup, pkid)
 }
